@@ -1,0 +1,217 @@
+"""The ``captune`` console script: subcommands map to library functions.
+
+``main(argv)`` returns an exit code and is what the tests call. User errors
+print one line (``captune: error: ...``) and return 2; nothing else is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from captune import __version__
+from captune.errors import UserError
+
+PHASE_COMMANDS = {
+    "data": ("data",),
+    "train": ("train",),
+    "eval": ("baseline", "finetuned"),
+    "compare": ("compare",),
+    "report": ("report",),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other user error
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _load_cfg(recipe: str | None, overrides: list[str]):
+    from captune.config import load_config
+
+    return load_config(recipe, overrides) if recipe else None
+
+
+def cmd_run(args) -> int:
+    from captune.config import load_config
+    from captune.pipeline import PHASES, Run, preflight, run_phases
+
+    cfg = load_config(args.recipe, args.overrides)
+    out = Path(args.out or Path("runs") / cfg.name)
+    run = Run.open(out, cfg, force=args.force, log=_log)
+    preflight(cfg)
+    _log(f"captune {__version__}: recipe '{cfg.name}' -> {out}")
+    run_phases(run, PHASES, force=args.force)
+    table = run.path("comparison.md")
+    if table.is_file():
+        _log(f"\nBefore / after on {cfg.eval.split} ({out}/comparison.md):\n")
+        _log(table.read_text())
+    _log(f"report: {run.path('report', 'index.html')}")
+    return 0
+
+
+def cmd_phase(args) -> int:
+    from captune.pipeline import Run, preflight, run_phases
+
+    if args.overrides and not args.recipe:
+        raise UserError("overrides need --recipe; a run folder's saved config is used as it is")
+    cfg = _load_cfg(args.recipe, args.overrides)
+    run = Run.open(Path(args.run), cfg, force=args.force, log=_log)
+    phases = PHASE_COMMANDS[args.command]
+    if args.command in ("data", "train", "eval"):
+        preflight(run.cfg)
+    if args.command == "eval" and not run.done("train"):
+        phases = ("baseline",)
+    run_phases(run, phases, force=args.force)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from captune.metrics import score_captions
+
+    preds: dict[str, str] = {}
+    refs: dict[str, list[str]] = {}
+    for n, row in _jsonl(Path(args.predictions)):
+        if "image_id" not in row or "caption" not in row:
+            raise UserError(f"{args.predictions} line {n}: needs 'image_id' and 'caption'")
+        preds[str(row["image_id"])] = str(row["caption"])
+        if row.get("references"):
+            refs[str(row["image_id"])] = [str(r) for r in row["references"]]
+    if args.references:
+        refs = {}
+        for n, row in _jsonl(Path(args.references)):
+            if "image_id" not in row or not isinstance(row.get("captions"), list):
+                raise UserError(f"{args.references} line {n}: needs 'image_id' and a 'captions' list")
+            refs[str(row["image_id"])] = [str(c) for c in row["captions"]]
+    scores = score_captions(preds, refs)
+    if args.json:
+        print(json.dumps({"metrics": scores.corpus, "images": len(preds),
+                          "unavailable": scores.unavailable}))
+    else:
+        for k, v in scores.corpus.items():
+            print(f"{k:8s} {v:.4f}")
+    return 0
+
+
+def _jsonl(path: Path):
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {n}: malformed JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {n}: expected a JSON object")
+        yield n, row
+
+
+def cmd_recipes(args) -> int:
+    from captune.config import list_recipes, load_config
+
+    for name in list_recipes():
+        print(f"{name:14s} {load_config(name).description}")
+    return 0
+
+
+def cmd_demo_build(args) -> int:
+    from captune.demo.base_model import DemoBuildSpec, build_demo_model
+
+    out = build_demo_model(Path(args.out), DemoBuildSpec(), log=_log)
+    _log(f"demo base model written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="captune", description="Adapt BLIP-2 captioners with LoRA; measure before and after.")
+    p.add_argument("--version", action="version", version=f"captune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run every phase of a recipe into a run folder")
+    r.add_argument("recipe", help="built-in recipe name (see 'captune recipes') or a YAML file")
+    r.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides, e.g. train.epochs=3")
+    r.add_argument("--out", help="run folder (default runs/RECIPE)")
+    r.add_argument("--force", action="store_true", help="redo phases whose outputs exist")
+    r.set_defaults(func=cmd_run)
+
+    helps = {
+        "data": "prepare the data cache of a run folder",
+        "train": "train the LoRA adapter of a run folder",
+        "eval": "caption and score the eval split (baseline, and fine-tuned once trained)",
+        "compare": "baseline vs fine-tuned table with intervals and p-values",
+        "report": "write RUN/report/index.html and report.md",
+    }
+    for name, text in helps.items():
+        s = sub.add_parser(name, help=text)
+        s.add_argument("run", help="run folder")
+        s.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides (with --recipe)")
+        s.add_argument("--recipe", help="start the run folder from this recipe")
+        s.add_argument("--force", action="store_true", help="redo the phase even if complete")
+        s.set_defaults(func=cmd_phase)
+
+    sc = sub.add_parser("score", help="official COCO metrics of a predictions JSONL file")
+    sc.add_argument("predictions", help="JSONL of {image_id, caption[, references]}")
+    sc.add_argument("--references", help="JSONL of {image_id, captions: [...]}")
+    sc.add_argument("--json", action="store_true", help="print one JSON object")
+    sc.set_defaults(func=cmd_score)
+
+    rc = sub.add_parser("recipes", help="list the built-in recipes")
+    rc.set_defaults(func=cmd_recipes)
+
+    db = sub.add_parser("demo-build", help="rebuild the demo base model (pre-training on the CPU)")
+    db.add_argument("--out", required=True, help="folder to write the model to")
+    db.set_defaults(func=cmd_demo_build)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as exc:
+        print(f"captune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("captune: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("captune: error: out of memory; lower train.batch_size or eval.batch_size", file=sys.stderr)
+        return 2
+    except Exception as exc:  # GPU OOM is a user-fixable condition; anything else is a bug
+        if type(exc).__name__ == "OutOfMemoryError":
+            print("captune: error: GPU out of memory; lower train.batch_size or eval.batch_size "
+                  "(or raise train.grad_accum)", file=sys.stderr)
+            return 2
+        raise
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "peft", "datasets", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Baseline vs fine-tuned: the seed-style table plus bootstrap intervals and paired tests.
+
+Intervals resample images (with replacement) and recompute each metric as the
+mean of its per-image scores. For CIDEr-D and ROUGE-L the corpus score is that
+mean, so the interval is exact; for BLEU and METEOR (corpus-level statistics)
+the interval describes the per-image average and is labelled as such.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from captune.metrics import OFFICIAL
+
+EXACT_MEAN = ("CIDEr", "ROUGE-L")
+
+
+def bootstrap(
+    base: dict[str, list[float]],
+    tuned: dict[str, list[float]],
+    *,
+    samples: int,
+    seed: int,
+) -> dict[str, dict]:
+    """Percentile 95% intervals for each side and the change, and a paired p-value."""
+    out: dict[str, dict] = {}
+    if samples <= 0:
+        return out
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(base.values())))
+    idx = rng.integers(0, n, size=(samples, n))
+    for metric in base:
+        if metric not in tuned:
+            continue
+        b, t = np.asarray(base[metric]), np.asarray(tuned[metric])
+        mb, mt = b[idx].mean(axis=1), t[idx].mean(axis=1)
+        d = mt - mb
+        observed = float(t.mean() - b.mean())
+        # Two-sided paired bootstrap p-value: how often the resampled change
+        # falls on the other side of zero from the observed one.
+        if observed == 0:
+            p = 1.0
+        else:
+            p = float(min(1.0, 2 * np.mean(d <= 0 if observed > 0 else d >= 0)))
+        out[metric] = {
+            "baseline_ci": [float(np.percentile(mb, 2.5)), float(np.percentile(mb, 97.5))],
+            "finetuned_ci": [float(np.percentile(mt, 2.5)), float(np.percentile(mt, 97.5))],
+            "change_ci": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))],
+            "p_value": max(p, 1.0 / samples) if observed != 0 else 1.0,
+            "interval_of": "corpus score" if metric in EXACT_MEAN else "per-image mean",
+        }
+    return out
+
+
+def compare(baseline: dict, finetuned: dict, *, samples: int = 1000, seed: int = 0) -> dict:
+    """``baseline``/``finetuned`` are metrics.json documents (with per_image)."""
+    pb, pf = baseline.get("per_image", {}), finetuned.get("per_image", {})
+    if baseline.get("image_ids") != finetuned.get("image_ids"):
+        from captune.errors import UserError
+
+        raise UserError("baseline and fine-tuned predictions cover different images; re-run eval")
+    stats = bootstrap(pb, pf, samples=samples, seed=seed) if pb and pf else {}
+    rows = []
+    for metric in OFFICIAL + ("SPICE",):
+        if metric not in baseline["metrics"] or metric not in finetuned["metrics"]:
+            continue
+        b, f = baseline["metrics"][metric], finetuned["metrics"][metric]
+        row = {
+            "metric": metric, "baseline": b, "finetuned": f, "change": f - b,
+            "change_pct": (f - b) / b * 100 if abs(b) > 1e-6 else None,
+        }
+        row.update(stats.get(metric, {}))
+        rows.append(row)
+    return {"images": len(baseline.get("image_ids", [])), "bootstrap_samples": samples, "rows": rows}
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def markdown_table(comparison: dict) -> str:
+    lines = [
+        "| metric | baseline | fine-tuned | change | change % | 95% CI of change | p |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for r in comparison["rows"]:
+        ci = r.get("change_ci")
+        ci_s = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "n/a"
+        pct = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.2f}%"
+        p = r.get("p_value")
+        lines.append(
+            f"| {r['metric']} | {_fmt(r['baseline'])} | {_fmt(r['finetuned'])} | "
+            f"{r['change']:+.4f} | {pct} | {ci_s} | {'n/a' if p is None else f'{p:.3g}'} |"
+        )
+    return "\n".join(lines)

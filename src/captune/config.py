@@ -1,0 +1,432 @@
+"""Typed configuration: sections, YAML recipes, dotted overrides, validation.
+
+A recipe is a YAML file whose top-level keys are the sections below. Every value
+is checked against the dataclass field type before any heavy work starts, so a
+typo or an impossible value costs the user one line, not a half-finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from captune.errors import UserError
+
+RECIPES_PACKAGE = "captune.recipes"
+METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+class ConfigError(UserError):
+    """A config key has a wrong type or an impossible value."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo:shapes-catalog"
+    """Where images and captions come from: demo:NAME, hub:OWNER/NAME[@REV], coco:FILE.json,
+    manifest:FILE.jsonl|csv, imagefolder:DIR, parquet:GLOB."""
+    images: str | None = None
+    """Image folder for coco: sources (file_name is relative to it)."""
+    split: str = "train"
+    """Split of the source to read (hub and parquet sources)."""
+    image_column: str = "image"
+    """Column holding the image (hub/parquet) or the image path (manifest)."""
+    id_column: str | None = None
+    """Column holding an image id; without one, images are grouped by content hash."""
+    caption_column: str = "caption"
+    """Column holding a caption or a list of captions."""
+    num_images: int = 5000
+    """How many unique images to take from the source (0 = all)."""
+    sample: Literal["first", "random"] = "first"
+    """Take the first N images in source order, or a seeded random sample."""
+    ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    """Train / validation / test fractions, split by image."""
+    seed: int = 0
+    """Seed for sampling and splitting."""
+    train_captions: Literal["all", "first", "random"] = "all"
+    """Training pairs: every (image, caption), the first caption, or a random caption per epoch."""
+    max_pixels: int = 50_000_000
+    """Images with more pixels are skipped (decompression-bomb guard)."""
+
+    def check(self) -> None:
+        if ":" not in self.source:
+            raise ConfigError(
+                f"data.source: '{self.source}' has no kind; use demo:NAME, hub:OWNER/NAME, "
+                "coco:FILE.json, manifest:FILE, imagefolder:DIR or parquet:GLOB"
+            )
+        _require(self.num_images >= 0, "data.num_images", "must be 0 (all) or more")
+        _require(len(self.ratios) == 3, "data.ratios", "needs three numbers: train, validation, test")
+        _require(all(r >= 0 for r in self.ratios), "data.ratios", "must not be negative")
+        _require(abs(sum(self.ratios) - 1.0) < 1e-6, "data.ratios", "must add up to 1")
+        _require(self.ratios[0] > 0, "data.ratios", "the train fraction must be above 0")
+        _require(self.max_pixels > 0, "data.max_pixels", "must be positive")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:demo"
+    """A Hub id (Salesforce/blip2-opt-2.7b), a local folder, or builtin:demo."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Weights dtype; auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run; auto = cuda when available."""
+    prompt: str = ""
+    """Text prompt before each caption (e.g. 'a photo of'); removed from generated captions."""
+
+    def check(self) -> None:
+        _require(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")
+
+
+LORA_PRESETS = ("seed", "attention", "all-linear")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling alpha."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train."""
+    target_modules: str | list[str] = "seed"
+    """Module names, or a preset: seed (q_proj,k_proj), attention, all-linear."""
+
+    def check(self) -> None:
+        _require(self.r > 0, "lora.r", "must be a positive integer")
+        _require(self.alpha > 0, "lora.alpha", "must be a positive integer")
+        _require(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        if isinstance(self.target_modules, str):
+            _require(
+                self.target_modules in LORA_PRESETS,
+                "lora.target_modules",
+                f"must be a list of module names or one of {', '.join(LORA_PRESETS)}",
+            )
+        else:
+            _require(bool(self.target_modules), "lora.target_modules", "must not be empty")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    """Passes over the training pairs."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = no limit)."""
+    batch_size: int = 16
+    """Pairs per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (overrides warmup_ratio when above 0)."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of all steps."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = off)."""
+    seed: int = 0
+    """Seed for initialisation, shuffling and dropout."""
+    validate_every: int = 1
+    """Validate every N epochs (0 = never)."""
+    select: Literal["CIDEr", "loss", "last"] = "CIDEr"
+    """Which adapter to keep: best validation CIDEr, lowest validation loss, or the last."""
+    log_every: int = 10
+    """Log every N optimizer steps."""
+    max_text_tokens: int = 40
+    """Captions are truncated to this many tokens for training."""
+
+    def check(self) -> None:
+        _require(self.epochs >= 1 or self.max_steps >= 1, "train.epochs", "must be 1 or more")
+        _require(self.epochs >= 0, "train.epochs", "must not be negative")
+        _require(self.max_steps >= 0, "train.max_steps", "must be 0 (no limit) or more")
+        _require(self.batch_size >= 1, "train.batch_size", "must be 1 or more")
+        _require(self.grad_accum >= 1, "train.grad_accum", "must be 1 or more")
+        _require(0 < self.lr < 1, "train.lr", "must be between 0 and 1")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must not be negative")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must not be negative")
+        _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must not be negative")
+        _require(self.validate_every >= 0, "train.validate_every", "must not be negative")
+        _require(self.log_every >= 1, "train.log_every", "must be 1 or more")
+        _require(self.max_text_tokens >= 4, "train.max_text_tokens", "must be 4 or more")
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["test", "validation"] = "test"
+    """Which split the before/after comparison is scored on."""
+    batch_size: int = 64
+    """Images per generation batch."""
+    num_beams: int = 1
+    """1 = greedy; more = beam search."""
+    max_new_tokens: int = 30
+    """Longest caption, in new tokens."""
+    min_new_tokens: int = 0
+    """Shortest caption, in new tokens."""
+    repetition_penalty: float = 1.0
+    """Penalty for repeated tokens (1 = none)."""
+    length_penalty: float = 1.0
+    """Beam-search length penalty."""
+    max_images: int = 0
+    """Score at most this many images of the split (0 = all)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples for intervals and paired tests (0 = off)."""
+    seed: int = 0
+    """Seed for the bootstrap."""
+
+    def check(self) -> None:
+        _require(self.batch_size >= 1, "eval.batch_size", "must be 1 or more")
+        _require(self.num_beams >= 1, "eval.num_beams", "must be 1 or more")
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be 1 or more")
+        _require(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            "eval.min_new_tokens",
+            "must be between 0 and eval.max_new_tokens",
+        )
+        _require(self.repetition_penalty > 0, "eval.repetition_penalty", "must be positive")
+        _require(self.max_images >= 0, "eval.max_images", "must be 0 (all) or more")
+        _require(self.bootstrap >= 0, "eval.bootstrap", "must be 0 (off) or more")
+
+
+@dataclass
+class ReportConfig:
+    examples: int = 12
+    """Gallery images: largest gains, largest losses and a seeded sample."""
+    seed: int = 0
+    """Seed for the gallery sample."""
+
+    def check(self) -> None:
+        _require(self.examples >= 0, "report.examples", "must not be negative")
+
+
+@dataclass
+class HubConfig:
+    repo_id: str | None = None
+    """Hub repository for `captune push` (OWNER/NAME)."""
+    private: bool = False
+    """Create the repository as private."""
+
+    def check(self) -> None:
+        if self.repo_id is not None:
+            _require(
+                self.repo_id.count("/") == 1 and all(self.repo_id.split("/")),
+                "hub.repo_id",
+                "must look like OWNER/NAME",
+            )
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    """Recipe name."""
+    description: str = ""
+    """What the recipe is for."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    def check(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.check()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _require(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {what}")
+
+
+# ---------------------------------------------------------------- type checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, "null" if tp is type(None) else str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise TypeError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TypeError
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError from None
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _set(section: Any, key: str, value: Any, where: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    names = [f.name for f in dataclasses.fields(section)]
+    if key not in names:
+        raise ConfigError(f"{where}: unknown key; allowed: {', '.join(names)}")
+    tp = hints[key]
+    try:
+        coerced = _coerce(value, tp)
+    except TypeError:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}") from None
+    setattr(section, key, coerced)
+
+
+def apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> None:
+    """Apply a nested mapping (a parsed recipe) onto ``cfg``, checking every key and type."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping of sections")
+    top = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in mapping.items():
+        where = f"{prefix}{key}"
+        if key not in top:
+            raise ConfigError(f"{where}: unknown section; allowed: {', '.join(sorted(top))}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping of keys")
+            for sub, subval in value.items():
+                _set(current, str(sub), subval, f"{where}.{sub}")
+        else:
+            _set(cfg, key, value, where)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as a YAML scalar or list."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected SECTION.KEY=VALUE")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': expected SECTION.KEY=VALUE")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> None:
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if len(parts) == 1:
+            apply_mapping(cfg, {parts[0]: value})
+        elif len(parts) == 2:
+            apply_mapping(cfg, {parts[0]: {parts[1]: value}})
+        else:
+            raise ConfigError(f"{key}: overrides take SECTION.KEY, one dot")
+
+
+def list_recipes() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in resources.files(RECIPES_PACKAGE).iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def read_recipe_text(recipe: str) -> str:
+    """Return the YAML of a built-in recipe name or a recipe file path."""
+    path = Path(recipe)
+    if recipe.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise UserError(f"recipe file '{recipe}' does not exist")
+        return path.read_text(encoding="utf-8")
+    candidate = resources.files(RECIPES_PACKAGE) / f"{recipe}.yaml"
+    if not candidate.is_file():
+        raise UserError(
+            f"unknown recipe '{recipe}'; built-in recipes: {', '.join(list_recipes())}, "
+            "or give a path to a .yaml file"
+        )
+    return candidate.read_text(encoding="utf-8")
+
+
+def load_config(recipe: str, overrides: list[str] | None = None) -> Config:
+    """Resolve a recipe plus overrides into a checked Config."""
+    text = read_recipe_text(recipe)
+    try:
+        mapping = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"recipe '{recipe}'{line}: not valid YAML") from None
+    cfg = Config()
+    apply_mapping(cfg, mapping)
+    apply_overrides(cfg, overrides or [])
+    cfg.check()
+    return cfg
+
+
+def config_from_dict(mapping: dict[str, Any]) -> Config:
+    cfg = Config()
+    apply_mapping(cfg, mapping)
+    cfg.check()
+    return cfg

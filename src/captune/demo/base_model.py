@@ -1,0 +1,233 @@
+"""Build the demo's tiny BLIP-2 base model, deterministically, on the CPU.
+
+The model uses the real classes (``Blip2ForConditionalGeneration`` with an OPT
+language model, ``Blip2Processor``, a fast tokenizer) at a small size, is
+pre-trained on the ``plain`` caption style of the synthetic world, and is saved in
+Hugging Face format. Everything downstream loads it with ``from_pretrained`` from
+that folder, exactly as it would load ``Salesforce/blip2-opt-2.7b``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from captune.batching import encode_texts, training_text
+from captune.demo import world
+
+DEMO_VERSION = "v1"
+IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class DemoBuildSpec:
+    """How the demo base model is built. Changing any field changes the cache key."""
+
+    images: int = 4000
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 1234
+    vision_hidden: int = 96
+    qformer_hidden: int = 96
+    text_hidden: int = 128
+    layers: int = 2
+    query_tokens: int = 8
+
+    def key(self) -> str:
+        return f"demo-{DEMO_VERSION}-" + "-".join(str(v) for v in asdict(self).values())
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CAPTUNE_HOME", Path.home() / ".cache" / "captune"))
+
+
+def build_tokenizer():
+    """A word-level fast tokenizer over the demo vocabulary, OPT-style (BOS = EOS = </s>)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + world.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=64,
+    )
+
+
+def build_processor(spec: DemoBuildSpec):
+    from transformers import Blip2Processor, BlipImageProcessor
+
+    image_processor = BlipImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_convert_rgb=True,
+    )
+    # The processor registers <image> with the tokenizer itself.
+    return Blip2Processor(image_processor, build_tokenizer(), num_query_tokens=spec.query_tokens)
+
+
+def build_config(spec: DemoBuildSpec, vocab_size: int, image_token_id: int):
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+
+    vision = Blip2VisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 2,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=spec.qformer_hidden,
+        intermediate_size=spec.qformer_hidden * 2,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=4,
+        encoder_hidden_size=spec.vision_hidden,
+        cross_attention_frequency=1,
+        vocab_size=8,
+    )
+    text = OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.text_hidden,
+        word_embed_proj_dim=spec.text_hidden,
+        num_hidden_layers=spec.layers,
+        ffn_dim=spec.text_hidden * 4,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        dropout=0.0,
+    )
+    return Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=spec.query_tokens,
+        image_token_index=image_token_id,
+    )
+
+
+def pretrain(model, processor, spec: DemoBuildSpec, log=print) -> list[float]:
+    """Train every weight on the plain caption style; returns the loss per logged step."""
+    from PIL import Image
+    import io
+
+    torch.manual_seed(spec.seed)
+    items = world.make_items("plain", spec.images, seed=spec.seed, size=IMAGE_SIZE)
+    pixels = processor.image_processor(
+        [Image.open(io.BytesIO(it["image"])) for it in items], return_tensors="pt"
+    )["pixel_values"]
+    pairs = [(i, c) for i, it in enumerate(items) for c in it["captions"]]
+    tokenizer = processor.tokenizer
+    cfg = model.config
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
+    steps = spec.epochs * (len(pairs) // spec.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=steps, pct_start=0.1)
+    rng = random.Random(spec.seed)
+    losses: list[float] = []
+    model.train()
+    step = 0
+    for _ in range(spec.epochs):
+        rng.shuffle(pairs)
+        for start in range(0, len(pairs) - spec.batch_size + 1, spec.batch_size):
+            chunk = pairs[start:start + spec.batch_size]
+            text = encode_texts(
+                tokenizer,
+                [training_text(c, "", tokenizer.eos_token) for _, c in chunk],
+                num_query_tokens=cfg.num_query_tokens,
+                image_token_id=cfg.image_token_index,
+            )
+            out = model(
+                pixel_values=pixels[[i for i, _ in chunk]],
+                input_ids=text.input_ids,
+                attention_mask=text.attention_mask,
+                labels=text.labels,
+            )
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % 25 == 0 or step == steps:
+                losses.append(out.loss.item())
+                log(f"  demo base pre-training step {step}/{steps} loss {losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def build_demo_model(out_dir: Path, spec: DemoBuildSpec = DemoBuildSpec(), log=print) -> Path:
+    """Build, pre-train and save the demo base model to ``out_dir`` (atomically)."""
+    from transformers import Blip2ForConditionalGeneration
+
+    torch.manual_seed(spec.seed)
+    processor = build_processor(spec)
+    tokenizer = processor.tokenizer
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = build_config(spec, vocab_size=len(tokenizer), image_token_id=image_token_id)
+    model = Blip2ForConditionalGeneration(config)
+    t0 = time.perf_counter()
+    losses = pretrain(model, processor, spec, log=log)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        (tmp / "captune_demo.json").write_text(
+            json.dumps(
+                {"spec": asdict(spec), "version": DEMO_VERSION, "losses": losses,
+                 "seconds": round(time.perf_counter() - t0, 1)},
+                indent=2,
+            )
+        )
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def ensure_demo_model(spec: DemoBuildSpec = DemoBuildSpec(), log=print) -> Path:
+    """The cached demo base model folder, built on first use (under a file lock)."""
+    root = cache_root() / "builtin"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / spec.key()
+    if (target / "config.json").is_file():
+        return target
+    with open(root / f".{spec.key()}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            log(f"building the demo base model once (cached in {target}) ...")
+            torch_threads = torch.get_num_threads()
+            try:
+                build_demo_model(target, spec, log=log)
+            finally:
+                torch.set_num_threads(torch_threads)
+    return target

@@ -1,0 +1,86 @@
+"""Frozen image features and the language-model half of BLIP-2.
+
+When nothing upstream of the language model trains (LoRA on the LLM, the seed's
+case), the ViT + Q-Former + projection output of an image never changes. It is
+computed once per image and reused by training, validation and evaluation; the
+language model then runs on ``inputs_embeds`` with those features scattered into
+the image-token positions, which is exactly what ``Blip2ForConditionalGeneration``
+does internally (its tests compare the two paths).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from captune.batching import IGNORE
+from captune.data.images import load_rgb
+
+
+def unwrap(model):
+    """The ``Blip2ForConditionalGeneration`` inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def pixel_values(processor, images: Sequence[bytes]) -> torch.Tensor:
+    pil = [load_rgb(b) for b in images]
+    return processor.image_processor(pil, return_tensors="pt")["pixel_values"]
+
+
+@torch.no_grad()
+def image_features(
+    model,
+    processor,
+    images: Sequence[bytes],
+    *,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Projected Q-Former outputs, shape (N, num_query_tokens, lm_hidden), on ``device``."""
+    blip = unwrap(model)
+    device = device or next(blip.parameters()).device
+    dtype = blip.language_projection.weight.dtype
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pv = pixel_values(processor, images[start:start + batch_size])
+        pv = pv.to(device, blip.vision_model.embeddings.patch_embedding.weight.dtype)
+        out = blip.get_image_features(pixel_values=pv, return_dict=True)
+        chunks.append(out.pooler_output.to(dtype))
+        if progress:
+            progress(min(start + batch_size, len(images)))
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def embed_with_features(blip, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    embeds = blip.get_input_embeddings()(input_ids)
+    mask = (input_ids == blip.config.image_token_index).unsqueeze(-1)
+    return embeds.masked_scatter(mask, features.to(embeds.dtype))
+
+
+def lm_loss(
+    model, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """Caption loss from cached features; equals the full model's loss on the same batch."""
+    blip = unwrap(model)
+    embeds = embed_with_features(blip, input_ids, features)
+    logits = blip.language_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def generate_from_features(
+    model, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs
+) -> torch.Tensor:
+    """New token ids only (the prompt is cut off), as ``Blip2...generate`` would produce."""
+    blip = unwrap(model)
+    embeds = embed_with_features(blip, input_ids, features)
+    out = blip.language_model.generate(
+        inputs_embeds=embeds, attention_mask=attention_mask, input_ids=input_ids, **kwargs
+    )
+    return out[:, input_ids.size(1):]

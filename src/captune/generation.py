@@ -1,0 +1,71 @@
+"""Batched captioning from images or cached image features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from captune.batching import generation_prompt
+from captune.config import EvalConfig
+from captune.features import generate_from_features, image_features, unwrap
+
+
+def generation_kwargs(cfg: EvalConfig, tokenizer) -> dict:
+    kwargs = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "min_new_tokens": cfg.min_new_tokens,
+        "num_beams": cfg.num_beams,
+        "do_sample": False,
+        "repetition_penalty": cfg.repetition_penalty,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if cfg.num_beams > 1:
+        kwargs["length_penalty"] = cfg.length_penalty
+    return kwargs
+
+
+def clean_caption(text: str, prompt: str = "") -> str:
+    text = " ".join(text.split())
+    if prompt and text.lower().startswith(prompt.lower()):
+        text = text[len(prompt):].strip()
+    return text
+
+
+@torch.no_grad()
+def caption_features(
+    model, tokenizer, features: torch.Tensor, cfg: EvalConfig, prompt: str = ""
+) -> list[str]:
+    """Captions for precomputed image features, ``cfg.batch_size`` images at a time."""
+    blip = unwrap(model)
+    kwargs = generation_kwargs(cfg, tokenizer)
+    captions: list[str] = []
+    for start in range(0, features.size(0), cfg.batch_size):
+        feats = features[start:start + cfg.batch_size]
+        ids = generation_prompt(
+            tokenizer, feats.size(0), num_query_tokens=blip.config.num_query_tokens,
+            image_token_id=blip.config.image_token_index, prompt=prompt,
+        )
+        device = feats.device
+        new = generate_from_features(
+            model, feats, ids.input_ids.to(device), ids.attention_mask.to(device), **kwargs
+        )
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        captions.extend(clean_caption(t, prompt) for t in texts)
+    return captions
+
+
+def caption_images(
+    model, processor, images: Sequence[bytes], cfg: EvalConfig, prompt: str = "",
+    device: torch.device | None = None,
+) -> list[str]:
+    """Captions for encoded images: features in batches, then batched generation."""
+    out: list[str] = []
+    for start in range(0, len(images), cfg.batch_size):
+        feats = image_features(
+            model, processor, images[start:start + cfg.batch_size], batch_size=cfg.batch_size,
+            device=device,
+        )
+        out.extend(caption_features(model, processor.tokenizer, feats, cfg, prompt))
+    return out

