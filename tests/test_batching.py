@@ -32,7 +32,7 @@ def test_only_caption_tokens_are_labelled(tok, side, prompt):
     assert (b.labels[:, :Q] == IGNORE).all()
     # padding is never labelled
     assert (b.labels[b.attention_mask == 0] == IGNORE).all()
-    for row, caption in zip(range(2), ("a red circle", "two small blue squares on the left")):
+    for row, caption in zip(range(2), ("a red circle", "two small blue squares on the left"), strict=False):
         labelled = b.labels[row][b.labels[row] != IGNORE].tolist()
         expected = tok(caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert labelled == expected

@@ -26,7 +26,7 @@ PHASE_COMMANDS = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, like every other user error
-        raise UserError(f"{self.prog}: {message}")
+        raise UserError(message if self.prog == "captune" else f"{self.prog.split()[-1]}: {message}")
 
 
 def _log(msg: str) -> None:
@@ -177,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # Overrides may come after options (run demo --out X train.epochs=3).
+        if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:
+            args.overrides = list(args.overrides or []) + extra
         return args.func(args)
     except UserError as exc:
         print(f"captune: error: {exc}", file=sys.stderr)

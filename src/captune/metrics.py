@@ -106,7 +106,7 @@ def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
         )
     lines = done.stdout.decode().split("\n")
     out: dict[str, list[str]] = {k: [] for k in captions}
-    for key, line in zip(keys, lines):
+    for key, line in zip(keys, lines, strict=False):
         out[key].append(" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS))
     return out
 

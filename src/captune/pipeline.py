@@ -205,7 +205,7 @@ def evaluate(run: Run, model, processor, out_name: str) -> dict:
                               run.cfg.model.prompt)
     gen_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    scores = score_captions({e.image_id: c for e, c in zip(examples, captions)},
+    scores = score_captions({e.image_id: c for e, c in zip(examples, captions, strict=False)},
                             {e.image_id: e.captions for e in examples})
     score_s = time.perf_counter() - t1
     doc = {
@@ -220,7 +220,7 @@ def evaluate(run: Run, model, processor, out_name: str) -> dict:
     }
     with staged_dir(run.path(out_name)) as tmp:
         with (tmp / "predictions.jsonl").open("w") as f:
-            for e, c in zip(examples, captions):
+            for e, c in zip(examples, captions, strict=False):
                 f.write(json.dumps({"image_id": e.image_id, "caption": c, "references": e.captions}) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(doc, indent=2))
     shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.corpus.items())
@@ -239,7 +239,8 @@ def _cider_fn():
 
     def score(captions: list[str], refs: list[list[str]]) -> float:
         ids = [str(i) for i in range(len(captions))]
-        scores = score_captions(dict(zip(ids, captions)), dict(zip(ids, refs)), metrics=("CIDEr",))
+        scores = score_captions(dict(zip(ids, captions, strict=True)), dict(zip(ids, refs, strict=True)),
+                                metrics=("CIDEr",))
         return scores.corpus["CIDEr"]
 
     return score

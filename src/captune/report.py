@@ -93,7 +93,7 @@ def pick_examples(ids: list[str], base_cider: list[float], tuned_cider: list[flo
     """(image_id, why) for the largest gains, largest losses and a seeded sample."""
     if k <= 0 or not ids:
         return []
-    delta = {i: t - b for i, b, t in zip(ids, base_cider, tuned_cider)}
+    delta = {i: t - b for i, b, t in zip(ids, base_cider, tuned_cider, strict=False)}
     order = sorted(ids, key=lambda i: delta[i])
     n_each = max(1, k // 3)
     chosen: list[tuple[str, str]] = []
@@ -148,8 +148,8 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
     ids = base_m["image_ids"]
     picks = pick_examples(ids, base_m["per_image"]["CIDEr"], tuned_m["per_image"]["CIDEr"],
                           cfg.report.examples, cfg.report.seed)
-    cider_b = dict(zip(ids, base_m["per_image"]["CIDEr"]))
-    cider_t = dict(zip(ids, tuned_m["per_image"]["CIDEr"]))
+    cider_b = dict(zip(ids, base_m["per_image"]["CIDEr"], strict=False))
+    cider_t = dict(zip(ids, tuned_m["per_image"]["CIDEr"], strict=False))
 
     esc = html.escape
     rows_html = []

@@ -133,8 +133,9 @@ def build_config(spec: DemoBuildSpec, vocab_size: int, image_token_id: int):
 
 def pretrain(model, processor, spec: DemoBuildSpec, log=print) -> list[float]:
     """Train every weight on the plain caption style; returns the loss per logged step."""
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     torch.manual_seed(spec.seed)
     items = world.make_items("plain", spec.images, seed=spec.seed, size=IMAGE_SIZE)
@@ -173,7 +174,7 @@ def pretrain(model, processor, spec: DemoBuildSpec, log=print) -> list[float]:
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            if step % 25 == 0 or step == steps:
+            if step == 1 or step % 25 == 0 or step == steps:
                 losses.append(out.loss.item())
                 log(f"  demo base pre-training step {step}/{steps} loss {losses[-1]:.3f}")
     model.eval()

@@ -1,0 +1,142 @@
+"""Data sources, grouping, splitting, the cache and bad input."""
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from captune.config import DataConfig
+from captune.data.images import check_image, load_rgb
+from captune.data.prepare import load_split, prepare
+from captune.errors import UserError
+from tests.conftest import jpeg_bytes
+
+
+def _prep(tmp_path, **kw):
+    cfg = DataConfig(**kw)
+    return prepare(cfg, tmp_path / "cache", progress=False, log=lambda m: None), tmp_path / "cache"
+
+
+def _all(cache):
+    return {s: load_split(cache, s) for s in ("train", "validation", "test")}
+
+
+def test_coco_source_keeps_every_reference_and_splits_by_image(tmp_path, image_folder):
+    manifest, cache = _prep(tmp_path, source=f"coco:{image_folder / 'captions.json'}", num_images=0)
+    splits = _all(cache)
+    ids = [e.image_id for s in splits.values() for e in s]
+    assert len(ids) == len(set(ids)) == 6
+    assert all(len(e.captions) == 3 for s in splits.values() for e in s)
+    assert manifest["references"] == 18
+    assert sum(manifest["counts"].values()) == 6
+
+
+def test_split_is_seeded_and_disjoint(tmp_path, image_folder):
+    src = f"coco:{image_folder / 'captions.json'}"
+    m1, c1 = _prep(tmp_path / "a", source=src, num_images=0, seed=3)
+    m2, c2 = _prep(tmp_path / "b", source=src, num_images=0, seed=3)
+    s1, s2 = _all(c1), _all(c2)
+    assert {k: [e.image_id for e in v] for k, v in s1.items()} == {k: [e.image_id for e in v] for k, v in s2.items()}
+    sets = [set(e.image_id for e in v) for v in s1.values()]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+
+
+def test_first_n_images_in_source_order(tmp_path, image_folder):
+    manifest, cache = _prep(tmp_path, source=f"coco:{image_folder / 'captions.json'}", num_images=4)
+    ids = {e.image_id for s in _all(cache).values() for e in s}
+    assert ids == {"100", "101", "102", "103"}
+
+
+def test_bad_items_are_skipped_with_reasons(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "ok1.jpg").write_bytes(jpeg_bytes((1, 2, 3)))
+    (root / "ok2.jpg").write_bytes(jpeg_bytes((90, 2, 3)))
+    (root / "ok3.png").write_bytes(jpeg_bytes(mode="RGBA"))
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.jpg").write_bytes(b"not an image at all")
+    (root / "trunc.jpg").write_bytes(jpeg_bytes((5, 5, 5), size=(300, 300))[:400])
+    rows = [
+        {"image": "ok1.jpg", "caption": ["  a  dog ", "a dog", "", "a brown dog"]},
+        {"image": "ok2.jpg", "caption": "a cat"},
+        {"image": "ok3.png", "caption": "a grey square"},
+        {"image": "empty.jpg", "caption": "x"},
+        {"image": "text.jpg", "caption": "x"},
+        {"image": "trunc.jpg", "caption": "x"},
+        {"image": "missing.jpg", "caption": "x"},
+        {"image": "ok1.jpg", "caption": "   "},
+    ]
+    (root / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    manifest, cache = _prep(tmp_path, source=f"manifest:{root / 'm.jsonl'}", num_images=0)
+    reasons = " | ".join(s["reason"] for s in manifest["skipped"])
+    assert "zero-byte" in reasons and "not an image" in reasons and "not found" in reasons
+    assert "cannot be decoded" in reasons
+    assert manifest["images"] == 3
+    by_id = {e.image_id: e for s in _all(cache).values() for e in s}
+    assert by_id["ok1.jpg"].captions == ["a dog", "a brown dog"]  # cleaned and deduplicated
+
+
+def test_strict_turns_skips_into_an_error(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.jpg").write_bytes(jpeg_bytes((i * 50, 0, 0)))
+    (root / "m.csv").write_text("image,caption\n0.jpg,a\n1.jpg,b\n2.jpg,c\nnope.jpg,d\n")
+    with pytest.raises(UserError, match="--strict: 1 item"):
+        prepare(DataConfig(source=f"manifest:{root / 'm.csv'}", num_images=0), tmp_path / "c",
+                strict=True, progress=False, log=lambda m: None)
+    assert not (tmp_path / "c").exists()
+
+
+def test_identical_bytes_under_two_ids_are_one_image(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    same = jpeg_bytes((10, 20, 30))
+    for name in ("a.jpg", "b.jpg"):
+        (root / name).write_bytes(same)
+    for i in range(3):
+        (root / f"o{i}.jpg").write_bytes(jpeg_bytes((100 + i * 40, 0, 0)))
+    lines = ["file_name,caption", "a.jpg,first ref", "b.jpg,second ref"] + [f"o{i}.jpg,other {i}" for i in range(3)]
+    (root / "metadata.csv").write_text("\n".join(lines))
+    manifest, cache = _prep(tmp_path, source=f"imagefolder:{root}", num_images=0)
+    assert manifest["images"] == 4 and manifest["merged_duplicate_images"] == 1
+    by_id = {e.image_id: e for s in _all(cache).values() for e in s}
+    assert by_id["a.jpg"].captions == ["first ref", "second ref"]
+
+
+def test_parquet_source_and_cache_reuse(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"image": {"bytes": jpeg_bytes((i * 30, 0, 0)), "path": None}, "cocoid": i % 4,
+             "caption": f"cap {i}"} for i in range(12)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    manifest, cache = _prep(tmp_path, source=f"parquet:{tmp_path / 'd.parquet'}", id_column="cocoid",
+                            num_images=0)
+    assert manifest["images"] == 4 and manifest["references"] == 12
+    again = prepare(DataConfig(source=f"parquet:{tmp_path / 'd.parquet'}", id_column="cocoid", num_images=0),
+                    cache, progress=False, log=lambda m: None)
+    assert again == manifest
+    with pytest.raises(UserError, match="other settings"):
+        prepare(DataConfig(source=f"parquet:{tmp_path / 'd.parquet'}", id_column="cocoid", num_images=0,
+                           seed=9), cache, progress=False, log=lambda m: None)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\n{broken\n')
+    with pytest.raises(UserError, match=r"m\.jsonl line 2: malformed JSON"):
+        _prep(tmp_path, source=f"manifest:{tmp_path / 'm.jsonl'}", num_images=0)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "L", "I;16", "RGBA", "LA"])
+def test_every_mode_converts_to_rgb(mode):
+    img = Image.new(mode, (8, 8))
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    assert check_image(buf.getvalue(), 10_000) is None
+    assert load_rgb(buf.getvalue()).mode == "RGB"
+
+
+def test_pixel_limit():
+    assert "over data.max_pixels" in check_image(jpeg_bytes(size=(100, 100)), 5000)
