@@ -24,8 +24,7 @@ def _texts(tok, prompt=""):
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("prompt", ["", "a photo of"])
 def test_only_caption_tokens_are_labelled(tok, side, prompt):
-    b = encode_texts(tok, _texts(tok, prompt), num_query_tokens=Q, image_token_id=IMG, prompt=prompt,
-                     padding_side=side)
+    b = encode_texts(tok, _texts(tok, prompt), num_query_tokens=Q, image_token_id=IMG, prompt=prompt, padding_side=side)
     assert b.input_ids.shape == b.labels.shape == b.attention_mask.shape
     # image placeholders lead every row and are never labelled
     assert (b.input_ids[:, :Q] == IMG).all()
@@ -55,8 +54,13 @@ def test_same_layout_as_blip2_processor(tiny_model_dir):
 
     proc = Blip2Processor.from_pretrained(tiny_model_dir)
     texts = ["a red circle", "two small blue squares"]
-    ours = encode_texts(proc.tokenizer, texts, num_query_tokens=proc.num_query_tokens,
-                        image_token_id=proc.tokenizer.convert_tokens_to_ids("<image>"), with_labels=False)
+    ours = encode_texts(
+        proc.tokenizer,
+        texts,
+        num_query_tokens=proc.num_query_tokens,
+        image_token_id=proc.tokenizer.convert_tokens_to_ids("<image>"),
+        with_labels=False,
+    )
     from PIL import Image
 
     theirs = proc(images=[Image.new("RGB", (8, 8))] * 2, text=texts, padding="longest", return_tensors="pt")

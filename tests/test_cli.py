@@ -28,8 +28,9 @@ def test_user_errors_exit_2_with_one_line(argv, needle, capsys):
 
 
 def test_console_script_no_traceback():
-    done = subprocess.run([sys.executable, "-m", "captune.cli", "run", "demo", "train.lr=abc"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "captune.cli", "run", "demo", "train.lr=abc"], capture_output=True, text=True
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip() == "captune: error: train.lr: expected a number, got 'abc'"
@@ -47,8 +48,12 @@ def test_score_command(tmp_path, capsys):
     import json
 
     p = tmp_path / "p.jsonl"
-    p.write_text("\n".join(json.dumps({"image_id": i, "caption": c, "references": [c, "something else"]})
-                           for i, c in enumerate(["a dog", "a red bus", "two cats"])))
+    p.write_text(
+        "\n".join(
+            json.dumps({"image_id": i, "caption": c, "references": [c, "something else"]})
+            for i, c in enumerate(["a dog", "a red bus", "two cats"])
+        )
+    )
     assert main(["score", str(p), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert set(doc["metrics"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}

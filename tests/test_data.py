@@ -84,8 +84,13 @@ def test_strict_turns_skips_into_an_error(tmp_path):
         (root / f"{i}.jpg").write_bytes(jpeg_bytes((i * 50, 0, 0)))
     (root / "m.csv").write_text("image,caption\n0.jpg,a\n1.jpg,b\n2.jpg,c\nnope.jpg,d\n")
     with pytest.raises(UserError, match="--strict: 1 item"):
-        prepare(DataConfig(source=f"manifest:{root / 'm.csv'}", num_images=0), tmp_path / "c",
-                strict=True, progress=False, log=lambda m: None)
+        prepare(
+            DataConfig(source=f"manifest:{root / 'm.csv'}", num_images=0),
+            tmp_path / "c",
+            strict=True,
+            progress=False,
+            log=lambda m: None,
+        )
     assert not (tmp_path / "c").exists()
 
 
@@ -109,18 +114,27 @@ def test_parquet_source_and_cache_reuse(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"image": {"bytes": jpeg_bytes((i * 30, 0, 0)), "path": None}, "cocoid": i % 4,
-             "caption": f"cap {i}"} for i in range(12)]
+    rows = [
+        {"image": {"bytes": jpeg_bytes((i * 30, 0, 0)), "path": None}, "cocoid": i % 4, "caption": f"cap {i}"}
+        for i in range(12)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    manifest, cache = _prep(tmp_path, source=f"parquet:{tmp_path / 'd.parquet'}", id_column="cocoid",
-                            num_images=0)
+    manifest, cache = _prep(tmp_path, source=f"parquet:{tmp_path / 'd.parquet'}", id_column="cocoid", num_images=0)
     assert manifest["images"] == 4 and manifest["references"] == 12
-    again = prepare(DataConfig(source=f"parquet:{tmp_path / 'd.parquet'}", id_column="cocoid", num_images=0),
-                    cache, progress=False, log=lambda m: None)
+    again = prepare(
+        DataConfig(source=f"parquet:{tmp_path / 'd.parquet'}", id_column="cocoid", num_images=0),
+        cache,
+        progress=False,
+        log=lambda m: None,
+    )
     assert again == manifest
     with pytest.raises(UserError, match="other settings"):
-        prepare(DataConfig(source=f"parquet:{tmp_path / 'd.parquet'}", id_column="cocoid", num_images=0,
-                           seed=9), cache, progress=False, log=lambda m: None)
+        prepare(
+            DataConfig(source=f"parquet:{tmp_path / 'd.parquet'}", id_column="cocoid", num_images=0, seed=9),
+            cache,
+            progress=False,
+            log=lambda m: None,
+        )
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):

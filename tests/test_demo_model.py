@@ -27,8 +27,16 @@ def test_shipped_model_is_small_and_loads_with_from_pretrained():
 def test_build_code_produces_a_working_checkpoint(tmp_path):
     from transformers import Blip2ForConditionalGeneration
 
-    spec = DemoBuildSpec(images=96, epochs=2, batch_size=32, vision_hidden=32, qformer_hidden=32,
-                         text_hidden=32, layers=1, query_tokens=4)
+    spec = DemoBuildSpec(
+        images=96,
+        epochs=2,
+        batch_size=32,
+        vision_hidden=32,
+        qformer_hidden=32,
+        text_hidden=32,
+        layers=1,
+        query_tokens=4,
+    )
     out = build_demo_model(tmp_path / "m", spec, log=lambda m: None)
     meta = json.loads((out / "captune_demo.json").read_text())
     assert meta["losses"][-1] < meta["losses"][0]

@@ -18,10 +18,22 @@ def demo_run(tmp_path_factory):
 
 
 def test_run_folder_layout(demo_run):
-    for rel in ["config.yaml", "data/manifest.json", "baseline/predictions.jsonl", "baseline/metrics.json",
-                "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "finetuned/metrics.json",
-                "finetuned/predictions.jsonl", "comparison.json", "comparison.md", "report/index.html",
-                "report/report.md", "logs/train.jsonl", "timings.json"]:
+    for rel in [
+        "config.yaml",
+        "data/manifest.json",
+        "baseline/predictions.jsonl",
+        "baseline/metrics.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "finetuned/metrics.json",
+        "finetuned/predictions.jsonl",
+        "comparison.json",
+        "comparison.md",
+        "report/index.html",
+        "report/report.md",
+        "logs/train.jsonl",
+        "timings.json",
+    ]:
         assert (demo_run / rel).is_file(), rel
     leftovers = [p.name for p in demo_run.iterdir() if p.name.startswith(".")]
     assert leftovers == []

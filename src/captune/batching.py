@@ -36,7 +36,7 @@ def _leading_special_count(tokenizer) -> int:
     with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
     without = tokenizer("x", add_special_tokens=False)["input_ids"]
     for i in range(len(with_special)):
-        if with_special[i:i + len(without)] == without:
+        if with_special[i : i + len(without)] == without:
             return i
     return 0
 

@@ -92,8 +92,7 @@ def cmd_score(args) -> int:
             refs[str(row["image_id"])] = [str(c) for c in row["captions"]]
     scores = score_captions(preds, refs)
     if args.json:
-        print(json.dumps({"metrics": scores.corpus, "images": len(preds),
-                          "unavailable": scores.unavailable}))
+        print(json.dumps({"metrics": scores.corpus, "images": len(preds), "unavailable": scores.unavailable}))
     else:
         for k, v in scores.corpus.items():
             print(f"{k:8s} {v:.4f}")
@@ -196,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # GPU OOM is a user-fixable condition; anything else is a bug
         if type(exc).__name__ == "OutOfMemoryError":
-            print("captune: error: GPU out of memory; lower train.batch_size or eval.batch_size "
-                  "(or raise train.grad_accum)", file=sys.stderr)
+            print(
+                "captune: error: GPU out of memory; lower train.batch_size or eval.batch_size "
+                "(or raise train.grad_accum)",
+                file=sys.stderr,
+            )
             return 2
         raise
 

@@ -66,7 +66,10 @@ def compare(baseline: dict, finetuned: dict, *, samples: int = 1000, seed: int =
             continue
         b, f = baseline["metrics"][metric], finetuned["metrics"][metric]
         row = {
-            "metric": metric, "baseline": b, "finetuned": f, "change": f - b,
+            "metric": metric,
+            "baseline": b,
+            "finetuned": f,
+            "change": f - b,
             "change_pct": (f - b) / b * 100 if abs(b) > 1e-6 else None,
         }
         row.update(stats.get(metric, {}))

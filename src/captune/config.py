@@ -387,9 +387,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
 
 def list_recipes() -> list[str]:
     return sorted(
-        p.name.removesuffix(".yaml")
-        for p in resources.files(RECIPES_PACKAGE).iterdir()
-        if p.name.endswith(".yaml")
+        p.name.removesuffix(".yaml") for p in resources.files(RECIPES_PACKAGE).iterdir() if p.name.endswith(".yaml")
     )
 
 
@@ -403,8 +401,7 @@ def read_recipe_text(recipe: str) -> str:
     candidate = resources.files(RECIPES_PACKAGE) / f"{recipe}.yaml"
     if not candidate.is_file():
         raise UserError(
-            f"unknown recipe '{recipe}'; built-in recipes: {', '.join(list_recipes())}, "
-            "or give a path to a .yaml file"
+            f"unknown recipe '{recipe}'; built-in recipes: {', '.join(list_recipes())}, or give a path to a .yaml file"
         )
     return candidate.read_text(encoding="utf-8")
 

@@ -45,7 +45,7 @@ def image_features(
     dtype = blip.language_projection.weight.dtype
     chunks = []
     for start in range(0, len(images), batch_size):
-        pv = pixel_values(processor, images[start:start + batch_size])
+        pv = pixel_values(processor, images[start : start + batch_size])
         pv = pv.to(device, blip.vision_model.embeddings.patch_embedding.weight.dtype)
         out = blip.get_image_features(pixel_values=pv, return_dict=True)
         chunks.append(out.pooler_output.to(dtype))
@@ -61,7 +61,10 @@ def embed_with_features(blip, input_ids: torch.Tensor, features: torch.Tensor) -
 
 
 def lm_loss(
-    model, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    model,
+    features: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
     labels: torch.Tensor,
 ) -> torch.Tensor:
     """Caption loss from cached features; equals the full model's loss on the same batch."""
@@ -83,4 +86,4 @@ def generate_from_features(
     out = blip.language_model.generate(
         inputs_embeds=embeds, attention_mask=attention_mask, input_ids=input_ids, **kwargs
     )
-    return out[:, input_ids.size(1):]
+    return out[:, input_ids.size(1) :]

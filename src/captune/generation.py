@@ -29,42 +29,48 @@ def generation_kwargs(cfg: EvalConfig, tokenizer) -> dict:
 def clean_caption(text: str, prompt: str = "") -> str:
     text = " ".join(text.split())
     if prompt and text.lower().startswith(prompt.lower()):
-        text = text[len(prompt):].strip()
+        text = text[len(prompt) :].strip()
     return text
 
 
 @torch.no_grad()
-def caption_features(
-    model, tokenizer, features: torch.Tensor, cfg: EvalConfig, prompt: str = ""
-) -> list[str]:
+def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, prompt: str = "") -> list[str]:
     """Captions for precomputed image features, ``cfg.batch_size`` images at a time."""
     blip = unwrap(model)
     kwargs = generation_kwargs(cfg, tokenizer)
     captions: list[str] = []
     for start in range(0, features.size(0), cfg.batch_size):
-        feats = features[start:start + cfg.batch_size]
+        feats = features[start : start + cfg.batch_size]
         ids = generation_prompt(
-            tokenizer, feats.size(0), num_query_tokens=blip.config.num_query_tokens,
-            image_token_id=blip.config.image_token_index, prompt=prompt,
+            tokenizer,
+            feats.size(0),
+            num_query_tokens=blip.config.num_query_tokens,
+            image_token_id=blip.config.image_token_index,
+            prompt=prompt,
         )
         device = feats.device
-        new = generate_from_features(
-            model, feats, ids.input_ids.to(device), ids.attention_mask.to(device), **kwargs
-        )
+        new = generate_from_features(model, feats, ids.input_ids.to(device), ids.attention_mask.to(device), **kwargs)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         captions.extend(clean_caption(t, prompt) for t in texts)
     return captions
 
 
 def caption_images(
-    model, processor, images: Sequence[bytes], cfg: EvalConfig, prompt: str = "",
+    model,
+    processor,
+    images: Sequence[bytes],
+    cfg: EvalConfig,
+    prompt: str = "",
     device: torch.device | None = None,
 ) -> list[str]:
     """Captions for encoded images: features in batches, then batched generation."""
     out: list[str] = []
     for start in range(0, len(images), cfg.batch_size):
         feats = image_features(
-            model, processor, images[start:start + cfg.batch_size], batch_size=cfg.batch_size,
+            model,
+            processor,
+            images[start : start + cfg.batch_size],
+            batch_size=cfg.batch_size,
             device=device,
         )
         out.extend(caption_features(model, processor.tokenizer, feats, cfg, prompt))

@@ -93,8 +93,13 @@ def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
         tmp.write(sentences.encode())
     try:
         cmd = [
-            java_executable(), "-cp", os.path.join(jar_dir, ptb.STANFORD_CORENLP_3_4_1_JAR),
-            "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", tmp.name,
+            java_executable(),
+            "-cp",
+            os.path.join(jar_dir, ptb.STANFORD_CORENLP_3_4_1_JAR),
+            "edu.stanford.nlp.process.PTBTokenizer",
+            "-preserveLines",
+            "-lowerCase",
+            tmp.name,
         ]
         done = subprocess.run(cmd, capture_output=True, cwd=tempfile.gettempdir())
     finally:

@@ -53,8 +53,7 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "cuda":
         if not torch.cuda.is_available():
             raise UserError(
-                "model.device is cuda but no CUDA GPU is visible; run on a GPU machine "
-                "or set model.device=cpu"
+                "model.device is cuda but no CUDA GPU is visible; run on a GPU machine or set model.device=cpu"
             )
         return torch.device("cuda")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,9 +74,7 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
     if name_or_path == BUILTIN_DEMO:
         path = demo_model_dir()
         if not (path / "config.json").is_file():
-            raise UserError(
-                f"the demo base model is missing from {path}; rebuild it with 'captune demo-build'"
-            )
+            raise UserError(f"the demo base model is missing from {path}; rebuild it with 'captune demo-build'")
         return str(path)
     local = Path(name_or_path).expanduser()
     if local.exists():
@@ -90,9 +87,7 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
             )
         return str(local)
     if name_or_path.count("/") != 1 or name_or_path.startswith(("/", ".")):
-        raise UserError(
-            f"model.name_or_path '{name_or_path}' is neither a local folder nor a Hub id (OWNER/NAME)"
-        )
+        raise UserError(f"model.name_or_path '{name_or_path}' is neither a local folder nor a Hub id (OWNER/NAME)")
     from huggingface_hub import snapshot_download
 
     try:

@@ -75,14 +75,15 @@ class Run:
 
     # -- config ---------------------------------------------------------------
     @classmethod
-    def open(cls, root: Path, cfg: Config | None, *, force: bool = False,
-             log: Callable[[str], None] = print) -> Run:
+    def open(cls, root: Path, cfg: Config | None, *, force: bool = False, log: Callable[[str], None] = print) -> Run:
         root = Path(root)
         saved = root / "config.yaml"
         if cfg is None:
             if not saved.is_file():
-                raise UserError(f"{root} is not a run folder (no config.yaml); start one with "
-                                "'captune run RECIPE --out RUN' or pass --recipe")
+                raise UserError(
+                    f"{root} is not a run folder (no config.yaml); start one with "
+                    "'captune run RECIPE --out RUN' or pass --recipe"
+                )
             import yaml
 
             cfg = config_from_dict(yaml.safe_load(saved.read_text()))
@@ -90,8 +91,10 @@ class Run:
             import yaml
 
             if yaml.safe_load(saved.read_text()) != cfg.to_dict():
-                raise UserError(f"{root} holds a run with a different config; use --force to redo it "
-                                "with the new one, or choose another --out")
+                raise UserError(
+                    f"{root} holds a run with a different config; use --force to redo it "
+                    "with the new one, or choose another --out"
+                )
         run = cls(root, cfg, log)
         if not saved.is_file() or force:
             write_atomic(saved, cfg.to_yaml())
@@ -124,8 +127,10 @@ class Run:
 
             t0 = time.perf_counter()
             self._loaded = load_model(self.cfg.model)
-            self.log(f"  model loaded from {self._loaded.source} on {self._loaded.device} "
-                     f"({str(self._loaded.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.1f}s")
+            self.log(
+                f"  model loaded from {self._loaded.source} on {self._loaded.device} "
+                f"({str(self._loaded.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.1f}s"
+            )
         return self._loaded
 
 
@@ -165,8 +170,9 @@ def preflight(cfg: Config) -> None:
         from huggingface_hub import snapshot_download
 
         try:
-            snapshot_download(name, revision=cfg.model.revision, local_files_only=True,
-                              allow_patterns=["*.json", "*.safetensors"])
+            snapshot_download(
+                name, revision=cfg.model.revision, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]
+            )
         except Exception:
             needs_hub.append(f"model {name}")
     if needs_hub and not _hub_reachable():
@@ -201,12 +207,12 @@ def evaluate(run: Run, model, processor, out_name: str) -> dict:
 
     examples = _eval_examples(run)
     t0 = time.perf_counter()
-    captions = caption_images(model, processor, [e.image for e in examples], run.cfg.eval,
-                              run.cfg.model.prompt)
+    captions = caption_images(model, processor, [e.image for e in examples], run.cfg.eval, run.cfg.model.prompt)
     gen_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    scores = score_captions({e.image_id: c for e, c in zip(examples, captions, strict=False)},
-                            {e.image_id: e.captions for e in examples})
+    scores = score_captions(
+        {e.image_id: c for e, c in zip(examples, captions, strict=False)}, {e.image_id: e.captions for e in examples}
+    )
     score_s = time.perf_counter() - t1
     doc = {
         "metrics": scores.corpus,
@@ -239,8 +245,9 @@ def _cider_fn():
 
     def score(captions: list[str], refs: list[list[str]]) -> float:
         ids = [str(i) for i in range(len(captions))]
-        scores = score_captions(dict(zip(ids, captions, strict=True)), dict(zip(ids, refs, strict=True)),
-                                metrics=("CIDEr",))
+        scores = score_captions(
+            dict(zip(ids, captions, strict=True)), dict(zip(ids, refs, strict=True)), metrics=("CIDEr",)
+        )
         return scores.corpus["CIDEr"]
 
     return score
@@ -253,20 +260,35 @@ def phase_train(run: Run, force: bool = False) -> None:
     loaded = run.base()
     model = attach_lora(loaded.model, run.cfg.lora)
     trainable, total = count_parameters(model)
-    run.log(f"  LoRA: {trainable:,} trainable of {total:,} parameters "
-            f"({100 * trainable / total:.3f}%)")
+    run.log(f"  LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     train_ex = load_split(run.path("data"), "train")
     val_ex = load_split(run.path("data"), "validation")
-    result = train(model, loaded.processor, train_ex, val_ex, run.cfg,
-                   log_path=run.path("logs", "train.jsonl"), log=run.log, score_fn=_cider_fn())
+    result = train(
+        model,
+        loaded.processor,
+        train_ex,
+        val_ex,
+        run.cfg,
+        log_path=run.path("logs", "train.jsonl"),
+        log=run.log,
+        score_fn=_cider_fn(),
+    )
     with staged_dir(run.path("adapter")) as tmp:
         model.save_pretrained(tmp)
         loaded.processor.save_pretrained(tmp)
         (tmp / "captune_config.yaml").write_text(run.cfg.to_yaml())
-        (tmp / "training.json").write_text(json.dumps({
-            "steps": result.steps, "best_step": result.best_step, "best_validation": result.best,
-            "samples_per_s": result.samples_per_s, "seconds": result.seconds,
-        }, indent=2))
+        (tmp / "training.json").write_text(
+            json.dumps(
+                {
+                    "steps": result.steps,
+                    "best_step": result.best_step,
+                    "best_validation": result.best,
+                    "samples_per_s": result.samples_per_s,
+                    "seconds": result.seconds,
+                },
+                indent=2,
+            )
+        )
     run._tuned = model
 
 

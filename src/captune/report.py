@@ -41,8 +41,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def svg_line_plot(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str,
-                  width: int = 480, height: int = 260) -> str:
+def svg_line_plot(
+    series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str, width: int = 480, height: int = 260
+) -> str:
     """A small line plot as inline SVG; each series is a list of (x, y) points."""
     points = [p for s in series.values() for p in s]
     if not points:
@@ -69,27 +70,29 @@ def svg_line_plot(series: dict[str, list[tuple[float, float]]], *, title: str, x
     ]
     for frac in (0, 0.5, 1):
         yv = y0 + frac * (y1 - y0)
-        parts.append(f'<text x="{pad_l - 6}" y="{sy(yv) + 4:.1f}" font-size="10" text-anchor="end">'
-                     f'{yv:.3g}</text>')
+        parts.append(f'<text x="{pad_l - 6}" y="{sy(yv) + 4:.1f}" font-size="10" text-anchor="end">{yv:.3g}</text>')
         xv = x0 + frac * (x1 - x0)
-        parts.append(f'<text x="{sx(xv):.1f}" y="{pad_t + h + 14}" font-size="10" '
-                     f'text-anchor="middle">{xv:.4g}</text>')
-    parts.append(f'<text x="{pad_l + w / 2}" y="{height - 4}" font-size="11" text-anchor="middle">'
-                 f'{html.escape(x_label)}</text>')
+        parts.append(f'<text x="{sx(xv):.1f}" y="{pad_t + h + 14}" font-size="10" text-anchor="middle">{xv:.4g}</text>')
+    parts.append(
+        f'<text x="{pad_l + w / 2}" y="{height - 4}" font-size="11" text-anchor="middle">{html.escape(x_label)}</text>'
+    )
     for k, (name, pts) in enumerate(series.items()):
         colour = colours[k % len(colours)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
         for x, y in pts if len(pts) < 30 else []:
             parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>')
-        parts.append(f'<text x="{pad_l + w - 4}" y="{pad_t + 14 + 14 * k}" font-size="11" '
-                     f'text-anchor="end" fill="{colour}">{html.escape(name)}</text>')
+        parts.append(
+            f'<text x="{pad_l + w - 4}" y="{pad_t + 14 + 14 * k}" font-size="11" '
+            f'text-anchor="end" fill="{colour}">{html.escape(name)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
 
-def pick_examples(ids: list[str], base_cider: list[float], tuned_cider: list[float], k: int,
-                  seed: int) -> list[tuple[str, str]]:
+def pick_examples(
+    ids: list[str], base_cider: list[float], tuned_cider: list[float], k: int, seed: int
+) -> list[tuple[str, str]]:
     """(image_id, why) for the largest gains, largest losses and a seeded sample."""
     if k <= 0 or not ids:
         return []
@@ -137,17 +140,29 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
     train_rows = [r for r in log if r.get("type") == "train"]
     val_rows = [r for r in log if r.get("type") == "validation"]
     plots = [
-        svg_line_plot({"train loss": [(r["step"], r["loss"]) for r in train_rows],
-                       "validation loss": [(r["step"], r["loss"]) for r in val_rows]},
-                      title="Loss", x_label="optimizer step"),
-        svg_line_plot({"learning rate": [(r["step"], r["lr"]) for r in train_rows]},
-                      title="Learning rate", x_label="optimizer step"),
-        svg_line_plot({"validation CIDEr": [(r["step"], r["CIDEr"]) for r in val_rows if "CIDEr" in r]},
-                      title="Validation CIDEr-D", x_label="optimizer step"),
+        svg_line_plot(
+            {
+                "train loss": [(r["step"], r["loss"]) for r in train_rows],
+                "validation loss": [(r["step"], r["loss"]) for r in val_rows],
+            },
+            title="Loss",
+            x_label="optimizer step",
+        ),
+        svg_line_plot(
+            {"learning rate": [(r["step"], r["lr"]) for r in train_rows]},
+            title="Learning rate",
+            x_label="optimizer step",
+        ),
+        svg_line_plot(
+            {"validation CIDEr": [(r["step"], r["CIDEr"]) for r in val_rows if "CIDEr" in r]},
+            title="Validation CIDEr-D",
+            x_label="optimizer step",
+        ),
     ]
     ids = base_m["image_ids"]
-    picks = pick_examples(ids, base_m["per_image"]["CIDEr"], tuned_m["per_image"]["CIDEr"],
-                          cfg.report.examples, cfg.report.seed)
+    picks = pick_examples(
+        ids, base_m["per_image"]["CIDEr"], tuned_m["per_image"]["CIDEr"], cfg.report.examples, cfg.report.seed
+    )
     cider_b = dict(zip(ids, base_m["per_image"]["CIDEr"], strict=False))
     cider_t = dict(zip(ids, tuned_m["per_image"]["CIDEr"], strict=False))
 
@@ -174,10 +189,7 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
             f"<div class='tag'>references</div><ul>{refs}</ul></div>"
         )
     counts = manifest["counts"]
-    timing_rows = "".join(
-        f"<tr><td>{esc(k)}</td><td>{v:.1f} s</td></tr>"
-        for k, v in timings.get("phases", {}).items()
-    )
+    timing_rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.get("phases", {}).items())
     skipped = manifest.get("skipped", [])
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
@@ -190,31 +202,44 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
 targets {esc(str(cfg.lora.target_modules))}</dd>
 <dt>training</dt><dd>{cfg.train.epochs} epochs, batch {cfg.train.batch_size} × {cfg.train.grad_accum},
 lr {cfg.train.lr:g} ({esc(cfg.train.schedule)}), keep best by {esc(cfg.train.select)}</dd>
-<dt>data source</dt><dd>{esc(manifest['source'])}</dd>
-<dt>images</dt><dd>{manifest['images']} ({manifest['references']} references);
-train {counts['train']} / validation {counts['validation']} / test {counts['test']}</dd>
-<dt>skipped</dt><dd>{len(skipped)}{': ' + esc('; '.join(s['reason'] for s in skipped[:5])) if skipped else ''}</dd>
-<dt>scored on</dt><dd>{comparison['images']} {esc(cfg.eval.split)} images, all references,
+<dt>data source</dt><dd>{esc(manifest["source"])}</dd>
+<dt>images</dt><dd>{manifest["images"]} ({manifest["references"]} references);
+train {counts["train"]} / validation {counts["validation"]} / test {counts["test"]}</dd>
+<dt>skipped</dt><dd>{len(skipped)}{": " + esc("; ".join(s["reason"] for s in skipped[:5])) if skipped else ""}</dd>
+<dt>scored on</dt><dd>{comparison["images"]} {esc(cfg.eval.split)} images, all references,
 official COCO scorer (PTB tokenization, CIDEr-D)</dd></dl>
 <h2>Before and after</h2>
 <table id="metrics"><thead><tr><th>metric</th><th>baseline</th><th>fine-tuned</th><th>change</th>
-<th>change %</th><th>95% CI of change</th><th>p</th></tr></thead><tbody>{''.join(rows_html)}</tbody></table>
-<p class="sub">Intervals: {comparison['bootstrap_samples']} paired bootstrap resamples of the test images.</p>
-<h2>Training</h2><div class="plots">{''.join(f'<figure>{p}</figure>' for p in plots if p)}</div>
-<h2>Examples</h2><div class="gallery" id="gallery">{''.join(cards)}</div>
+<th>change %</th><th>95% CI of change</th><th>p</th></tr></thead><tbody>{"".join(rows_html)}</tbody></table>
+<p class="sub">Intervals: {comparison["bootstrap_samples"]} paired bootstrap resamples of the test images.</p>
+<h2>Training</h2><div class="plots">{"".join(f"<figure>{p}</figure>" for p in plots if p)}</div>
+<h2>Examples</h2><div class="gallery" id="gallery">{"".join(cards)}</div>
 <h2>Timings</h2><table id="timings"><tbody>{timing_rows}</tbody></table>
-<p class="sub">Hardware: {esc(timings.get('device', 'unknown'))}</p>
+<p class="sub">Hardware: {esc(timings.get("device", "unknown"))}</p>
 </body></html>
 """
-    md = [f"# captune report: {cfg.name}", "", cfg.description, "",
-          f"Base model `{cfg.model.name_or_path}`, data `{manifest['source']}`: "
-          f"{manifest['images']} images, {manifest['references']} references "
-          f"(train {counts['train']} / validation {counts['validation']} / test {counts['test']}), "
-          f"{len(skipped)} skipped.", "", "## Before and after", "", markdown_table(comparison), "",
-          "## Examples", ""]
+    md = [
+        f"# captune report: {cfg.name}",
+        "",
+        cfg.description,
+        "",
+        f"Base model `{cfg.model.name_or_path}`, data `{manifest['source']}`: "
+        f"{manifest['images']} images, {manifest['references']} references "
+        f"(train {counts['train']} / validation {counts['validation']} / test {counts['test']}), "
+        f"{len(skipped)} skipped.",
+        "",
+        "## Before and after",
+        "",
+        markdown_table(comparison),
+        "",
+        "## Examples",
+        "",
+    ]
     for image_id, why in picks:
-        md.append(f"- **{image_id}** ({why}): before “{base_p[image_id]['caption']}”, "
-                  f"after “{tuned_p[image_id]['caption']}”; reference “{base_p[image_id]['references'][0]}”")
+        md.append(
+            f"- **{image_id}** ({why}): before “{base_p[image_id]['caption']}”, "
+            f"after “{tuned_p[image_id]['caption']}”; reference “{base_p[image_id]['references'][0]}”"
+        )
     md += ["", "## Timings", ""]
     md += [f"- {k}: {v:.1f} s" for k, v in timings.get("phases", {}).items()]
     return page, "\n".join(md) + "\n"

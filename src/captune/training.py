@@ -82,7 +82,7 @@ def validation_loss(model, tokenizer, feats, examples, cfg: Config) -> float:
     pairs = [(i, c) for i, ex in enumerate(examples) for c in ex.captions]
     total, count = 0.0, 0
     for start in range(0, len(pairs), cfg.eval.batch_size):
-        chunk = pairs[start:start + cfg.eval.batch_size]
+        chunk = pairs[start : start + cfg.eval.batch_size]
         text = encode_texts(
             tokenizer,
             [training_text(c, cfg.model.prompt, tokenizer.eos_token) for _, c in chunk],
@@ -93,8 +93,11 @@ def validation_loss(model, tokenizer, feats, examples, cfg: Config) -> float:
         )
         device = feats.device
         loss = lm_loss(
-            model, feats[[i for i, _ in chunk]], text.input_ids.to(device),
-            text.attention_mask.to(device), text.labels.to(device),
+            model,
+            feats[[i for i, _ in chunk]],
+            text.input_ids.to(device),
+            text.attention_mask.to(device),
+            text.labels.to(device),
         )
         total += float(loss) * len(chunk)
         count += len(chunk)
@@ -123,15 +126,18 @@ def train(
 
     started = time.perf_counter()
     model.eval()  # no dropout while extracting frozen features
-    train_feats = image_features(model, processor, [e.image for e in train_examples],
-                                 batch_size=cfg.eval.batch_size, device=device)
-    val_feats = (
-        image_features(model, processor, [e.image for e in val_examples],
-                       batch_size=cfg.eval.batch_size, device=device)
-        if val_examples else None
+    train_feats = image_features(
+        model, processor, [e.image for e in train_examples], batch_size=cfg.eval.batch_size, device=device
     )
-    log(f"  image features: {len(train_examples)} train, {len(val_examples)} validation images "
-        f"in {time.perf_counter() - started:.1f}s")
+    val_feats = (
+        image_features(model, processor, [e.image for e in val_examples], batch_size=cfg.eval.batch_size, device=device)
+        if val_examples
+        else None
+    )
+    log(
+        f"  image features: {len(train_examples)} train, {len(val_examples)} validation images "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
 
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
@@ -180,7 +186,7 @@ def train(
         model.train()
         pairs = training_pairs(train_examples, cfg.data.train_captions, rng)
         rng.shuffle(pairs)
-        micro = [pairs[i:i + tcfg.batch_size] for i in range(0, len(pairs), tcfg.batch_size)]
+        micro = [pairs[i : i + tcfg.batch_size] for i in range(0, len(pairs), tcfg.batch_size)]
         for m_idx, chunk in enumerate(micro):
             text = encode_texts(
                 tokenizer,
@@ -191,8 +197,11 @@ def train(
                 max_text_tokens=tcfg.max_text_tokens,
             )
             loss = lm_loss(
-                model, train_feats[[i for i, _ in chunk]], text.input_ids.to(device),
-                text.attention_mask.to(device), text.labels.to(device),
+                model,
+                train_feats[[i for i, _ in chunk]],
+                text.input_ids.to(device),
+                text.attention_mask.to(device),
+                text.labels.to(device),
             )
             scaled = loss / tcfg.grad_accum
             (scaler.scale(scaled) if scaler else scaled).backward()
@@ -216,17 +225,23 @@ def train(
             if step % tcfg.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t_loop
                 row = {
-                    "type": "train", "step": step, "epoch": epoch,
-                    "loss": sum(running) / len(running), "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": seen / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 3),
+                    "type": "train",
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": sum(running) / len(running),
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": seen / max(elapsed, 1e-9),
+                    "elapsed_s": round(elapsed, 3),
                 }
                 if device.type == "cuda":
                     row["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
                 running.clear()
                 journal.write(row)
                 result.history.append(row)
-                log(f"  step {step}/{total_steps} epoch {epoch} loss {row['loss']:.4f} "
-                    f"lr {row['lr']:.2e} {row['samples_per_s']:.0f} samples/s")
+                log(
+                    f"  step {step}/{total_steps} epoch {epoch} loss {row['loss']:.4f} "
+                    f"lr {row['lr']:.2e} {row['samples_per_s']:.0f} samples/s"
+                )
             if step >= total_steps:
                 break
         if tcfg.validate_every and (epoch % tcfg.validate_every == 0 or step >= total_steps):
@@ -238,8 +253,7 @@ def train(
         result.best_step = step
     else:
         _load_lora_state(model, best_state)
-        log(f"  kept the adapter from step {result.best_step} "
-            f"(best validation {tcfg.select})")
+        log(f"  kept the adapter from step {result.best_step} (best validation {tcfg.select})")
     model.eval()
     result.steps = step
     result.seconds = time.perf_counter() - started

@@ -70,8 +70,8 @@ def _split_ids(ids: list[str], ratios: list[float], seed: int) -> dict[str, list
         n_train = min(n_train, n - 2)  # keep at least one test image when one is asked for
     return {
         "train": order[:n_train],
-        "validation": order[n_train:n_train + n_val],
-        "test": order[n_train + n_val:],
+        "validation": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
     }
 
 
@@ -99,9 +99,7 @@ def prepare(
         if manifest.get("settings") == settings:
             log(f"  data cache reused: {out_dir}")
             return manifest
-        raise UserError(
-            f"{out_dir} holds data prepared with other settings; use --force to rebuild it"
-        )
+        raise UserError(f"{out_dir} holds data prepared with other settings; use --force to rebuild it")
 
     started = time.perf_counter()
     groups: dict[str, _Group] = {}
@@ -190,7 +188,7 @@ def _write_cache(out_dir: Path, splits: dict, by_id: dict, manifest: dict) -> No
     try:
         for split, ids in splits.items():
             for shard, start in enumerate(range(0, max(len(ids), 1), SHARD_ROWS)):
-                rows = [by_id[i] for i in ids[start:start + SHARD_ROWS]]
+                rows = [by_id[i] for i in ids[start : start + SHARD_ROWS]]
                 table = pa.table(
                     {
                         "image_id": pa.array([g.image_id for g in rows], pa.string()),

@@ -39,10 +39,7 @@ def parse_source(source: str) -> tuple[str, str]:
     kind, _, rest = source.partition(":")
     kinds = ("demo", "hub", "coco", "manifest", "imagefolder", "parquet", "arrow")
     if kind not in kinds or not rest:
-        raise UserError(
-            f"data.source '{source}' is not understood; use one of "
-            + ", ".join(f"{k}:..." for k in kinds)
-        )
+        raise UserError(f"data.source '{source}' is not understood; use one of " + ", ".join(f"{k}:..." for k in kinds))
     return kind, rest
 
 
@@ -108,13 +105,11 @@ def _rows_to_items(rows: Iterator[dict], cfg: DataConfig, label: str) -> Iterato
         where = f"{label} row {i}"
         if cfg.image_column not in row:
             raise UserError(
-                f"{label}: no column '{cfg.image_column}'; columns are {', '.join(row)}; "
-                "set data.image_column"
+                f"{label}: no column '{cfg.image_column}'; columns are {', '.join(row)}; set data.image_column"
             )
         if cfg.caption_column not in row:
             raise UserError(
-                f"{label}: no column '{cfg.caption_column}'; columns are {', '.join(row)}; "
-                "set data.caption_column"
+                f"{label}: no column '{cfg.caption_column}'; columns are {', '.join(row)}; set data.caption_column"
             )
         data = _image_bytes(row[cfg.image_column])
         if data is None:
@@ -195,8 +190,10 @@ def _load_json(path: Path) -> Any:
 def read_coco(annotations: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
     path = Path(annotations)
     doc = _load_json(path)
-    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(
-        doc.get("annotations"), list
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("images"), list)
+        or not isinstance(doc.get("annotations"), list)
     ):
         raise UserError(f"{path}: not COCO caption format (needs 'images' and 'annotations' lists)")
     root = Path(cfg.images) if cfg.images else path.parent

@@ -60,9 +60,7 @@ def build_tokenizer():
     vocab = {tok: i for i, tok in enumerate(specials + world.vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.post_processor = processors.TemplateProcessing(
         single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", vocab["</s>"])]
     )
@@ -139,9 +137,9 @@ def pretrain(model, processor, spec: DemoBuildSpec, log=print) -> list[float]:
 
     torch.manual_seed(spec.seed)
     items = world.make_items("plain", spec.images, seed=spec.seed, size=IMAGE_SIZE)
-    pixels = processor.image_processor(
-        [Image.open(io.BytesIO(it["image"])) for it in items], return_tensors="pt"
-    )["pixel_values"]
+    pixels = processor.image_processor([Image.open(io.BytesIO(it["image"])) for it in items], return_tensors="pt")[
+        "pixel_values"
+    ]
     pairs = [(i, c) for i, it in enumerate(items) for c in it["captions"]]
     tokenizer = processor.tokenizer
     cfg = model.config
@@ -155,7 +153,7 @@ def pretrain(model, processor, spec: DemoBuildSpec, log=print) -> list[float]:
     for _ in range(spec.epochs):
         rng.shuffle(pairs)
         for start in range(0, len(pairs) - spec.batch_size + 1, spec.batch_size):
-            chunk = pairs[start:start + spec.batch_size]
+            chunk = pairs[start : start + spec.batch_size]
             text = encode_texts(
                 tokenizer,
                 [training_text(c, "", tokenizer.eos_token) for _, c in chunk],
@@ -201,8 +199,12 @@ def build_demo_model(out_dir: Path, spec: DemoBuildSpec = DemoBuildSpec(), log=p
         processor.save_pretrained(tmp)
         (tmp / "captune_demo.json").write_text(
             json.dumps(
-                {"spec": asdict(spec), "version": DEMO_VERSION, "losses": losses,
-                 "seconds": round(time.perf_counter() - t0, 1)},
+                {
+                    "spec": asdict(spec),
+                    "version": DEMO_VERSION,
+                    "losses": losses,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                },
                 indent=2,
             )
         )
