@@ -154,3 +154,86 @@ def test_every_mode_converts_to_rgb(mode):
 
 def test_pixel_limit():
     assert "over data.max_pixels" in check_image(jpeg_bytes(size=(100, 100)), 5000)
+
+
+def _coco_captions_copy(root, n_images=5):
+    """A local copy of the jxie/coco_captions schema: image, filename, cocoid, caption; 5 rows per image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for i in range(n_images):
+        data = jpeg_bytes((i * 40, 80, 160))
+        for j in range(5):
+            rows.append(
+                {
+                    "image": {"bytes": data, "path": f"COCO_{i}.jpg"},
+                    "filename": f"COCO_{i}.jpg",
+                    "cocoid": 1000 + i,
+                    "caption": f"image {i} caption {j}.",
+                }
+            )
+    (root / "data").mkdir(parents=True)
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table.slice(0, 13), root / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(table.slice(13), root / "data" / "train-00001-of-00002.parquet")
+    return root
+
+
+def test_hub_source_streams_a_local_copy_of_coco_captions(tmp_path):
+    repo = _coco_captions_copy(tmp_path / "coco_captions")
+    manifest, cache = _prep(tmp_path, source=f"hub:{repo}", id_column="cocoid", num_images=3)
+    ids = {e.image_id: e for s in _all(cache).values() for e in s}
+    assert set(ids) == {"1000", "1001", "1002"}
+    assert all(len(e.captions) == 5 for e in ids.values())  # every reference, across shard borders
+    assert manifest["references"] == 15
+
+
+def test_split_column_is_honoured(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    lines = ["image,caption,karpathy"]
+    for i, split in enumerate(["train", "restval", "val", "test", "test"]):
+        (root / f"{i}.jpg").write_bytes(jpeg_bytes((i * 40, 0, 0)))
+        lines.append(f"{i}.jpg,cap {i},{split}")
+    (root / "m.csv").write_text("\n".join(lines))
+    manifest, cache = _prep(tmp_path, source=f"manifest:{root / 'm.csv'}", num_images=0, split_column="karpathy")
+    assert manifest["counts"] == {"train": 2, "validation": 1, "test": 2}
+    assert [e.image_id for e in load_split(cache, "validation")] == ["2.jpg"]
+
+
+def test_non_utf8_metadata_names_the_file(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b"image,caption\nx.jpg,caf\xe9\n")
+    with pytest.raises(UserError, match=r"m\.csv: not UTF-8"):
+        _prep(tmp_path, source=f"manifest:{tmp_path / 'm.csv'}", num_images=0)
+
+
+def test_cli_prepare_and_inspect(tmp_path, image_folder, capsys):
+    from captune.cli import main
+
+    out = tmp_path / "cache"
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--source",
+                f"coco:{image_folder / 'captions.json'}",
+                "--out",
+                str(out),
+                "--num-images",
+                "5",
+                "--ratios",
+                "0.6,0.2,0.2",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["data", "inspect", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert sum(len(v) for v in doc["splits"].values()) == 5
+    assert set(doc["references"].values()) == {3}
+    assert main(["data", "inspect", str(out)]) == 0
+    assert "references 15" in capsys.readouterr().out
+    assert main(["data", "prepare", "--source", "nope:x", "--out", str(out)]) == 2

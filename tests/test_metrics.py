@@ -75,3 +75,107 @@ def test_missing_java_is_one_clear_error(monkeypatch):
             score_captions({"a": "x"}, {"a": ["x"]})
     finally:
         m.java_executable.cache_clear()
+
+
+def test_bleu_statistics_reproduce_corpus_bleu(caption_set):
+    import numpy as np
+
+    from captune.metrics import corpus_bleu_from_stats
+
+    preds, refs = caption_set
+    s = score_captions(preds, refs, metrics=("BLEU-4",))
+    again = corpus_bleu_from_stats(np.asarray(s.bleu_stats).sum(axis=0))
+    for k in range(4):
+        assert float(again[k]) == pytest.approx(s.corpus[f"BLEU-{k + 1}"], abs=1e-12)
+
+
+def test_spice_is_reported_unavailable_offline(caption_set):
+    preds, refs = caption_set
+    s = score_captions(dict(list(preds.items())[:3]), refs, metrics=("CIDEr",), spice=True)
+    assert "SPICE" in s.unavailable and "SPICE" not in s.corpus
+
+
+def test_scoring_never_writes_into_the_scorer_package(caption_set, monkeypatch):
+    import os
+    import tempfile
+
+    import pycocoevalcap
+
+    package = os.path.abspath(list(pycocoevalcap.__path__)[0])
+    real = tempfile.NamedTemporaryFile
+
+    def guarded(*args, **kwargs):
+        where = kwargs.get("dir") or tempfile.gettempdir()
+        assert not os.path.abspath(where).startswith(package), "temp file inside pycocoevalcap"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", guarded)
+    preds, refs = caption_set
+    assert score_captions(preds, refs, metrics=("CIDEr",)).corpus["CIDEr"] >= 0
+
+
+def test_concurrent_scoring_processes_agree(tmp_path, caption_set):
+    import json
+    import subprocess
+    import sys
+
+    preds, refs = caption_set
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join(json.dumps({"image_id": k, "caption": preds[k], "references": refs[k]}) for k in preds))
+    cmd = [sys.executable, "-m", "captune.cli", "score", str(p), "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [json.loads(proc.communicate(timeout=300)[0])["metrics"] for proc in procs]
+    assert outs[0] == outs[1] == outs[2]
+
+
+# ------------------------------------------------------------------ seed-comparable
+
+
+def test_13a_tokenizer():
+    from captune.seed_metrics import tokenize_13a
+
+    assert tokenize_13a("A dog, sitting (on) a couch.") == [
+        "A",
+        "dog",
+        ",",
+        "sitting",
+        "(",
+        "on",
+        ")",
+        "a",
+        "couch",
+        ".",
+    ]
+    assert tokenize_13a("costs 3.50 and 1,000-2") == ["costs", "3.50", "and", "1,000", "-", "2"]
+    assert tokenize_13a("Tom&amp;Jerry") == ["Tom", "&", "Jerry"]
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_seed_bleu_equals_reference_formula(caption_set, order):
+    """HF evaluate's bleu on one reference equals NLTK's unsmoothed corpus BLEU on the same tokens."""
+    from nltk.translate.bleu_score import corpus_bleu
+
+    from captune.seed_metrics import hf_bleu, tokenize_13a
+
+    preds, refs = caption_set
+    # NLTK counts one possible n-gram for a hypothesis shorter than n; the NMT formula counts none.
+    # On hypotheses of at least n tokens the two formulas are the same.
+    ids = sorted(i for i in preds if len(tokenize_13a(preds[i])) >= order)
+    ours = hf_bleu([preds[i] for i in ids], [[refs[i][0]] for i in ids], max_order=order)
+    theirs = corpus_bleu(
+        [[tokenize_13a(refs[i][0])] for i in ids],
+        [tokenize_13a(preds[i]) for i in ids],
+        weights=tuple([1.0 / order] * order),
+    )
+    assert ours == pytest.approx(theirs, abs=1e-12)
+
+
+def test_seed_compatible_block(caption_set):
+    from captune.seed_metrics import seed_compatible
+
+    preds, refs = caption_set
+    doc = seed_compatible(preds, refs)
+    assert set(doc["metrics"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-1", "ROUGE-2", "CIDEr"}
+    assert "WordNet" in doc["unavailable"]["METEOR"]
+    # one reference scores no higher on BLEU-1 than all references (official scorer)
+    assert doc["metrics"]["BLEU-1"] <= score_captions(preds, refs, metrics=("BLEU-1",)).corpus["BLEU-1"] + 0.05

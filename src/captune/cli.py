@@ -90,12 +90,32 @@ def cmd_score(args) -> int:
             if "image_id" not in row or not isinstance(row.get("captions"), list):
                 raise UserError(f"{args.references} line {n}: needs 'image_id' and a 'captions' list")
             refs[str(row["image_id"])] = [str(c) for c in row["captions"]]
-    scores = score_captions(preds, refs)
+    from captune.seed_metrics import seed_compatible
+
+    scores = score_captions(preds, refs, spice=True)
+    seed = seed_compatible(preds, refs)
     if args.json:
-        print(json.dumps({"metrics": scores.corpus, "images": len(preds), "unavailable": scores.unavailable}))
+        print(
+            json.dumps(
+                {
+                    "metrics": scores.corpus,
+                    "images": len(preds),
+                    "unavailable": scores.unavailable,
+                    "seed_compatible": seed,
+                }
+            )
+        )
     else:
+        print(f"{len(preds)} images, {sum(len(refs[i]) for i in preds)} references (official COCO scorer)")
         for k, v in scores.corpus.items():
             print(f"{k:8s} {v:.4f}")
+        for k, why in scores.unavailable.items():
+            print(f"{k:8s} unavailable: {why}")
+        print("seed-comparable (first reference only):")
+        for k, v in seed["metrics"].items():
+            print(f"{k:8s} {v:.4f}")
+        for k, why in seed["unavailable"].items():
+            print(f"{k:8s} unavailable: {why}")
     return 0
 
 
@@ -112,6 +132,102 @@ def _jsonl(path: Path):
         if not isinstance(row, dict):
             raise UserError(f"{path} line {n}: expected a JSON object")
         yield n, row
+
+
+def data_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="captune data", description="Prepare or inspect a data cache.")
+    sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    pr = sub.add_parser("prepare", help="read a source into a local cache (grouped, validated, split)")
+    pr.add_argument("--source", required=True, help="demo:, hub:, parquet:, arrow:, coco:, imagefolder:, manifest:")
+    pr.add_argument("--out", required=True, help="cache folder")
+    pr.add_argument("--num-images", type=int, help="unique images to take (0 = all; default 5000)")
+    pr.add_argument("--seed", type=int, help="seed for sampling and splitting")
+    pr.add_argument("--sample", choices=["first", "random"], help="first N in source order, or a random N")
+    pr.add_argument("--ratios", help="train,validation,test fractions, e.g. 0.8,0.1,0.1")
+    pr.add_argument("--split", help="source split to read (hub, arrow)")
+    pr.add_argument("--images", help="image folder for coco: sources")
+    pr.add_argument("--image-column", help="image column (or image path column of a manifest)")
+    pr.add_argument("--id-column", help="image id column")
+    pr.add_argument("--caption-column", help="caption column")
+    pr.add_argument("--split-column", help="use the split given in this column (train/restval/val/test)")
+    pr.add_argument("--max-pixels", type=int, help="skip images with more pixels")
+    pr.add_argument("--strict", action="store_true", help="fail on any skipped item")
+    pr.add_argument("--force", action="store_true", help="rebuild an existing cache")
+    pr.set_defaults(func=cmd_data_prepare)
+    ins = sub.add_parser("inspect", help="counts, splits, sample captions and skip reasons of a cache")
+    ins.add_argument("dir", help="cache folder (or a run folder)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.set_defaults(func=cmd_data_inspect)
+    return p
+
+
+def cmd_data_prepare(args) -> int:
+    from captune.config import DataConfig, apply_mapping
+    from captune.data.prepare import prepare
+
+    fields = {
+        "source": args.source,
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "sample": args.sample,
+        "split": args.split,
+        "images": args.images,
+        "image_column": args.image_column,
+        "id_column": args.id_column,
+        "caption_column": args.caption_column,
+        "split_column": args.split_column,
+        "max_pixels": args.max_pixels,
+    }
+    if args.ratios:
+        try:
+            fields["ratios"] = [float(x) for x in args.ratios.split(",")]
+        except ValueError:
+            raise UserError(f"--ratios '{args.ratios}': expected three numbers like 0.8,0.1,0.1") from None
+    from captune.config import Config
+
+    holder = Config()
+    apply_mapping(holder, {"data": {k: v for k, v in fields.items() if v is not None}})
+    cfg: DataConfig = holder.data
+    cfg.check()
+    prepare(cfg, Path(args.out), force=args.force, strict=args.strict, log=_log)
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from captune.data.prepare import SPLITS, load_split, read_manifest
+
+    root = Path(args.dir)
+    if (root / "data" / "manifest.json").is_file():
+        root = root / "data"
+    manifest = read_manifest(root)
+    splits = {s: load_split(root, s) for s in SPLITS}
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "splits": {s: [e.image_id for e in ex] for s, ex in splits.items()},
+                    "references": {e.image_id: len(e.captions) for ex in splits.values() for e in ex},
+                    "skipped": manifest["skipped"],
+                }
+            )
+        )
+        return 0
+    print(f"source      {manifest['source']}")
+    print(
+        f"images      {manifest['images']}  references {manifest['references']}  "
+        f"merged duplicates {manifest.get('merged_duplicate_images', 0)}"
+    )
+    for s, ex in splits.items():
+        print(f"{s:11s} {len(ex)} images, {sum(len(e.captions) for e in ex)} references")
+    for e in splits["train"][:3]:
+        print(f"  {e.image_id}: " + " | ".join(e.captions[:3]))
+    reasons: dict[str, int] = {}
+    for item in manifest["skipped"]:
+        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+    print(f"skipped     {len(manifest['skipped'])}")
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:5d}  {reason}")
+    return 0
 
 
 def cmd_recipes(args) -> int:
@@ -143,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     helps = {
-        "data": "prepare the data cache of a run folder",
+        "data": "prepare the data cache of a run folder (also: data prepare, data inspect)",
         "train": "train the LoRA adapter of a run folder",
         "eval": "caption and score the eval split (baseline, and fine-tuned once trained)",
         "compare": "baseline vs fine-tuned table with intervals and p-values",
@@ -176,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["data"] and argv[1:2] and argv[1] in ("prepare", "inspect"):
+            args = data_parser().parse_args(argv[1:])
+            return args.func(args)
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         # Overrides may come after options (run demo --out X train.epochs=3).

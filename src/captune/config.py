@@ -42,6 +42,8 @@ class DataConfig:
     """Column holding an image id; without one, images are grouped by content hash."""
     caption_column: str = "caption"
     """Column holding a caption or a list of captions."""
+    split_column: str | None = None
+    """Column holding a given split (e.g. Karpathy's: train/restval/val/test); used instead of ratios."""
     num_images: int = 5000
     """How many unique images to take from the source (0 = all)."""
     sample: Literal["first", "random"] = "first"

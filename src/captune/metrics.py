@@ -32,6 +32,8 @@ class Scores:
     per_image: dict[str, list[float]]
     image_ids: list[str]
     unavailable: dict[str, str] = field(default_factory=dict)
+    # Per-image BLEU sufficient statistics: testlen, closest reflen, guess 1-4, correct 1-4.
+    bleu_stats: list[list[float]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ java
@@ -143,7 +145,6 @@ def score_captions(
     ``metrics`` picks a subset (validation during training asks for CIDEr only,
     which skips METEOR's Java start-up).
     """
-    from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
@@ -162,8 +163,9 @@ def score_captions(
 
     corpus: dict[str, float] = {}
     per_image: dict[str, list[float]] = {}
+    bleu_stats: list[list[float]] = []
     if any(m.startswith("BLEU") for m in metrics):
-        bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+        bleu, bleu_each, bleu_stats = _bleu(gts, res)
         for n in range(4):
             corpus[f"BLEU-{n + 1}"] = float(bleu[n])
             per_image[f"BLEU-{n + 1}"] = [float(x) for x in bleu_each[n]]
@@ -190,7 +192,41 @@ def score_captions(
             per_image["SPICE"] = [float(x["All"]["f"]) for x in s_each]
         else:
             unavailable["SPICE"] = why
-    return Scores(corpus, per_image, ids, unavailable)
+    return Scores(corpus, per_image, ids, unavailable, bleu_stats)
+
+
+def _bleu(gts: dict, res: dict) -> tuple[list[float], list[list[float]], list[list[float]]]:
+    """pycocoevalcap's Bleu(4).compute_score, keeping each image's sufficient statistics.
+
+    The statistics let the bootstrap recompute corpus BLEU exactly on resampled images.
+    """
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    scorer = BleuScorer(n=4)
+    for i in gts:
+        scorer += (res[i][0], gts[i])
+    score, each = scorer.compute_score(option="closest", verbose=0)
+    stats = []
+    for comps in scorer.ctest:
+        reflen = scorer._single_reflen(comps["reflen"], "closest", comps["testlen"])
+        stats.append([comps["testlen"], reflen, *comps["guess"], *comps["correct"]])
+    return score, each, stats
+
+
+def corpus_bleu_from_stats(sums) -> list[float]:
+    """BLEU-1..4 from summed statistics, with pycocoevalcap's exact arithmetic (tiny/small)."""
+    import numpy as np
+
+    sums = np.asarray(sums, dtype=np.float64)
+    testlen, reflen = sums[..., 0], sums[..., 1]
+    tiny, small = 1e-15, 1e-9
+    out, bleu = [], 1.0
+    ratio = (testlen + tiny) / (reflen + small)
+    penalty = np.where(ratio < 1, np.exp(1 - 1 / ratio), 1.0)
+    for k in range(4):
+        bleu = bleu * (sums[..., 6 + k] + tiny) / (sums[..., 2 + k] + small)
+        out.append(bleu ** (1.0 / (k + 1)) * penalty)
+    return out
 
 
 def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:

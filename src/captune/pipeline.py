@@ -210,9 +210,12 @@ def evaluate(run: Run, model, processor, out_name: str) -> dict:
     captions = caption_images(model, processor, [e.image for e in examples], run.cfg.eval, run.cfg.model.prompt)
     gen_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    scores = score_captions(
-        {e.image_id: c for e, c in zip(examples, captions, strict=False)}, {e.image_id: e.captions for e in examples}
-    )
+    from captune.seed_metrics import seed_compatible
+
+    preds = {e.image_id: c for e, c in zip(examples, captions, strict=True)}
+    refs = {e.image_id: e.captions for e in examples}
+    scores = score_captions(preds, refs, spice=True)
+    seed = seed_compatible(preds, refs)
     score_s = time.perf_counter() - t1
     doc = {
         "metrics": scores.corpus,
@@ -220,9 +223,11 @@ def evaluate(run: Run, model, processor, out_name: str) -> dict:
         "images": len(examples),
         "references": sum(len(e.captions) for e in examples),
         "unavailable": scores.unavailable,
+        "seed_compatible": seed,
         "seconds": {"generation": round(gen_s, 3), "scoring": round(score_s, 3)},
         "image_ids": scores.image_ids,
         "per_image": scores.per_image,
+        "bleu_stats": scores.bleu_stats,
     }
     with staged_dir(run.path(out_name)) as tmp:
         with (tmp / "predictions.jsonl").open("w") as f:
@@ -254,10 +259,13 @@ def _cider_fn():
 
 
 def phase_train(run: Run, force: bool = False) -> None:
+    import torch
+
     from captune.modeling import attach_lora, count_parameters
     from captune.training import train
 
     loaded = run.base()
+    torch.manual_seed(run.cfg.train.seed)  # LoRA's A matrices are initialised from this
     model = attach_lora(loaded.model, run.cfg.lora)
     trainable, total = count_parameters(model)
     run.log(f"  LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")

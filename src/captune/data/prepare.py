@@ -47,6 +47,7 @@ class _Group:
     image: bytes
     digest: str
     captions: list[str] = field(default_factory=list)
+    split: str | None = None
 
 
 def clean_caption(text: str) -> str:
@@ -127,7 +128,7 @@ def prepare(
                 if reason is not None:
                     skipped.append({"item": item.where, "reason": reason})
                     continue
-                groups[key] = _Group(key, item.image, digest)
+                groups[key] = _Group(key, item.image, digest, split=item.split)
                 by_digest[digest] = key
         last_key = key
         group = groups[key]
@@ -159,9 +160,13 @@ def prepare(
         )
 
     by_id = {g.image_id: g for g in kept}
-    splits = _split_ids([g.image_id for g in kept], cfg.ratios, cfg.seed)
+    if cfg.split_column:
+        splits = {s: [g.image_id for g in kept if g.split == s] for s in SPLITS}
+    else:
+        splits = _split_ids([g.image_id for g in kept], cfg.ratios, cfg.seed)
     manifest = {
         "source": cfg.source,
+        "revision": cfg.source.partition("@")[2] or None,
         "settings": settings,
         "counts": {s: len(ids) for s, ids in splits.items()},
         "images": len(kept),

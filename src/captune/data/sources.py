@@ -26,6 +26,7 @@ class RawItem:
     captions: list[str]
     image_id: str | None = None
     where: str = ""
+    split: str | None = None
 
 
 @dataclass
@@ -83,6 +84,29 @@ def _read_file(path: Path, where: str) -> RawItem | Skip | bytes:
         return Skip(where, f"image file unreadable: {path} ({exc.strerror or exc})")
 
 
+SPLIT_NAMES = {
+    "train": "train",
+    "restval": "train",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "dev": "validation",
+    "test": "test",
+}
+
+
+def _split_of(row: dict, cfg: DataConfig, label: str) -> str | None:
+    """The split a row names in ``data.split_column`` (Karpathy's restval counts as train)."""
+    if not cfg.split_column:
+        return None
+    if cfg.split_column not in row:
+        raise UserError(f"{label}: no column '{cfg.split_column}'; set data.split_column")
+    value = str(row[cfg.split_column]).strip().lower()
+    if value not in SPLIT_NAMES:
+        raise UserError(f"{label}: split value '{row[cfg.split_column]}' is not one of {', '.join(SPLIT_NAMES)}")
+    return SPLIT_NAMES[value]
+
+
 # ------------------------------------------------------------------ demo
 
 
@@ -120,7 +144,7 @@ def _rows_to_items(rows: Iterator[dict], cfg: DataConfig, label: str) -> Iterato
             if cfg.id_column not in row:
                 raise UserError(f"{label}: no column '{cfg.id_column}'; set data.id_column")
             image_id = str(row[cfg.id_column])
-        yield RawItem(data, _as_captions(row[cfg.caption_column]), image_id, where)
+        yield RawItem(data, _as_captions(row[cfg.caption_column]), image_id, where, _split_of(row, cfg, label))
 
 
 def read_hub(spec: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
@@ -273,7 +297,9 @@ def _read_listing(path: Path, cfg: DataConfig, file_column: str) -> Iterator[Raw
             yield data
             continue
         image_id = str(row[cfg.id_column]) if cfg.id_column and row.get(cfg.id_column) else None
-        yield RawItem(data, _csv_captions(row, cfg.caption_column), image_id or name, where)
+        yield RawItem(
+            data, _csv_captions(row, cfg.caption_column), image_id or name, where, _split_of(row, cfg, str(path))
+        )
 
 
 def read_manifest(path: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
