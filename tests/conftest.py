@@ -10,6 +10,29 @@ import pytest
 import torch
 from PIL import Image
 
+FAKE_TOKEN = "hf_captuneFakeTokenForLeakTests0123456789"
+SMALL = ["data.num_images=60", "train.epochs=2", "eval.bootstrap=200", "report.examples=4"]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One reduced demo run shared by the tests that read a run folder (HF_TOKEN planted)."""
+    import os
+
+    from captune.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "demo"
+    old = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = FAKE_TOKEN
+    try:
+        assert main(["run", "demo", "--out", str(out), *SMALL]) == 0
+    finally:
+        if old is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = old
+    return out
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

@@ -6,15 +6,7 @@ import pytest
 
 from captune.cli import main
 from captune.metrics import OFFICIAL
-
-SMALL = ["data.num_images=60", "train.epochs=2", "eval.bootstrap=200", "report.examples=4"]
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "demo"
-    assert main(["run", "demo", "--out", str(out), *SMALL]) == 0
-    return out
+from tests.conftest import SMALL
 
 
 def test_run_folder_layout(demo_run):

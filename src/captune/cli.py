@@ -230,6 +230,91 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def cmd_caption(args) -> int:
+    import csv
+
+    from captune.caption_files import collect_paths, read_images
+    from captune.config import EvalConfig, ModelConfig
+    from captune.generation import caption_images
+    from captune.modeling import load_model
+
+    paths, missing = collect_paths(args.paths)
+    images, bad = read_images(paths)
+    for where, why in missing + bad:
+        print(f"captune: skipped {where}: {why}", file=sys.stderr)
+    if not images:
+        raise UserError("no readable image among the given paths")
+    loaded = load_model(ModelConfig(name_or_path=args.model, device=args.device))
+    model = loaded.model
+    if args.adapter:
+        from peft import PeftModel
+
+        adapter = Path(args.adapter)
+        if adapter.is_dir() and not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    ecfg = EvalConfig(batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    ecfg.check()
+    captions = caption_images(model, loaded.processor, [b for _, b in images], ecfg, args.prompt)
+    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    try:
+        if args.format == "jsonl":
+            for (p, _), c in zip(images, captions, strict=True):
+                out.write(json.dumps({"path": str(p), "caption": c}) + "\n")
+        elif args.format == "csv":
+            w = csv.writer(out)
+            w.writerow(["path", "caption"])
+            for (p, _), c in zip(images, captions, strict=True):
+                w.writerow([str(p), c])
+        else:
+            for (p, _), c in zip(images, captions, strict=True):
+                out.write(f"{p}\t{c}\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"captune: captioned {len(images)} image(s), skipped {len(missing) + len(bad)}", file=sys.stderr)
+    return 0
+
+
+def _run_config(run: Path):
+    from captune.pipeline import Run
+
+    return Run.open(run, None, log=_log).cfg
+
+
+def cmd_merge(args) -> int:
+    from captune.hub import merge
+
+    out = merge(Path(args.run), _run_config(Path(args.run)), Path(args.out))
+    _log(f"merged model written to {out} (load it with Blip2ForConditionalGeneration.from_pretrained)")
+    return 0
+
+
+def cmd_push(args) -> int:
+    import tempfile
+
+    from captune.hub import get_token, push, stage_upload
+
+    run = Path(args.run)
+    cfg = _run_config(run)
+    repo = args.repo or cfg.hub.repo_id
+    if not repo or repo.count("/") != 1 or not all(repo.split("/")):
+        raise UserError("give the target as --repo OWNER/NAME (or set hub.repo_id in the recipe)")
+    if args.dry_run:
+        out = Path(args.out or run / "push")
+        stage_upload(run, cfg, repo, out)
+        _log(f"dry run: the folder that would be uploaded to {repo} is {out}")
+        for f in sorted(out.iterdir()):
+            _log(f"  {f.name}  {f.stat().st_size} bytes")
+        return 0
+    token = get_token()
+    with tempfile.TemporaryDirectory(prefix="captune-push-") as tmp:
+        folder = stage_upload(run, cfg, repo, Path(tmp) / "upload")
+        url = push(folder, repo, private=args.private or cfg.hub.private, token=token)
+    _log(f"pushed to {url}")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from captune.config import list_recipes, load_config
 
@@ -278,6 +363,32 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--references", help="JSONL of {image_id, captions: [...]}")
     sc.add_argument("--json", action="store_true", help="print one JSON object")
     sc.set_defaults(func=cmd_score)
+
+    cp = sub.add_parser("caption", help="caption image files, folders and globs")
+    cp.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
+    cp.add_argument("--model", default="builtin:demo", help="Hub id, local folder or builtin:demo")
+    cp.add_argument("--adapter", help="PEFT adapter folder or Hub id (e.g. RUN/adapter)")
+    cp.add_argument("--format", choices=["text", "jsonl", "csv"], default="text", help="output format")
+    cp.add_argument("--output", help="write here instead of stdout")
+    cp.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    cp.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
+    cp.add_argument("--max-new-tokens", type=int, default=30, help="longest caption in tokens")
+    cp.add_argument("--prompt", default="", help="text prompt, removed from the output")
+    cp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    cp.set_defaults(func=cmd_caption)
+
+    mg = sub.add_parser("merge", help="save the base model with the run's adapter merged in")
+    mg.add_argument("run", help="run folder")
+    mg.add_argument("--out", required=True, help="folder for the merged model")
+    mg.set_defaults(func=cmd_merge)
+
+    ps = sub.add_parser("push", help="upload the adapter, processor and a model card to the Hub")
+    ps.add_argument("run", help="run folder")
+    ps.add_argument("--repo", help="OWNER/NAME (default hub.repo_id)")
+    ps.add_argument("--private", action="store_true", help="create the repository as private")
+    ps.add_argument("--dry-run", action="store_true", help="write the upload folder, upload nothing")
+    ps.add_argument("--out", help="dry-run folder (default RUN/push)")
+    ps.set_defaults(func=cmd_push)
 
     rc = sub.add_parser("recipes", help="list the built-in recipes")
     rc.set_defaults(func=cmd_recipes)

@@ -1,0 +1,53 @@
+"""Caption image files: expand files, folders and globs; skip what cannot be read."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from captune.data.images import check_image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def collect_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image paths from files, folders (recursively, by suffix) and globs, in a stable order."""
+    found: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        elif any(c in pattern for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            if not matches:
+                missing.append((pattern, "no file matches"))
+            found += matches
+        else:
+            missing.append((pattern, "no such file or folder"))
+    seen, unique = set(), []
+    for p in found:
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+    return unique, missing
+
+
+def read_images(
+    paths: list[Path], max_pixels: int = 50_000_000
+) -> tuple[list[tuple[Path, bytes]], list[tuple[str, str]]]:
+    ok, bad = [], []
+    for p in paths:
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            bad.append((str(p), f"unreadable ({exc.strerror or exc})"))
+            continue
+        reason = check_image(data, max_pixels)
+        if reason:
+            bad.append((str(p), reason))
+        else:
+            ok.append((p, data))
+    return ok, bad

@@ -1,0 +1,137 @@
+"""Captioning files, merging, Hub push (up to the network) and token hygiene."""
+
+import json
+
+from captune.cli import main
+from tests.conftest import FAKE_TOKEN, jpeg_bytes
+
+
+def test_caption_folder_with_a_corrupt_file(tmp_path, capsys):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    from captune.demo import world
+
+    for i, item in enumerate(world.make_items("plain", 3, seed=5)):
+        (folder / f"ok{i}.png").write_bytes(item["image"])
+    (folder / "broken.jpg").write_bytes(jpeg_bytes(size=(200, 200))[:300])
+    (folder / "notes.txt").write_text("not an image, ignored by suffix")
+    assert main(["caption", str(folder), "--format", "jsonl", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert sorted(r["path"].rsplit("/", 1)[1] for r in rows) == ["ok0.png", "ok1.png", "ok2.png"]
+    assert all(r["caption"].strip() for r in rows)
+    assert "broken.jpg" in err and "skipped" in err
+
+
+def test_caption_csv_and_missing_paths(tmp_path, capsys):
+    from captune.demo import world
+
+    (tmp_path / "a.png").write_bytes(world.make_items("plain", 1, seed=1)[0]["image"])
+    out = tmp_path / "caps.csv"
+    assert (
+        main(
+            [
+                "caption",
+                str(tmp_path / "*.png"),
+                str(tmp_path / "nope.jpg"),
+                "--format",
+                "csv",
+                "--output",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert out.read_text().splitlines()[0] == "path,caption"
+    assert "nope.jpg: no such file" in capsys.readouterr().err
+    assert main(["caption", str(tmp_path / "nope.jpg")]) == 2
+
+
+def test_merge_matches_base_plus_adapter(demo_run, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from captune.config import EvalConfig
+    from captune.data.prepare import load_split
+    from captune.generation import caption_images
+    from captune.modeling import BUILTIN_DEMO, resolve_model_path
+
+    assert main(["merge", str(demo_run), "--out", str(tmp_path / "merged")]) == 0
+    merged = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    proc = Blip2Processor.from_pretrained(tmp_path / "merged")
+    base = Blip2ForConditionalGeneration.from_pretrained(resolve_model_path(BUILTIN_DEMO))
+    tuned = PeftModel.from_pretrained(base, str(demo_run / "adapter")).eval()
+    images = [e.image for e in load_split(demo_run / "data", "test")]
+    cfg = EvalConfig(batch_size=16, max_new_tokens=20)
+    assert caption_images(merged, proc, images, cfg) == caption_images(tuned, proc, images, cfg)
+    assert not any(k for k in merged.state_dict() if "lora" in k)
+    with torch.no_grad():
+        assert merged.language_model.lm_head.weight.shape == base.language_model.lm_head.weight.shape
+
+
+def test_push_dry_run_writes_card_and_adapter(demo_run, tmp_path, capsys):
+    out = tmp_path / "staged"
+    assert main(["push", str(demo_run), "--repo", "someone/demo-catalog", "--dry-run", "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "captune_config.yaml",
+        "comparison.json",
+    } <= names
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "base_model: builtin:demo" in card
+    assert "| CIDEr |" in card and "PeftModel.from_pretrained" in card
+
+
+def test_push_calls_hub_up_to_the_network(demo_run, monkeypatch, capsys):
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, private, exist_ok, repo_type):
+            calls.append(("create_repo", repo_id, private, exist_ok, repo_type))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, repo_type, commit_message):
+            from pathlib import Path
+
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    assert main(["push", str(demo_run), "--repo", "someone/demo", "--private"]) == 0
+    assert calls[0] == ("init", FAKE_TOKEN)
+    assert calls[1] == ("create_repo", "someone/demo", True, True, "model")
+    assert calls[2][0] == "upload_folder" and "README.md" in calls[2][2] and "adapter_model.safetensors" in calls[2][2]
+    out = capsys.readouterr()
+    assert FAKE_TOKEN not in out.out + out.err
+
+
+def test_push_without_token_is_one_clear_line(demo_run, monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert main(["push", str(demo_run), "--repo", "someone/demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "captune: error: no Hugging Face token: set HF_TOKEN or run 'hf auth login', then push again"
+
+
+def test_planted_token_is_nowhere(demo_run, tmp_path, monkeypatch, capsys):
+    """The demo run was made with HF_TOKEN set; add a report and a dry-run push, then search everything."""
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    assert main(["report", str(demo_run), "--force"]) == 0
+    assert main(["push", str(demo_run), "--repo", "someone/demo", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert FAKE_TOKEN not in out.out + out.err
+    for path in demo_run.rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path

@@ -1,0 +1,84 @@
+"""Training: reproducible, loss falls, best adapter kept, bad targets refused."""
+
+import pytest
+import torch
+
+from captune.config import Config, LoraConfig
+from captune.data.prepare import Example
+from captune.demo import world
+from captune.errors import UserError
+from captune.modeling import attach_lora, load_model, target_modules
+from captune.training import train
+
+
+def _examples(n, seed, style="catalog"):
+    return [Example(it["image_id"], it["image"], it["captions"]) for it in world.make_items(style, n, seed=seed)]
+
+
+def _cfg(**train):
+    cfg = Config()
+    cfg.model.device = "cpu"
+    cfg.lora.target_modules = "all-linear"
+    cfg.train.batch_size = 16
+    cfg.train.lr = 3e-3
+    cfg.train.log_every = 1
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def _train(cfg, train_ex, val_ex, score_fn=None):
+    loaded = load_model(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    model = attach_lora(loaded.model, cfg.lora)
+    result = train(model, loaded.processor, train_ex, val_ex, cfg, log=lambda m: None, score_fn=score_fn)
+    state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    return result, state
+
+
+def test_same_seed_same_adapter_and_loss_falls():
+    train_ex, val_ex = _examples(48, 1), _examples(8, 2)
+    cfg = _cfg(epochs=2, validate_every=1, select="loss")
+    r1, s1 = _train(cfg, train_ex, val_ex)
+    r2, s2 = _train(cfg, train_ex, val_ex)
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    losses = [h["loss"] for h in r1.history if h["type"] == "train"]
+    assert losses[-1] < losses[0] * 0.8
+    vals = [h["loss"] for h in r1.history if h["type"] == "validation"]
+    assert vals[-1] < vals[0]
+
+
+def test_best_adapter_is_kept():
+    """A scorer that prefers epoch 1 makes training end with epoch 1's adapter, not the last one."""
+    train_ex, val_ex = _examples(32, 3), _examples(4, 4)
+    cfg = _cfg(epochs=3, validate_every=1, select="CIDEr")
+    loaded = load_model(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    model = attach_lora(loaded.model, cfg.lora)
+    snapshots = []
+
+    def score(caps, refs):
+        snapshots.append({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
+        return 10.0 if len(snapshots) == 1 else 0.0
+
+    result = train(model, loaded.processor, train_ex, val_ex, cfg, log=lambda m: None, score_fn=score)
+    final = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    assert len(snapshots) == 3
+    assert result.best_step == [h for h in result.history if h["type"] == "validation"][0]["step"]
+    assert all(torch.equal(final[k], snapshots[0][k]) for k in final)
+    assert not all(torch.equal(snapshots[0][k], snapshots[2][k]) for k in final)
+
+
+def test_target_that_matches_nothing_lists_names():
+    loaded = load_model(Config().model.__class__(name_or_path="builtin:demo", device="cpu"))
+    with pytest.raises(UserError, match="match no linear layer.*fc1"):
+        attach_lora(loaded.model, LoraConfig(target_modules=["query", "value"]))
+
+
+def test_presets_resolve_per_family():
+    loaded = load_model(Config().model.__class__(name_or_path="builtin:demo", device="cpu"))
+    assert target_modules(loaded.model, LoraConfig(target_modules="seed")) == ["q_proj", "k_proj"]
+    model = attach_lora(loaded.model, LoraConfig(target_modules="seed"))
+    adapted = {n for n, _ in model.named_modules() if n.endswith("lora_A")}
+    assert adapted and all(".language_model." in n for n in adapted)
+    assert all(n.split(".")[-2] in ("q_proj", "k_proj") for n in adapted)
