@@ -18,6 +18,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,15 +166,14 @@ def score_captions(
     corpus: dict[str, float] = {}
     per_image: dict[str, list[float]] = {}
     bleu_stats: list[list[float]] = []
+    # METEOR runs in Java: start it first and let the Python scorers run meanwhile.
+    pool = ThreadPoolExecutor(max_workers=1)
+    meteor_job = pool.submit(_meteor, gts, res) if "METEOR" in metrics else None
     if any(m.startswith("BLEU") for m in metrics):
         bleu, bleu_each, bleu_stats = _bleu(gts, res)
         for n in range(4):
             corpus[f"BLEU-{n + 1}"] = float(bleu[n])
             per_image[f"BLEU-{n + 1}"] = [float(x) for x in bleu_each[n]]
-    if "METEOR" in metrics:
-        m, m_each = _meteor(gts, res)
-        corpus["METEOR"] = float(m)
-        per_image["METEOR"] = [float(x) for x in m_each]
     if "ROUGE-L" in metrics:
         r, r_each = Rouge().compute_score(gts, res)
         corpus["ROUGE-L"] = float(r)
@@ -181,6 +182,14 @@ def score_captions(
         c, c_each = Cider().compute_score(gts, res)
         corpus["CIDEr"] = float(c)
         per_image["CIDEr"] = [float(x) for x in c_each]
+    if meteor_job is not None:
+        try:
+            m, m_each = meteor_job.result()
+        finally:
+            pool.shutdown()
+        corpus["METEOR"] = float(m)
+        per_image["METEOR"] = [float(x) for x in m_each]
+    corpus = {k: corpus[k] for k in OFFICIAL if k in corpus}
     unavailable: dict[str, str] = {}
     if spice:
         why = spice_available()
@@ -230,15 +239,53 @@ def corpus_bleu_from_stats(sums) -> list[float]:
 
 
 def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
-    from pycocoevalcap.meteor.meteor import Meteor
+    """METEOR 1.5 through pycocoevalcap's jar and protocol, pipelined.
 
-    env_path = os.environ.get("PATH", "")
-    os.environ["PATH"] = _java_env()["PATH"]  # Meteor() starts plain 'java' from PATH
+    pycocoevalcap's ``Meteor`` sends one SCORE line and waits for its answer before
+    the next (a round trip per image). Here a thread writes every SCORE line while
+    this one reads the answers; the EVAL line and the arithmetic are the same, so the
+    scores are identical (a test compares them).
+    """
+    from pycocoevalcap.meteor import meteor as meteor_mod
+
+    ids = list(gts)
+    lines = []
+    for i in ids:
+        hypothesis = res[i][0].replace("|||", "").replace("  ", " ")
+        lines.append(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypothesis)))
+    cmd = [java_executable(), "-jar", "-Xmx2G", meteor_mod.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=os.path.dirname(os.path.abspath(meteor_mod.__file__)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        meteor = Meteor()
+        payload = ("\n".join(lines) + "\n").encode()
+        writer = threading.Thread(target=_write_all, args=(proc, payload), daemon=True)
+        writer.start()
+        stats = [_read_line(proc) for _ in ids]
+        writer.join()
+        proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+        proc.stdin.flush()
+        scores = [float(_read_line(proc)) for _ in ids]
+        score = float(_read_line(proc))
     finally:
-        os.environ["PATH"] = env_path
-    try:
-        return meteor.compute_score(gts, res)
-    finally:
-        del meteor  # its __del__ stops the Java process
+        if proc.stdin and not proc.stdin.closed:
+            proc.stdin.close()
+        proc.kill()
+        proc.wait()
+    return score, scores
+
+
+def _write_all(proc: subprocess.Popen, payload: bytes) -> None:
+    proc.stdin.write(payload)
+    proc.stdin.flush()
+
+
+def _read_line(proc: subprocess.Popen) -> str:
+    line = proc.stdout.readline()
+    if not line:
+        raise UserError("METEOR (Java) stopped unexpectedly; check that java works ('java -version')")
+    return line.decode().strip()
