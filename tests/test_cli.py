@@ -57,3 +57,35 @@ def test_score_command(tmp_path, capsys):
     assert main(["score", str(p), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert set(doc["metrics"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+
+
+def test_score_with_separate_references(tmp_path, capsys):
+    import json
+
+    p = tmp_path / "p.jsonl"
+    r = tmp_path / "r.jsonl"
+    p.write_text("\n".join(json.dumps({"image_id": i, "caption": c}) for i, c in enumerate(["a dog", "a bus"])))
+    r.write_text(
+        "\n".join(
+            json.dumps({"image_id": i, "captions": [c, "other words"]}) for i, c in enumerate(["a dog", "a red bus"])
+        )
+    )
+    assert main(["score", str(p), "--references", str(r)]) == 0
+    out = capsys.readouterr().out
+    assert "CIDEr" in out and "seed-comparable" in out and "METEOR   unavailable" in out
+    assert main(["score", str(p)]) == 2  # no references anywhere
+    assert "no references" in capsys.readouterr().err
+
+
+def test_eval_prompt_is_removed_from_captions():
+    from captune.config import EvalConfig, ModelConfig
+    from captune.demo import world
+    from captune.generation import caption_images
+    from captune.modeling import load_model
+
+    loaded = load_model(ModelConfig(device="cpu"))
+    images = [it["image"] for it in world.make_items("plain", 4, seed=3)]
+    caps = caption_images(loaded.model, loaded.processor, images, EvalConfig(max_new_tokens=8), prompt="a photo of")
+    assert len(caps) == 4 and not any(c.startswith("a photo of") for c in caps)
+    beams = caption_images(loaded.model, loaded.processor, images, EvalConfig(max_new_tokens=8, num_beams=3))
+    assert len(beams) == 4 and all(beams)

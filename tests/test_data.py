@@ -237,3 +237,46 @@ def test_cli_prepare_and_inspect(tmp_path, image_folder, capsys):
     assert main(["data", "inspect", str(out)]) == 0
     assert "references 15" in capsys.readouterr().out
     assert main(["data", "prepare", "--source", "nope:x", "--out", str(out)]) == 2
+
+
+def test_arrow_source_save_to_disk(tmp_path):
+    import datasets
+
+    rows = {
+        "image": [{"bytes": jpeg_bytes((i * 50, 9, 9)), "path": None} for i in range(4)],
+        "caption": [[f"a {i}", f"b {i}"] for i in range(4)],
+    }
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(tmp_path / "ds")
+    manifest, cache = _prep(tmp_path, source=f"arrow:{tmp_path / 'ds'}", num_images=0)
+    assert manifest["images"] == 4 and manifest["references"] == 8
+
+
+def test_image_without_captions_is_skipped_and_malformed_coco_json(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    images = []
+    for i in range(4):
+        (root / f"{i}.jpg").write_bytes(jpeg_bytes((i * 60, 1, 1)))
+        images.append({"id": i, "file_name": f"{i}.jpg"})
+    anns = [{"image_id": i, "caption": f"cap {i}"} for i in range(3)] + [{"image_id": 3, "caption": "  "}]
+    (root / "a.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    manifest, _ = _prep(tmp_path, source=f"coco:{root / 'a.json'}", num_images=0)
+    assert manifest["images"] == 3
+    assert {"item": "image 3", "reason": "no non-empty caption"} in manifest["skipped"]
+    (root / "bad.json").write_text('{"images": [\n{"id": 1,,}]}')
+    with pytest.raises(UserError, match=r"bad\.json line 2: malformed JSON"):
+        _prep(tmp_path / "x", source=f"coco:{root / 'bad.json'}", num_images=0)
+
+
+def test_training_pair_modes():
+    import random
+
+    from captune.data.prepare import Example
+    from captune.training import training_pairs
+
+    ex = [Example("a", b"", ["a1", "a2", "a3"]), Example("b", b"", ["b1"])]
+    assert training_pairs(ex, "all", random.Random(0)) == [(0, "a1"), (0, "a2"), (0, "a3"), (1, "b1")]
+    assert training_pairs(ex, "first", random.Random(0)) == [(0, "a1"), (1, "b1")]
+    picks = {training_pairs(ex, "random", random.Random(s))[0][1] for s in range(20)}
+    assert picks == {"a1", "a2", "a3"}
