@@ -185,6 +185,8 @@ class EvalConfig:
     """Beam-search length penalty."""
     max_images: int = 0
     """Score at most this many images of the split (0 = all)."""
+    fast: bool = True
+    """Greedy OPT captioning through the static-cache decoder (CUDA graphs on GPU); false = HF generate."""
     bootstrap: int = 1000
     """Bootstrap resamples for intervals and paired tests (0 = off)."""
     seed: int = 0

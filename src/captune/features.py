@@ -67,12 +67,23 @@ def lm_loss(
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
 ) -> torch.Tensor:
-    """Caption loss from cached features; equals the full model's loss on the same batch."""
+    """Caption loss from cached features; equals the full model's loss on the same batch.
+
+    The vocabulary projection runs only where a label exists (caption tokens and
+    EOS, about a quarter of the positions): the image and prompt positions need
+    hidden states, not logits, which saves most of the LM head and its fp32 logits.
+    """
     blip = unwrap(model)
     embeds = embed_with_features(blip, input_ids, features)
-    logits = blip.language_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
-    logits = logits[:, :-1].float()
+    lm = blip.language_model
     target = labels[:, 1:]
+    keep = target != IGNORE
+    body = getattr(lm, "model", None)
+    if body is not None and hasattr(lm, "lm_head") and hasattr(body, "decoder"):
+        hidden = body(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        logits = lm.lm_head(hidden[:, :-1][keep]).float()
+        return F.cross_entropy(logits, target[keep])
+    logits = lm(inputs_embeds=embeds, attention_mask=attention_mask).logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE)
 
 

@@ -8,7 +8,13 @@ import torch
 
 from captune.batching import generation_prompt
 from captune.config import EvalConfig
+from captune.fast_decode import supported
 from captune.features import generate_from_features, image_features, unwrap
+
+
+def use_fast_path(blip, cfg: EvalConfig) -> bool:
+    """Greedy, no repetition penalty, an OPT language model: the static-cache decoder applies."""
+    return cfg.fast and cfg.num_beams == 1 and cfg.repetition_penalty == 1.0 and supported(blip.language_model)
 
 
 def generation_kwargs(cfg: EvalConfig, tokenizer) -> dict:

@@ -1,0 +1,78 @@
+"""Configurations of real BLIP-2 checkpoints, written out so benchmarks need no download.
+
+The values are those of the published ``config.json`` files; weights built from
+them are random, which leaves speed and memory unchanged when output length is
+pinned.
+"""
+
+from __future__ import annotations
+
+
+def blip2_config(name: str):
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
+
+    vision = Blip2VisionConfig(
+        hidden_size=1408,
+        intermediate_size=6144,
+        num_hidden_layers=39,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        qkv_bias=True,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        encoder_hidden_size=1408,
+        cross_attention_frequency=2,
+    )
+    if name in ("blip2-opt-2.7b", "blip2-opt-6.7b"):
+        big = name.endswith("6.7b")
+        text = OPTConfig(
+            vocab_size=50272,
+            hidden_size=4096 if big else 2560,
+            num_hidden_layers=32,
+            ffn_dim=16384 if big else 10240,
+            num_attention_heads=32,
+            max_position_embeddings=2048,
+            word_embed_proj_dim=4096 if big else 2560,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=50118,
+            dropout=0.1,
+        )
+        return Blip2Config(
+            vision_config=vision.to_dict(),
+            qformer_config=qformer.to_dict(),
+            text_config=text.to_dict(),
+            num_query_tokens=32,
+            image_token_index=50265,
+        )
+    if name == "blip2-flan-t5-xl":
+        text = T5Config(
+            vocab_size=32128,
+            d_model=2048,
+            d_kv=64,
+            d_ff=5120,
+            num_layers=24,
+            num_heads=32,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            dropout_rate=0.1,
+        )
+        return Blip2Config(
+            vision_config=vision.to_dict(),
+            qformer_config=qformer.to_dict(),
+            text_config=text.to_dict(),
+            num_query_tokens=32,
+            image_token_index=32100,
+        )
+    raise ValueError(f"unknown architecture {name!r}; known: blip2-opt-2.7b, blip2-opt-6.7b, blip2-flan-t5-xl")
+
+
+ARCHITECTURES = ("blip2-opt-2.7b", "blip2-opt-6.7b", "blip2-flan-t5-xl")

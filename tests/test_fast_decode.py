@@ -1,0 +1,49 @@
+"""The static-cache greedy decoder gives generate()'s tokens."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from captune.config import EvalConfig, ModelConfig
+from captune.demo import world
+from captune.features import image_features
+from captune.generation import caption_features
+from captune.modeling import load_model
+
+
+@pytest.fixture(scope="module")
+def demo():
+    loaded = load_model(ModelConfig(device="cpu"))
+    images = [it["image"] for it in world.make_items("catalog", 12, seed=11)]
+    return loaded, image_features(loaded.model, loaded.processor, images)
+
+
+@pytest.mark.parametrize("prompt, min_new", [("", 0), ("a photo of", 0), ("", 9)])
+def test_fast_greedy_equals_generate(demo, prompt, min_new):
+    loaded, feats = demo
+    slow = EvalConfig(batch_size=5, max_new_tokens=14, min_new_tokens=min_new, fast=False)
+    fast = dataclasses.replace(slow, fast=True)
+    tok = loaded.processor.tokenizer
+    assert caption_features(loaded.model, tok, feats, fast, prompt) == caption_features(
+        loaded.model, tok, feats, slow, prompt
+    )
+
+
+def test_fast_greedy_with_lora(demo):
+    from captune.config import LoraConfig
+    from captune.modeling import attach_lora
+
+    loaded, feats = demo
+    torch.manual_seed(0)
+    model = attach_lora(load_model(ModelConfig(device="cpu")).model, LoraConfig(target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # a non-trivial adapter
+    model.eval()
+    tok = loaded.processor.tokenizer
+    slow = EvalConfig(batch_size=6, max_new_tokens=12, fast=False)
+    assert caption_features(model, tok, feats, dataclasses.replace(slow, fast=True)) == caption_features(
+        model, tok, feats, slow
+    )
