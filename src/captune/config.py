@@ -150,6 +150,8 @@ class TrainConfig:
     """Log every N optimizer steps."""
     max_text_tokens: int = 40
     """Captions are truncated to this many tokens for training."""
+    pack: bool = True
+    """With data.train_captions=all, run each image's prefix once for all its captions (OPT; exact)."""
 
     def check(self) -> None:
         _require(self.epochs >= 1 or self.max_steps >= 1, "train.epochs", "must be 1 or more")

@@ -51,19 +51,19 @@ class GreedyOPT:
 
     def _attend(self, layer_idx: int, attn, h: torch.Tensor, pos: torch.Tensor | None, length: int | None):
         b, t, _ = h.shape
-        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        q = (attn.q_proj(h) * attn.scaling).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = attn.k_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
         if pos is None:  # prefill: positions 0..t-1, causal
             kc[:, :, :t] = k.to(kc.dtype)
             vc[:, :, :t] = v.to(vc.dtype)
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True)
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=1.0)
         else:  # one new token at ``pos``; attend to every filled slot (static shapes)
             kc.index_copy_(2, pos.view(1), k.to(kc.dtype))
             vc.index_copy_(2, pos.view(1), v.to(vc.dtype))
             mask = (torch.arange(self.total, device=h.device) <= pos).view(1, 1, 1, -1)
-            out = F.scaled_dot_product_attention(q, kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask, scale=1.0)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return attn.out_proj(out)
 

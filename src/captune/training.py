@@ -23,6 +23,8 @@ from captune.config import Config
 from captune.data.prepare import Example
 from captune.features import image_features, lm_loss, unwrap
 from captune.generation import caption_features
+from captune.packing import pack_captions, packed_loss
+from captune.packing import supported as packing_supported
 
 
 @dataclass
@@ -42,6 +44,20 @@ def training_pairs(examples: list[Example], mode: str, rng: random.Random) -> li
     if mode == "first":
         return [(i, ex.captions[0]) for i, ex in enumerate(examples)]
     return [(i, rng.choice(ex.captions)) for i, ex in enumerate(examples)]
+
+
+def image_groups(examples: list[Example], order: list[int], batch_pairs: int) -> list[list[int]]:
+    """Consecutive images of ``order`` grouped so each group holds about ``batch_pairs`` captions."""
+    groups, current, pairs = [], [], 0
+    for i in order:
+        current.append(i)
+        pairs += len(examples[i].captions)
+        if pairs >= batch_pairs:
+            groups.append(current)
+            current, pairs = [], 0
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _lora_state(model) -> dict[str, torch.Tensor]:
@@ -142,8 +158,13 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=fused)
-    pairs_per_epoch = len(training_pairs(train_examples, cfg.data.train_captions, random.Random(0)))
-    micro_per_epoch = math.ceil(pairs_per_epoch / tcfg.batch_size)
+    packed = tcfg.pack and cfg.data.train_captions == "all" and packing_supported(blip.language_model)
+    if packed:
+        micro_per_epoch = len(image_groups(train_examples, list(range(len(train_examples))), tcfg.batch_size))
+        log(f"  packing: each image's prefix shared by its {sum(len(e.captions) for e in train_examples)} captions")
+    else:
+        pairs_per_epoch = len(training_pairs(train_examples, cfg.data.train_captions, random.Random(0)))
+        micro_per_epoch = math.ceil(pairs_per_epoch / tcfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tcfg.grad_accum)
     total_steps = steps_per_epoch * tcfg.epochs
     if tcfg.max_steps:
@@ -184,29 +205,45 @@ def train(
 
     for epoch in range(1, epochs + 1):
         model.train()
-        pairs = training_pairs(train_examples, cfg.data.train_captions, rng)
-        rng.shuffle(pairs)
-        micro = [pairs[i : i + tcfg.batch_size] for i in range(0, len(pairs), tcfg.batch_size)]
+        if packed:
+            order = list(range(len(train_examples)))
+            rng.shuffle(order)
+            micro = image_groups(train_examples, order, tcfg.batch_size)
+        else:
+            pairs = training_pairs(train_examples, cfg.data.train_captions, rng)
+            rng.shuffle(pairs)
+            micro = [pairs[i : i + tcfg.batch_size] for i in range(0, len(pairs), tcfg.batch_size)]
         for m_idx, chunk in enumerate(micro):
-            text = encode_texts(
-                tokenizer,
-                [training_text(c, cfg.model.prompt, tokenizer.eos_token) for _, c in chunk],
-                num_query_tokens=blip.config.num_query_tokens,
-                image_token_id=blip.config.image_token_index,
-                prompt=cfg.model.prompt,
-                max_text_tokens=tcfg.max_text_tokens,
-            )
-            loss = lm_loss(
-                model,
-                train_feats[[i for i, _ in chunk]],
-                text.input_ids.to(device),
-                text.attention_mask.to(device),
-                text.labels.to(device),
-            )
+            if packed:
+                batch = pack_captions(
+                    tokenizer,
+                    [train_examples[i].captions for i in chunk],
+                    prompt=cfg.model.prompt,
+                    max_text_tokens=tcfg.max_text_tokens,
+                ).to(device)
+                loss = packed_loss(model, train_feats[chunk], batch)
+                n_pairs = batch.pairs
+            else:
+                text = encode_texts(
+                    tokenizer,
+                    [training_text(c, cfg.model.prompt, tokenizer.eos_token) for _, c in chunk],
+                    num_query_tokens=blip.config.num_query_tokens,
+                    image_token_id=blip.config.image_token_index,
+                    prompt=cfg.model.prompt,
+                    max_text_tokens=tcfg.max_text_tokens,
+                )
+                loss = lm_loss(
+                    model,
+                    train_feats[[i for i, _ in chunk]],
+                    text.input_ids.to(device),
+                    text.attention_mask.to(device),
+                    text.labels.to(device),
+                )
+                n_pairs = len(chunk)
             scaled = loss / tcfg.grad_accum
             (scaler.scale(scaled) if scaler else scaled).backward()
-            running.append(loss.item())
-            seen += len(chunk)
+            running.append(loss.detach())
+            seen += n_pairs
             last_micro = m_idx == len(micro) - 1
             if (m_idx + 1) % tcfg.grad_accum and not last_micro:
                 continue
@@ -228,7 +265,7 @@ def train(
                     "type": "train",
                     "step": step,
                     "epoch": epoch,
-                    "loss": sum(running) / len(running),
+                    "loss": float(torch.stack(running).mean()),
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": seen / max(elapsed, 1e-9),
                     "elapsed_s": round(elapsed, 3),
