@@ -10,7 +10,12 @@ does internally (its tests compare the two paths).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -98,3 +103,65 @@ def generate_from_features(
         inputs_embeds=embeds, attention_mask=attention_mask, input_ids=input_ids, **kwargs
     )
     return out[:, input_ids.size(1) :]
+
+
+# ------------------------------------------------------------------ disk cache
+
+
+def model_fingerprint(model, processor, source: str) -> str:
+    """Identity of everything that shapes an image's features: weights, config, preprocessing, dtype."""
+    blip = unwrap(model)
+    weights = []
+    folder = Path(source)
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.safetensors")):
+            st = f.stat()
+            weights.append([f.name, st.st_size, int(st.st_mtime)])
+    vision_config = blip.config.to_dict()
+    vision_config.pop("text_config", None)
+    doc = {
+        "source": str(folder.resolve()) if folder.is_dir() else source,
+        "weights": weights,
+        "config": vision_config,
+        "preprocessing": processor.image_processor.to_dict(),
+        "dtype": str(blip.language_projection.weight.dtype),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FeatureStore:
+    """Frozen image features on disk, keyed by model fingerprint and the images' content hashes."""
+
+    def __init__(self, root: Path, fingerprint: str):
+        self.root = Path(root) / fingerprint
+        self.hits = 0
+        self.misses = 0
+
+    def path_for(self, images: Sequence[bytes]) -> Path:
+        h = hashlib.sha256()
+        for data in images:
+            h.update(hashlib.sha256(data).digest())
+        return self.root / f"{h.hexdigest()[:24]}.safetensors"
+
+    def get(
+        self, model, processor, images: Sequence[bytes], *, batch_size: int = 64, device: torch.device | None = None
+    ) -> torch.Tensor:
+        from safetensors.torch import load_file, save_file
+
+        blip = unwrap(model)
+        device = device or next(blip.parameters()).device
+        path = self.path_for(images)
+        if path.is_file():
+            self.hits += 1
+            return load_file(str(path), device=str(device))["features"]
+        self.misses += 1
+        feats = image_features(model, processor, images, batch_size=batch_size, device=device)
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".features.", dir=self.root)
+        os.close(fd)
+        try:
+            save_file({"features": feats.contiguous().cpu()}, tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return feats

@@ -72,6 +72,7 @@ class Run:
         self.log = log
         self._loaded = None
         self._tuned = None
+        self._store = None
 
     # -- config ---------------------------------------------------------------
     @classmethod
@@ -121,6 +122,18 @@ class Run:
         write_atomic(path, json.dumps(doc, indent=2))
 
     # -- model ----------------------------------------------------------------
+    def features(self, images: list[bytes]):
+        """Frozen image features from RUN/features (computed once per model and image set)."""
+        from captune.features import FeatureStore, model_fingerprint
+
+        loaded = self.base()
+        if self._store is None:
+            key = model_fingerprint(loaded.model, loaded.processor, loaded.source)
+            self._store = FeatureStore(self.path("features"), key)
+        return self._store.get(
+            loaded.model, loaded.processor, images, batch_size=self.cfg.eval.batch_size, device=loaded.device
+        )
+
     def base(self):
         if self._loaded is None:
             from captune.modeling import load_model
@@ -202,12 +215,13 @@ def _eval_examples(run: Run):
 
 def evaluate(run: Run, model, processor, out_name: str) -> dict:
     """Caption the eval split with ``model``; write predictions.jsonl and metrics.json."""
-    from captune.generation import caption_images
+    from captune.generation import caption_features
     from captune.metrics import score_captions
 
     examples = _eval_examples(run)
     t0 = time.perf_counter()
-    captions = caption_images(model, processor, [e.image for e in examples], run.cfg.eval, run.cfg.model.prompt)
+    feats = run.features([e.image for e in examples])
+    captions = caption_features(model, processor.tokenizer, feats, run.cfg.eval, run.cfg.model.prompt)
     gen_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     from captune.seed_metrics import seed_compatible
@@ -280,6 +294,7 @@ def phase_train(run: Run, force: bool = False) -> None:
         log_path=run.path("logs", "train.jsonl"),
         log=run.log,
         score_fn=_cider_fn(),
+        feature_fn=run.features,
     )
     with staged_dir(run.path("adapter")) as tmp:
         model.save_pretrained(tmp)

@@ -130,6 +130,7 @@ def train(
     log_path: Path | None = None,
     log: Callable[[str], None] = print,
     score_fn: Callable[[list[str], list[list[str]]], float] | None = None,
+    feature_fn: Callable[[list[bytes]], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train the LoRA parameters of ``model`` (a PEFT model) in place; keep the best ones."""
     tcfg = cfg.train
@@ -142,14 +143,13 @@ def train(
 
     started = time.perf_counter()
     model.eval()  # no dropout while extracting frozen features
-    train_feats = image_features(
-        model, processor, [e.image for e in train_examples], batch_size=cfg.eval.batch_size, device=device
-    )
-    val_feats = (
-        image_features(model, processor, [e.image for e in val_examples], batch_size=cfg.eval.batch_size, device=device)
-        if val_examples
-        else None
-    )
+    if feature_fn is None:
+
+        def feature_fn(images):
+            return image_features(model, processor, images, batch_size=cfg.eval.batch_size, device=device)
+
+    train_feats = feature_fn([e.image for e in train_examples])
+    val_feats = feature_fn([e.image for e in val_examples]) if val_examples else None
     log(
         f"  image features: {len(train_examples)} train, {len(val_examples)} validation images "
         f"in {time.perf_counter() - started:.1f}s"
