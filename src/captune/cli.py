@@ -315,6 +315,25 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from captune.bench import run_bench, table
+
+    result = run_bench(
+        args.arch,
+        images=args.images,
+        e2e=not args.no_e2e,
+        seed_steps=args.seed_steps,
+        work=Path(args.workdir) if args.workdir else None,
+        log=_log,
+    )
+    out = Path(args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _log("\n" + table(result))
+    _log(f"\nresults: {out}")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from captune.config import list_recipes, load_config
 
@@ -389,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--dry-run", action="store_true", help="write the upload folder, upload nothing")
     ps.add_argument("--out", help="dry-run folder (default RUN/push)")
     ps.set_defaults(func=cmd_push)
+
+    bn = sub.add_parser("bench", help="GPU benchmark: the seed's recipe vs captune, same run (no downloads)")
+    bn.add_argument("--arch", default="blip2-opt-2.7b", help="architecture built with random weights")
+    bn.add_argument("--images", type=int, default=5000, help="synthetic COCO-size JPEGs for the end-to-end job")
+    bn.add_argument("--no-e2e", action="store_true", help="skip the end-to-end coco5k job")
+    bn.add_argument("--seed-steps", type=int, default=40, help="optimizer steps of the seed recipe to time")
+    bn.add_argument("--workdir", help="where the e2e model, data and run folder go (default $TMPDIR)")
+    bn.add_argument("--json-out", default="bench-result.json", help="write the results here")
+    bn.set_defaults(func=cmd_bench)
 
     rc = sub.add_parser("recipes", help="list the built-in recipes")
     rc.set_defaults(func=cmd_recipes)

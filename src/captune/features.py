@@ -34,6 +34,10 @@ def pixel_values(processor, images: Sequence[bytes]) -> torch.Tensor:
     return processor.image_processor(pil, return_tensors="pt")["pixel_values"]
 
 
+def _workers() -> int:
+    return max(1, min(16, (os.cpu_count() or 2)))
+
+
 @torch.no_grad()
 def image_features(
     model,
@@ -44,18 +48,37 @@ def image_features(
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Projected Q-Former outputs, shape (N, num_query_tokens, lm_hidden), on ``device``."""
+    """Projected Q-Former outputs, shape (N, num_query_tokens, lm_hidden), on ``device``.
+
+    JPEG decoding and preprocessing run in a thread pool (PIL and NumPy release the
+    GIL), a few batches ahead of the GPU, through the model's own image processor.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     blip = unwrap(model)
     device = device or next(blip.parameters()).device
     dtype = blip.language_projection.weight.dtype
+    vision_dtype = blip.vision_model.embeddings.patch_embedding.weight.dtype
+    workers = _workers()
+    sub = max(1, min(16, batch_size // workers or 1))
+    starts = list(range(0, len(images), batch_size))
     chunks = []
-    for start in range(0, len(images), batch_size):
-        pv = pixel_values(processor, images[start : start + batch_size])
-        pv = pv.to(device, blip.vision_model.embeddings.patch_embedding.weight.dtype)
-        out = blip.get_image_features(pixel_values=pv, return_dict=True)
-        chunks.append(out.pooler_output.to(dtype))
-        if progress:
-            progress(min(start + batch_size, len(images)))
+    with ThreadPoolExecutor(workers) as pool:
+
+        def submit(start):
+            part = images[start : start + batch_size]
+            return [pool.submit(pixel_values, processor, part[i : i + sub]) for i in range(0, len(part), sub)]
+
+        ahead = [submit(s) for s in starts[:2]]
+        for n, start in enumerate(starts):
+            if n + 2 < len(starts):
+                ahead.append(submit(starts[n + 2]))
+            pv = torch.cat([f.result() for f in ahead.pop(0)])
+            pv = pv.to(device, vision_dtype, non_blocking=True)
+            out = blip.get_image_features(pixel_values=pv, return_dict=True)
+            chunks.append(out.pooler_output.to(dtype))
+            if progress:
+                progress(min(start + batch_size, len(images)))
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 

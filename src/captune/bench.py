@@ -1,0 +1,444 @@
+"""``captune bench``: the seed's recipe against captune's paths, same GPU, same run.
+
+Everything is built locally: the named architecture with random weights (speed
+does not depend on weight values once output length is pinned), synthetic JPEGs of
+COCO size, a tokenizer covering the model's vocabulary. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# bf16 dense peak by GPU name (vendor datasheets), for the MFU estimate.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+WORDS = (
+    "a an the man woman dog cat bus train person people table street car sitting standing on in near with "
+    "red blue white black green large small two three of to and is are riding holding plate pizza field "
+    "grass water sky building window road sign tree boat horse bird kitchen room bed"
+).split()
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], object], repeats: int) -> float:
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def peak_tflops(name: str) -> float | None:
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def synthetic_jpegs(n: int, seed: int = 0, size=(640, 480)) -> list[bytes]:
+    """COCO-sized JPEGs: smooth random colour fields (about 30-60 KB each), made in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def one(i: int) -> bytes:
+        rng = np.random.default_rng(seed * 1_000_003 + i)
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize(size, Image.BICUBIC)
+        noise = rng.integers(0, 24, (size[1], size[0], 3), dtype=np.uint8)
+        img = Image.fromarray(np.asarray(img, dtype=np.uint8) // 2 + noise + 40)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 2)) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def synthetic_captions(n: int, seed: int = 0, per_image: int = 5) -> list[list[str]]:
+    rng = np.random.default_rng(seed)
+    return [[" ".join(rng.choice(WORDS, size=int(rng.integers(8, 12)))) for _ in range(per_image)] for _ in range(n)]
+
+
+def build_tokenizer(vocab_size: int, image_token_index: int):
+    """A word-level tokenizer whose ids cover the model's whole vocabulary, OPT's specials in place."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    while len(vocab) < image_token_index:
+        vocab[f"<unused{len(vocab)}>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
+    return fast, vocab_size
+
+
+def build_processor(cfg):
+    from transformers import Blip2Processor, BlipImageProcessor
+
+    tokenizer, vocab_size = build_tokenizer(cfg.text_config.vocab_size, cfg.image_token_index)
+    image_processor = BlipImageProcessor(
+        size={"height": 224, "width": 224},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=cfg.num_query_tokens)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == cfg.image_token_index
+    extra = vocab_size - len(processor.tokenizer)
+    if extra > 0:  # ids past <image> exist in the model; give them names so any id decodes
+        processor.tokenizer.add_tokens([f"<extra{i}>" for i in range(extra)])
+    return processor
+
+
+def build_model(arch: str, dtype: torch.dtype):
+    from transformers import Blip2ForConditionalGeneration
+
+    from captune.architectures import blip2_config
+
+    cfg = blip2_config(arch)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Blip2ForConditionalGeneration(cfg)
+    model = model.to(dtype)
+    model.qformer.float()  # transformers keeps the Q-Former in fp32
+    return model.eval(), cfg
+
+
+def lm_params(model) -> int:
+    lm = model.language_model
+    emb = lm.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in lm.parameters()) - emb
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
+    from captune.features import image_features, pixel_values
+
+    pv = pixel_values(processor, jpegs[:batch]).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        model.get_image_features(pixel_values=pv, return_dict=True)
+        gpu = _timed(lambda: model.get_image_features(pixel_values=pv, return_dict=True), 5)
+    image_features(model, processor, jpegs[:batch], batch_size=batch)
+    _sync()
+    t0 = time.perf_counter()
+    image_features(model, processor, jpegs, batch_size=batch)
+    _sync()
+    return {
+        "features_gpu_images_per_s": round(batch / gpu, 1),
+        "features_from_jpeg_images_per_s": round(len(jpegs) / (time.perf_counter() - t0), 1),
+    }
+
+
+def measure_captune_training(model, processor, feats, *, images_per_step: int, text_tokens: int) -> dict:
+    from captune.batching import IGNORE
+    from captune.config import LoraConfig
+    from captune.features import lm_loss
+    from captune.modeling import attach_lora
+    from captune.packing import PackedBatch, packed_loss
+
+    torch.manual_seed(0)
+    peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="seed"))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    k, q = 5, feats.size(1)
+    g = images_per_step
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(4, 50000, (g, k, text_tokens), device="cuda", generator=gen)
+    ids[:, :, 0] = 2
+    labels = ids.clone()
+    labels[:, :, 0] = IGNORE
+    packed = PackedBatch(ids, torch.ones_like(ids), labels)
+    f = feats[torch.arange(g, device="cuda") % feats.size(0)]
+    flat_ids = torch.cat(
+        [torch.full((g * k, q), model.config.image_token_index, device="cuda"), ids.view(g * k, text_tokens)], dim=1
+    )
+    flat_labels = torch.cat([torch.full((g * k, q), IGNORE, device="cuda"), labels.view(g * k, text_tokens)], dim=1)
+    flat_f = f.repeat_interleave(k, dim=0)
+    mask = torch.ones_like(flat_ids)
+    n_params = lm_params(model)
+
+    def step(packed_mode: bool):
+        peft_model.train()
+        loss = (
+            packed_loss(peft_model, f, packed)
+            if packed_mode
+            else lm_loss(peft_model, flat_f, flat_ids, mask, flat_labels)
+        )
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    out = {}
+    losses = []
+    for name, mode in (("packed", True), ("flat", False)):
+        for _ in range(3):
+            step(mode)
+        torch.cuda.reset_peak_memory_stats()
+        t = _timed(lambda m=mode: losses.append(step(m).detach()), 10)
+        tokens = g * (q + k * text_tokens) if mode else g * k * (q + text_tokens)
+        out[f"train_{name}_samples_per_s"] = round(g * k / t, 1)
+        out[f"train_{name}_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        # forward 2 FLOPs per parameter per token, backward to the inputs the same again
+        out[f"train_{name}_tflops"] = round(4 * n_params * tokens / t / 1e12, 1)
+    out["train_batch_pairs"] = g * k
+    out["train_text_tokens"] = text_tokens
+    peft_model.unload()  # restore the plain model for the next measurements
+    return out
+
+
+def measure_captune_captioning(model, processor, feats, batch: int, new_tokens: int) -> dict:
+    from captune.config import EvalConfig
+    from captune.generation import caption_features
+
+    f = feats[torch.arange(batch, device="cuda") % feats.size(0)]
+    cfg = EvalConfig(batch_size=batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    caption_features(model, processor.tokenizer, f, cfg)
+    t = _timed(lambda: caption_features(model, processor.tokenizer, f, cfg), 3)
+    hf = EvalConfig(batch_size=batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, fast=False)
+    caption_features(model, processor.tokenizer, f[:64], hf)
+    t_hf = _timed(lambda: caption_features(model, processor.tokenizer, f, hf), 1)
+    return {
+        "caption_images_per_s": round(batch / t, 1),
+        "caption_batch": batch,
+        "caption_hf_generate_images_per_s": round(batch / t_hf, 1),
+    }
+
+
+def measure_seed(arch: str, processor, jpegs: list[bytes], steps: int, captions: int) -> dict:
+    """The seed notebook's recipe: HF Trainer, batch 1 x 2 accumulation, fp16 weights, LoRA q/k r 8,
+    labels = input_ids padded to 42 text tokens; captions one image at a time with ``generate``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    model, cfg = build_model(arch, torch.float16)
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none", target_modules=["q_proj", "k_proj"])
+    )
+    from PIL import Image
+
+    pv = processor.image_processor([Image.open(io.BytesIO(b)) for b in jpegs[:32]], return_tensors="pt")[
+        "pixel_values"
+    ].half()
+    text = processor.tokenizer(
+        ["a man riding a horse on a field"] * 32, padding="max_length", max_length=42, return_tensors="pt"
+    )
+    q = cfg.num_query_tokens
+    ids = torch.cat([torch.full((32, q), cfg.image_token_index), text["input_ids"]], dim=1)
+    mask = torch.cat([torch.ones(32, q, dtype=torch.long), text["attention_mask"]], dim=1)
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return {"pixel_values": pv[i], "input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i]}
+
+    args = TrainingArguments(
+        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "captune-seed-bench"),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-5,
+        warmup_steps=20,
+        max_steps=steps,
+        fp16=True,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Rows())
+    torch.cuda.reset_peak_memory_stats()
+    metrics = trainer.train().metrics
+    out = {
+        "seed_train_samples_per_s": round(metrics["train_samples_per_second"], 2),
+        "seed_train_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+    }
+    model.eval()
+    out["seed_caption_images_per_s"] = _seed_captioning(model.get_base_model(), pv.to("cuda"), captions)
+    del trainer, model
+    torch.cuda.empty_cache()
+    return out
+
+
+@torch.no_grad()
+def _seed_captioning(model, pixels: torch.Tensor, n: int) -> float:
+    """The seed's evaluation loop: ``generate`` on one image at a time (20 new tokens pinned)."""
+
+    def caption_all():
+        for i in range(n):
+            model.generate(pixel_values=pixels[i : i + 1], max_new_tokens=20, min_new_tokens=20)
+
+    model.generate(pixel_values=pixels[:1], max_new_tokens=20, min_new_tokens=20)
+    return round(n / _timed(caption_all, 1), 2)
+
+
+def run_e2e(model, cfg, processor, jpegs: list[bytes], captions: list[list[str]], work: Path, log) -> dict:
+    """The coco5k job from local files: write the model and a COCO folder, prepare, then time ``captune run``."""
+    from captune.config import load_config
+
+    model_dir, data_dir, run_dir = work / "model", work / "coco", work / "run"
+    if not (model_dir / "config.json").is_file():
+        log("  e2e: saving the model in checkpoint format")
+        model.save_pretrained(model_dir, safe_serialization=True, max_shard_size="5GB")
+        processor.save_pretrained(model_dir)
+    if not (data_dir / "captions.json").is_file():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i, (jpg, caps) in enumerate(zip(jpegs, captions, strict=True)):
+            name = f"{i:012d}.jpg"
+            (data_dir / name).write_bytes(jpg)
+            images.append({"id": i, "file_name": name})
+            anns += [{"image_id": i, "caption": c} for c in caps]
+        (data_dir / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    overrides = [
+        f"model.name_or_path={model_dir}",
+        f"data.source=coco:{data_dir / 'captions.json'}",
+        "eval.min_new_tokens=20",
+        "eval.max_new_tokens=20",
+    ]
+    load_config("coco5k", overrides)  # fail here, not in the subprocess
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "captune.cli"]
+    subprocess.run(
+        cmd + ["data", str(run_dir), "--recipe", "coco5k", *overrides], check=True, env=env, capture_output=True
+    )
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        cmd + ["run", "coco5k", "--out", str(run_dir), *overrides], env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError("e2e run failed: " + (done.stderr or done.stdout)[-2000:])
+    timings = json.loads((run_dir / "timings.json").read_text())
+    train = json.loads((run_dir / "adapter" / "training.json").read_text())
+    return {
+        "e2e_job_s": round(wall, 1),
+        "e2e_phases_s": timings["phases"],
+        "e2e_train_samples_per_s": round(train["samples_per_s"], 1),
+        "e2e_log_tail": done.stdout[-1500:],
+    }
+
+
+def run_bench(
+    arch: str = "blip2-opt-2.7b",
+    *,
+    images: int = 5000,
+    e2e: bool = True,
+    seed_steps: int = 40,
+    work: Path | None = None,
+    log=print,
+) -> dict:
+    if not torch.cuda.is_available():
+        from captune.errors import UserError
+
+        raise UserError("captune bench needs a CUDA GPU; run it on a GPU machine")
+    import peft
+    import transformers
+
+    name = torch.cuda.get_device_name(0)
+    result: dict = {
+        "gpu": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "architecture": f"{arch} (random weights, built from config)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "command": "captune bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "run_bench()",
+    }
+    t0 = time.perf_counter()
+    jpegs = synthetic_jpegs(images)
+    caps = synthetic_captions(images)
+    log(f"  {images} synthetic 640x480 JPEGs in {time.perf_counter() - t0:.1f}s")
+    model, cfg = build_model(arch, torch.bfloat16)
+    processor = build_processor(cfg)
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+
+    log("  features ...")
+    result.update(measure_features(model, processor, jpegs[:2048], batch=128))
+    from captune.features import image_features
+
+    feats = image_features(model, processor, jpegs[:256], batch_size=128)
+    log("  captune training ...")
+    result.update(measure_captune_training(model, processor, feats, images_per_step=52, text_tokens=12))
+    log("  captune captioning ...")
+    result.update(measure_captune_captioning(model, processor, feats, batch=1024, new_tokens=20))
+    result["caption_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    if e2e:
+        log("  end-to-end coco5k job ...")
+        work = Path(work or Path(os.environ.get("TMPDIR", "/tmp")) / "captune-bench")
+        result.update(run_e2e(model, cfg, processor, jpegs, caps, work, log))
+    del model, feats
+    torch.cuda.empty_cache()
+    log("  seed recipe ...")
+    result.update(measure_seed(arch, processor, jpegs, seed_steps, captions=16))
+    peak = peak_tflops(name)
+    if peak:
+        result["peak_bf16_tflops"] = peak
+        result["train_packed_mfu"] = round(result["train_packed_tflops"] / peak, 3)
+        result["train_flat_mfu"] = round(result["train_flat_tflops"] / peak, 3)
+    result["speedup_train_vs_seed"] = round(
+        result["train_packed_samples_per_s"] / result["seed_train_samples_per_s"], 1
+    )
+    result["speedup_caption_vs_seed"] = round(result["caption_images_per_s"] / result["seed_caption_images_per_s"], 1)
+    return result
+
+
+def table(result: dict) -> str:
+    rows = [
+        ("seed recipe training (HF Trainer, batch 1x2, fp16)", result.get("seed_train_samples_per_s"), "samples/s"),
+        ("captune training, packed (bf16, cached features)", result.get("train_packed_samples_per_s"), "samples/s"),
+        ("captune training, unpacked", result.get("train_flat_samples_per_s"), "samples/s"),
+        ("seed-style captioning (one image at a time)", result.get("seed_caption_images_per_s"), "images/s"),
+        ("captune captioning (static cache, CUDA graphs)", result.get("caption_images_per_s"), "images/s"),
+        ("HF generate from cached features, same batch", result.get("caption_hf_generate_images_per_s"), "images/s"),
+        ("feature extraction, GPU only", result.get("features_gpu_images_per_s"), "images/s"),
+        ("feature extraction from JPEG bytes", result.get("features_from_jpeg_images_per_s"), "images/s"),
+        ("training peak memory, packed", result.get("train_packed_peak_gb"), "GB"),
+        ("seed training peak memory", result.get("seed_train_peak_gb"), "GB"),
+        ("training MFU estimate, packed", result.get("train_packed_mfu"), "of bf16 peak"),
+        ("end-to-end coco5k job", result.get("e2e_job_s"), "s"),
+        ("training speed-up over the seed", result.get("speedup_train_vs_seed"), "x"),
+        ("captioning speed-up over the seed", result.get("speedup_caption_vs_seed"), "x"),
+    ]
+    lines = [
+        f"captune bench on {result['gpu']} ({result['architecture']})",
+        "",
+        "| measurement | value | unit |",
+        "| --- | ---: | --- |",
+    ]
+    lines += [f"| {a} | {b if b is not None else 'n/a'} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
