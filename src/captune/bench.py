@@ -394,17 +394,28 @@ def run_bench(
     feats = image_features(model, processor, jpegs[:256], batch_size=128)
     log("  captune training ...")
     result.update(measure_captune_training(model, processor, feats, images_per_step=52, text_tokens=12))
+    log(f"  {json.dumps({k: v for k, v in result.items() if k.startswith(('train', 'features'))})}")
     log("  captune captioning ...")
     result.update(measure_captune_captioning(model, processor, feats, batch=1024, new_tokens=20))
+    log(f"  {json.dumps({k: v for k, v in result.items() if k.startswith('caption')})}")
     result["caption_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     if e2e:
         log("  end-to-end coco5k job ...")
         work = Path(work or Path(os.environ.get("TMPDIR", "/tmp")) / "captune-bench")
-        result.update(run_e2e(model, cfg, processor, jpegs, caps, work, log))
+        try:
+            result.update(run_e2e(model, cfg, processor, jpegs, caps, work, log))
+        except Exception as exc:  # keep the other measurements; say what failed
+            result["e2e_error"] = f"{type(exc).__name__}: {exc}"[-3000:]
+            log(f"  e2e failed: {result['e2e_error'][-500:]}")
     del model, feats
     torch.cuda.empty_cache()
     log("  seed recipe ...")
-    result.update(measure_seed(arch, processor, jpegs, seed_steps, captions=16))
+    try:
+        result.update(measure_seed(arch, processor, jpegs, seed_steps, captions=16))
+    except Exception as exc:
+        result["seed_error"] = f"{type(exc).__name__}: {exc}"[-3000:]
+        log(f"  seed recipe failed: {result['seed_error'][-500:]}")
+        return result
     peak = peak_tflops(name)
     if peak:
         result["peak_bf16_tflops"] = peak
