@@ -314,6 +314,8 @@ def run_e2e(model, cfg, processor, jpegs: list[bytes], captions: list[list[str]]
         log("  e2e: saving the model in checkpoint format")
         model.save_pretrained(model_dir, safe_serialization=True, max_shard_size="5GB")
         processor.save_pretrained(model_dir)
+    model.to("cpu")  # free this process's GPU memory for the job
+    torch.cuda.empty_cache()
     if not (data_dir / "captions.json").is_file():
         data_dir.mkdir(parents=True, exist_ok=True)
         images, anns = [], []
@@ -392,6 +394,7 @@ def run_bench(
     from captune.features import image_features
 
     feats = image_features(model, processor, jpegs[:256], batch_size=128)
+    result["features_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     log("  captune training ...")
     result.update(measure_captune_training(model, processor, feats, images_per_step=52, text_tokens=12))
     log(f"  {json.dumps({k: v for k, v in result.items() if k.startswith(('train', 'features'))})}")
@@ -399,6 +402,8 @@ def run_bench(
     result.update(measure_captune_captioning(model, processor, feats, batch=1024, new_tokens=20))
     log(f"  {json.dumps({k: v for k, v in result.items() if k.startswith('caption')})}")
     result["caption_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    del feats
+    torch.cuda.empty_cache()  # the job below runs in its own process and needs the memory
     if e2e:
         log("  end-to-end coco5k job ...")
         work = Path(work or Path(os.environ.get("TMPDIR", "/tmp")) / "captune-bench")
@@ -407,7 +412,7 @@ def run_bench(
         except Exception as exc:  # keep the other measurements; say what failed
             result["e2e_error"] = f"{type(exc).__name__}: {exc}"[-3000:]
             log(f"  e2e failed: {result['e2e_error'][-500:]}")
-    del model, feats
+    del model
     torch.cuda.empty_cache()
     log("  seed recipe ...")
     try:
