@@ -344,6 +344,7 @@ def run_e2e(model, cfg, processor, jpegs: list[bytes], captions: list[list[str]]
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError("e2e run failed: " + (done.stderr or done.stdout)[-2000:])
+    (work / "e2e.log").write_text(done.stdout + "\n" + done.stderr)
     timings = json.loads((run_dir / "timings.json").read_text())
     train = json.loads((run_dir / "adapter" / "training.json").read_text())
     return {
