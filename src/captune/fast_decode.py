@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from captune.decode_attention import decode_attention
+
 
 def supported(lm) -> bool:
     dec = getattr(getattr(lm, "model", None), "decoder", None)
@@ -62,8 +64,7 @@ class GreedyOPT:
         else:  # one new token at ``pos``; attend to every filled slot (static shapes)
             kc.index_copy_(2, pos.view(1), k.to(kc.dtype))
             vc.index_copy_(2, pos.view(1), v.to(vc.dtype))
-            mask = (torch.arange(self.total, device=h.device) <= pos).view(1, 1, 1, -1)
-            out = F.scaled_dot_product_attention(q, kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask, scale=1.0)
+            out = decode_attention(q, kc, vc, pos)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return attn.out_proj(out)
 

@@ -1,0 +1,47 @@
+"""GPU-only checks (marker gpu): the Triton decode attention and the fast captioning path."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("length, pos", [(53, 33), (53, 52), (17, 0)])
+def test_decode_attention_kernel_matches_sdpa(length, pos):
+    import torch.nn.functional as F
+
+    from captune.decode_attention import decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(64, 8, 1, 80, device="cuda", dtype=torch.bfloat16, generator=g) * 80 ** -0.5
+    k = torch.randn(64, 8, length, 80, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(64, 8, length, 80, device="cuda", dtype=torch.bfloat16, generator=g)
+    p = torch.tensor(pos, device="cuda")
+    mask = (torch.arange(length, device="cuda") <= pos).view(1, 1, 1, -1)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=1.0)
+    out = decode_attention(q, k, v, p)
+    assert (out.float() - ref).abs().max().item() < 2e-2
+
+
+@needs_cuda
+def test_fast_captions_match_generate_on_gpu():
+    """The demo model in bf16 on the GPU: fast greedy path vs HF generate."""
+    import dataclasses
+
+    from captune.config import EvalConfig, ModelConfig
+    from captune.demo import world
+    from captune.features import image_features
+    from captune.generation import caption_features
+    from captune.modeling import load_model
+
+    loaded = load_model(ModelConfig(device="cuda", dtype="bf16"))
+    images = [it["image"] for it in world.make_items("plain", 64, seed=4)]
+    feats = image_features(loaded.model, loaded.processor, images)
+    slow = EvalConfig(batch_size=64, max_new_tokens=16, fast=False)
+    a = caption_features(loaded.model, loaded.processor.tokenizer, feats, slow)
+    b = caption_features(loaded.model, loaded.processor.tokenizer, feats, dataclasses.replace(slow, fast=True))
+    agree = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+    assert agree >= 0.95, agree
