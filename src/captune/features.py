@@ -38,33 +38,6 @@ def _workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2)))
 
 
-_POOL = None
-_POOL_PROCESSOR = None
-
-
-def _preprocess_in_worker(images: Sequence[bytes]):
-    return pixel_values(_POOL_PROCESSOR, images).numpy()
-
-
-def _pool(processor):
-    """A forked process pool for decoding and preprocessing: the image processor holds the GIL
-    for much of its work, so threads scale poorly; forked workers inherit the processor."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-
-    global _POOL, _POOL_PROCESSOR
-    if _POOL is not None and _POOL_PROCESSOR is processor:
-        return _POOL
-    if _POOL is not None:
-        _POOL.shutdown(cancel_futures=True)
-    _POOL_PROCESSOR = processor
-    if _workers() < 4 or "fork" not in mp.get_all_start_methods():
-        _POOL = ThreadPoolExecutor(_workers())  # small machines: no process start-up cost
-    else:
-        _POOL = ProcessPoolExecutor(_workers(), mp_context=mp.get_context("fork"))
-    return _POOL
-
-
 @torch.no_grad()
 def image_features(
     model,
@@ -77,9 +50,14 @@ def image_features(
 ) -> torch.Tensor:
     """Projected Q-Former outputs, shape (N, num_query_tokens, lm_hidden), on ``device``.
 
-    JPEG decoding and preprocessing run in worker processes (threads on small
-    machines), a few batches ahead of the GPU, through the model's own image processor.
+    JPEG decoding and preprocessing run in a thread pool, a few batches ahead of the
+    GPU, through the model's own image processor. With the model on a GPU each torch
+    CPU op runs single-threaded meanwhile, so the worker threads do not fight over
+    cores (the processor's resize and normalisation are torch ops when torchvision is
+    installed). A process pool is not used: forking after CUDA start-up can hang.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     blip = unwrap(model)
     device = device or next(blip.parameters()).device
     dtype = blip.language_projection.weight.dtype
@@ -88,22 +66,28 @@ def image_features(
     sub = max(1, min(16, batch_size // workers or 1))
     starts = list(range(0, len(images), batch_size))
     chunks = []
-    pool = _pool(processor)
+    cpu_threads = torch.get_num_threads()
+    if device.type == "cuda":
+        torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
 
-    def submit(start):
-        part = list(images[start : start + batch_size])
-        return [pool.submit(_preprocess_in_worker, part[i : i + sub]) for i in range(0, len(part), sub)]
+            def submit(start):
+                part = list(images[start : start + batch_size])
+                return [pool.submit(pixel_values, processor, part[i : i + sub]) for i in range(0, len(part), sub)]
 
-    ahead = [submit(s) for s in starts[:3]]
-    for n, start in enumerate(starts):
-        if n + 3 < len(starts):
-            ahead.append(submit(starts[n + 3]))
-        pv = torch.cat([torch.from_numpy(f.result()) for f in ahead.pop(0)])
-        pv = pv.to(device, vision_dtype, non_blocking=True)
-        out = blip.get_image_features(pixel_values=pv, return_dict=True)
-        chunks.append(out.pooler_output.to(dtype))
-        if progress:
-            progress(min(start + batch_size, len(images)))
+            ahead = [submit(s) for s in starts[:3]]
+            for n, start in enumerate(starts):
+                if n + 3 < len(starts):
+                    ahead.append(submit(starts[n + 3]))
+                pv = torch.cat([f.result() for f in ahead.pop(0)])
+                pv = pv.to(device, vision_dtype, non_blocking=True)
+                out = blip.get_image_features(pixel_values=pv, return_dict=True)
+                chunks.append(out.pooler_output.to(dtype))
+                if progress:
+                    progress(min(start + batch_size, len(images)))
+    finally:
+        torch.set_num_threads(cpu_threads)
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
