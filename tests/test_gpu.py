@@ -16,7 +16,7 @@ def test_decode_attention_kernel_matches_sdpa(length, pos):
     from captune.decode_attention import decode_attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(64, 8, 1, 80, device="cuda", dtype=torch.bfloat16, generator=g) * 80 ** -0.5
+    q = torch.randn(64, 8, 1, 80, device="cuda", dtype=torch.bfloat16, generator=g) * 80**-0.5
     k = torch.randn(64, 8, length, 80, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(64, 8, length, 80, device="cuda", dtype=torch.bfloat16, generator=g)
     p = torch.tensor(pos, device="cuda")
@@ -45,3 +45,29 @@ def test_fast_captions_match_generate_on_gpu():
     b = caption_features(loaded.model, loaded.processor.tokenizer, feats, dataclasses.replace(slow, fast=True))
     agree = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
     assert agree >= 0.95, agree
+
+
+@needs_cuda
+def test_gpu_jpeg_decode_features_close_to_cpu_path():
+    import io
+
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from captune import features as feat_mod
+    from captune.config import ModelConfig
+    from captune.demo import world
+    from captune.modeling import load_model
+
+    loaded = load_model(ModelConfig(device="cuda", dtype="bf16"))
+    jpegs = []
+    for it in world.make_items("plain", 16, seed=6):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(it["image"])).convert("RGB").resize((320, 240)).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    gpu = feat_mod.image_features(loaded.model, loaded.processor, jpegs, batch_size=16)
+    with torch.no_grad():
+        pv = feat_mod.pixel_values(loaded.processor, jpegs).to("cuda", torch.bfloat16)
+        cpu = loaded.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output
+    sim = F.cosine_similarity(gpu.float().flatten(1), cpu.float().flatten(1)).min().item()
+    assert sim > 0.99, sim

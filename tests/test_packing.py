@@ -35,9 +35,13 @@ def test_packed_equals_unpacked_loss_and_gradients():
         flat = [c for cs in caps for c in cs]
         index = [i for i, cs in enumerate(caps) for _ in cs]
         blip = model.get_base_model()
-        text = encode_texts(tok, [training_text(c, prompt, tok.eos_token) for c in flat],
-                            num_query_tokens=blip.config.num_query_tokens,
-                            image_token_id=blip.config.image_token_index, prompt=prompt)
+        text = encode_texts(
+            tok,
+            [training_text(c, prompt, tok.eos_token) for c in flat],
+            num_query_tokens=blip.config.num_query_tokens,
+            image_token_id=blip.config.image_token_index,
+            prompt=prompt,
+        )
         model.zero_grad()
         ref = lm_loss(model, feats[index], text.input_ids, text.attention_mask, text.labels)
         ref.backward()

@@ -47,6 +47,9 @@ def cmd_run(args) -> int:
     out = Path(args.out or Path("runs") / cfg.name)
     run = Run.open(out, cfg, force=args.force, log=_log)
     preflight(cfg)
+    from captune.metrics import prewarm
+
+    prewarm()  # METEOR's JVM loads while the model does
     _log(f"captune {__version__}: recipe '{cfg.name}' -> {out}")
     run_phases(run, PHASES, force=args.force)
     table = run.path("comparison.md")

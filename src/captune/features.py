@@ -34,6 +34,33 @@ def pixel_values(processor, images: Sequence[bytes]) -> torch.Tensor:
     return processor.image_processor(pil, return_tensors="pt")["pixel_values"]
 
 
+_GPU_DECODE_FAILED = False
+
+
+def gpu_pixel_values(processor, images: Sequence[bytes], device: torch.device) -> torch.Tensor | None:
+    """Decode JPEGs on the GPU (nvJPEG) and run the processor there; None when not applicable.
+
+    Only for the torchvision backend of the image processor (the PIL backend keeps
+    its own numerics) and only when every image is a JPEG. Pixel values differ from
+    the CPU path by JPEG decoder rounding (a GPU test bounds the feature difference).
+    """
+    global _GPU_DECODE_FAILED
+    if _GPU_DECODE_FAILED or device.type != "cuda" or not images:
+        return None
+    image_processor = processor.image_processor
+    if type(image_processor).__name__.endswith("Pil") or not all(b[:3] == b"\xff\xd8\xff" for b in images):
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in images]
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return image_processor(images=decoded, return_tensors="pt", device=device)["pixel_values"]
+    except Exception:  # no nvJPEG, an odd JPEG, an older processor: use the CPU path from now on
+        _GPU_DECODE_FAILED = True
+        return None
+
+
 def _workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2)))
 
@@ -76,11 +103,18 @@ def image_features(
                 part = list(images[start : start + batch_size])
                 return [pool.submit(pixel_values, processor, part[i : i + sub]) for i in range(0, len(part), sub)]
 
-            ahead = [submit(s) for s in starts[:3]]
+            first = gpu_pixel_values(processor, images[:batch_size], device) if starts else None
+            on_gpu = first is not None  # decode on the GPU; otherwise prefetch CPU batches in threads
+            ahead = [] if on_gpu else [submit(s) for s in starts[:3]]
             for n, start in enumerate(starts):
-                if n + 3 < len(starts):
-                    ahead.append(submit(starts[n + 3]))
-                pv = torch.cat([f.result() for f in ahead.pop(0)])
+                if on_gpu:
+                    pv = first if n == 0 else gpu_pixel_values(processor, images[start : start + batch_size], device)
+                    if pv is None:
+                        pv = pixel_values(processor, images[start : start + batch_size])
+                else:
+                    if n + 3 < len(starts):
+                        ahead.append(submit(starts[n + 3]))
+                    pv = torch.cat([f.result() for f in ahead.pop(0)])
                 pv = pv.to(device, vision_dtype, non_blocking=True)
                 out = blip.get_image_features(pixel_values=pv, return_dict=True)
                 chunks.append(out.pooler_output.to(dtype))

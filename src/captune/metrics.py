@@ -238,6 +238,78 @@ def corpus_bleu_from_stats(sums) -> list[float]:
     return out
 
 
+class _MeteorServer:
+    """One METEOR 1.5 process (pycocoevalcap's jar and flags) kept for the whole run.
+
+    Starting it costs seconds (the JVM and the paraphrase table); captune starts it
+    once, early and in the background, and scores every split through it.
+    """
+
+    def __init__(self) -> None:
+        from pycocoevalcap.meteor import meteor as meteor_mod
+
+        cmd = [java_executable(), "-jar", "-Xmx2G", meteor_mod.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=os.path.dirname(os.path.abspath(meteor_mod.__file__)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self.lock = threading.Lock()
+
+    def score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
+        ids = list(gts)
+        lines = []
+        for i in ids:
+            hypothesis = res[i][0].replace("|||", "").replace("  ", " ")
+            lines.append(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypothesis)))
+        proc = self.proc
+        with self.lock:
+            payload = ("\n".join(lines) + "\n").encode()
+            writer = threading.Thread(target=_write_all, args=(proc, payload), daemon=True)
+            writer.start()
+            stats = [_read_line(proc) for _ in ids]
+            writer.join()
+            proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+            proc.stdin.flush()
+            scores = [float(_read_line(proc)) for _ in ids]
+            score = float(_read_line(proc))
+        return score, scores
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_SERVER: _MeteorServer | None = None
+_SERVER_LOCK = threading.Lock()
+
+
+def _meteor_server() -> _MeteorServer:
+    global _SERVER
+    with _SERVER_LOCK:
+        if _SERVER is None or _SERVER.proc.poll() is not None:
+            import atexit
+
+            _SERVER = _MeteorServer()
+            atexit.register(_SERVER.close)
+        return _SERVER
+
+
+def prewarm() -> None:
+    """Start Java's METEOR in the background so the first scoring does not wait for it."""
+
+    def start():
+        try:
+            _meteor_server()
+        except Exception:  # scoring will report the problem with a clear message
+            pass
+
+    threading.Thread(target=start, daemon=True).start()
+
+
 def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
     """METEOR 1.5 through pycocoevalcap's jar and protocol, pipelined.
 
@@ -246,37 +318,7 @@ def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
     this one reads the answers; the EVAL line and the arithmetic are the same, so the
     scores are identical (a test compares them).
     """
-    from pycocoevalcap.meteor import meteor as meteor_mod
-
-    ids = list(gts)
-    lines = []
-    for i in ids:
-        hypothesis = res[i][0].replace("|||", "").replace("  ", " ")
-        lines.append(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypothesis)))
-    cmd = [java_executable(), "-jar", "-Xmx2G", meteor_mod.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=os.path.dirname(os.path.abspath(meteor_mod.__file__)),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        payload = ("\n".join(lines) + "\n").encode()
-        writer = threading.Thread(target=_write_all, args=(proc, payload), daemon=True)
-        writer.start()
-        stats = [_read_line(proc) for _ in ids]
-        writer.join()
-        proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
-        proc.stdin.flush()
-        scores = [float(_read_line(proc)) for _ in ids]
-        score = float(_read_line(proc))
-    finally:
-        if proc.stdin and not proc.stdin.closed:
-            proc.stdin.close()
-        proc.kill()
-        proc.wait()
-    return score, scores
+    return _meteor_server().score(gts, res)
 
 
 def _write_all(proc: subprocess.Popen, payload: bytes) -> None:

@@ -73,6 +73,8 @@ class Run:
         self._loaded = None
         self._tuned = None
         self._store = None
+        self.overlap = False  # score the baseline in the background while training
+        self._pending: list = []
 
     # -- config ---------------------------------------------------------------
     @classmethod
@@ -122,6 +124,12 @@ class Run:
         write_atomic(path, json.dumps(doc, indent=2))
 
     # -- model ----------------------------------------------------------------
+    def join(self) -> None:
+        """Wait for background scoring; re-raise its error if it failed."""
+        while self._pending:
+            name, _, future = self._pending.pop(0)
+            self.record_time(f"{name} scoring (overlapped with training)", future.result())
+
     def features(self, images: list[bytes]):
         """Frozen image features from RUN/features (computed once per model and image set)."""
         from captune.features import FeatureStore, model_fingerprint
@@ -213,19 +221,39 @@ def _eval_examples(run: Run):
     return examples
 
 
-def evaluate(run: Run, model, processor, out_name: str) -> dict:
-    """Caption the eval split with ``model``; write predictions.jsonl and metrics.json."""
+def evaluate(run: Run, model, processor, out_name: str) -> None:
+    """Caption the eval split with ``model``; write predictions.jsonl and metrics.json.
+
+    Scoring runs on the CPU (and in Java). When ``run.overlap`` is set, the baseline's
+    scoring goes on in a background thread while the GPU trains; ``run.join()``
+    waits for it before anything reads its metrics.
+    """
     from captune.generation import caption_features
-    from captune.metrics import score_captions
 
     examples = _eval_examples(run)
     t0 = time.perf_counter()
     feats = run.features([e.image for e in examples])
     captions = caption_features(model, processor.tokenizer, feats, run.cfg.eval, run.cfg.model.prompt)
     gen_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    run.log(f"  {out_name}: {len(examples)} images captioned in {gen_s:.1f}s")
+    if run.overlap and out_name == "baseline":
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1)
+        run._pending.append(
+            (out_name, time.perf_counter(), pool.submit(_score_and_write, run, examples, captions, out_name, gen_s))
+        )
+        pool.shutdown(wait=False)
+        run.log(f"  {out_name}: scoring in the background")
+        return
+    _score_and_write(run, examples, captions, out_name, gen_s)
+
+
+def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen_s: float) -> float:
+    from captune.metrics import score_captions
     from captune.seed_metrics import seed_compatible
 
+    t1 = time.perf_counter()
     preds = {e.image_id: c for e, c in zip(examples, captions, strict=True)}
     refs = {e.image_id: e.captions for e in examples}
     scores = score_captions(preds, refs, spice=True)
@@ -245,13 +273,12 @@ def evaluate(run: Run, model, processor, out_name: str) -> dict:
     }
     with staged_dir(run.path(out_name)) as tmp:
         with (tmp / "predictions.jsonl").open("w") as f:
-            for e, c in zip(examples, captions, strict=False):
+            for e, c in zip(examples, captions, strict=True):
                 f.write(json.dumps({"image_id": e.image_id, "caption": c, "references": e.captions}) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(doc, indent=2))
     shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.corpus.items())
-    run.log(f"  {out_name}: {len(examples)} images captioned in {gen_s:.1f}s, scored in {score_s:.1f}s")
-    run.log(f"  {out_name}: {shown}")
-    return doc
+    run.log(f"  {out_name}: scored in {score_s:.1f}s: {shown}")
+    return score_s
 
 
 def phase_baseline(run: Run, force: bool = False) -> None:
@@ -372,7 +399,17 @@ PHASE_FUNCS = {
 
 
 def run_phases(run: Run, phases: tuple[str, ...] = PHASES, *, force: bool = False) -> None:
+    run.overlap = "baseline" in phases and "train" in phases
+    try:
+        _run_phases(run, phases, force)
+    finally:
+        run.join()
+
+
+def _run_phases(run: Run, phases: tuple[str, ...], force: bool) -> None:
     for phase in phases:
+        if phase in ("compare", "report"):
+            run.join()
         if run.done(phase) and not force:
             run.log(f"[{phase}] complete, skipped (use --force to redo)")
             continue

@@ -77,6 +77,8 @@ def _split_ids(ids: list[str], ratios: list[float], seed: int) -> dict[str, list
 
 
 def _progress(count: int, total: int, started: float, stream=sys.stderr) -> None:
+    if not stream.isatty():
+        return
     rate = count / max(time.perf_counter() - started, 1e-9)
     stream.write(f"\r  preparing: {count}/{total or '?'} images, {rate:.0f} images/s")
     stream.flush()
@@ -138,7 +140,7 @@ def prepare(
                 group.captions.append(cap)
         if progress and len(groups) % 200 == 0:
             _progress(len(groups), want, started)
-    if progress:
+    if progress and sys.stderr.isatty():
         _progress(len(groups), want, started)
         sys.stderr.write("\n")
 
