@@ -115,10 +115,8 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None) -> Loade
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     processor = Blip2Processor.from_pretrained(path)
-    # On a GPU, weights load straight onto it instead of through CPU memory.
-    placement = {"device_map": {"": device.index or 0}} if device.type == "cuda" else {}
     model = Blip2ForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=False, **placement
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
     if model.config.image_token_index is None:
         # Older checkpoints predate image tokens; the processor's token is the one to use.

@@ -26,13 +26,15 @@ class PackedBatch:
     ids: torch.Tensor  # (G, K, T) caption slots, padded
     mask: torch.Tensor  # (G, K, T) 1 where a real token is
     labels: torch.Tensor  # (G, K, T) next-token targets within the slot, IGNORE elsewhere
-
-    @property
-    def pairs(self) -> int:
-        return int(self.mask[:, :, 0].sum())
+    pairs: int = 0  # captions in the batch (counted on the CPU: no GPU sync per step)
 
     def to(self, device) -> PackedBatch:
-        return PackedBatch(self.ids.to(device), self.mask.to(device), self.labels.to(device))
+        return PackedBatch(
+            self.ids.to(device, non_blocking=True),
+            self.mask.to(device, non_blocking=True),
+            self.labels.to(device, non_blocking=True),
+            self.pairs,
+        )
 
 
 def supported(lm) -> bool:
@@ -57,7 +59,7 @@ def pack_captions(tokenizer, captions: list[list[str]], *, prompt: str, max_text
         mask[gi, :n] = enc.attention_mask[row : row + n]
         labels[gi, :n] = enc.labels[row : row + n]
         row += n
-    return PackedBatch(ids, mask, labels)
+    return PackedBatch(ids, mask, labels, sum(len(c) for c in captions))
 
 
 def _attention_mask(q: int, slot_mask: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,22 @@ def _scheduler(optimizer, cfg, total_steps: int):
 
 @torch.no_grad()
 def validation_loss(model, tokenizer, feats, examples, cfg: Config) -> float:
+    """Mean caption loss over every validation (image, caption) pair (packed when possible)."""
     blip = unwrap(model)
+    device = feats.device
+    if cfg.train.pack and packing_supported(blip.language_model):
+        total, count = 0.0, 0
+        for group in image_groups(examples, list(range(len(examples))), cfg.eval.batch_size):
+            batch = pack_captions(
+                tokenizer,
+                [examples[i].captions for i in group],
+                prompt=cfg.model.prompt,
+                max_text_tokens=cfg.train.max_text_tokens,
+            )
+            tokens = int((batch.labels[:, :, 1:] != -100).sum())
+            total += float(packed_loss(model, feats[group], batch.to(device))) * tokens
+            count += tokens
+        return total / max(count, 1)
     pairs = [(i, c) for i, ex in enumerate(examples) for c in ex.captions]
     total, count = 0.0, 0
     for start in range(0, len(pairs), cfg.eval.batch_size):
@@ -107,7 +122,7 @@ def validation_loss(model, tokenizer, feats, examples, cfg: Config) -> float:
             prompt=cfg.model.prompt,
             max_text_tokens=cfg.train.max_text_tokens,
         )
-        device = feats.device
+        tokens = int((text.labels[:, 1:] != -100).sum())
         loss = lm_loss(
             model,
             feats[[i for i, _ in chunk]],
@@ -115,8 +130,8 @@ def validation_loss(model, tokenizer, feats, examples, cfg: Config) -> float:
             text.attention_mask.to(device),
             text.labels.to(device),
         )
-        total += float(loss) * len(chunk)
-        count += len(chunk)
+        total += float(loss) * tokens
+        count += tokens
     return total / max(count, 1)
 
 
@@ -221,7 +236,7 @@ def train(
                     prompt=cfg.model.prompt,
                     max_text_tokens=tcfg.max_text_tokens,
                 ).to(device)
-                loss = packed_loss(model, train_feats[chunk], batch)
+                loss = packed_loss(model, train_feats[torch.tensor(chunk, device=device)], batch)
                 n_pairs = batch.pairs
             else:
                 text = encode_texts(
