@@ -363,6 +363,7 @@ def run_bench(
     seed_steps: int = 40,
     work: Path | None = None,
     log=print,
+    e2e_only: bool = False,
 ) -> dict:
     if not torch.cuda.is_available():
         from captune.errors import UserError
