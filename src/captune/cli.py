@@ -328,11 +328,15 @@ def cmd_bench(args) -> int:
         seed_steps=args.seed_steps,
         work=Path(args.workdir) if args.workdir else None,
         log=_log,
+        e2e_only=args.e2e_only,
     )
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    _log("\n" + table(result))
+    if args.e2e_only:
+        _log(json.dumps({k: v for k, v in result.items() if k != "e2e_log_tail"}, indent=2))
+    else:
+        _log("\n" + table(result))
     _log(f"\nresults: {out}")
     return 0
 
