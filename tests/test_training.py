@@ -1,5 +1,7 @@
 """Training: reproducible, loss falls, best adapter kept, bad targets refused."""
 
+import json
+
 import pytest
 import torch
 
@@ -82,3 +84,49 @@ def test_presets_resolve_per_family():
     adapted = {n for n, _ in model.named_modules() if n.endswith("lora_A")}
     assert adapted and all(".language_model." in n for n in adapted)
     assert all(n.split(".")[-2] in ("q_proj", "k_proj") for n in adapted)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at, every", [(5, 2), (8, 0)])
+def test_resume_equals_uninterrupted(tmp_path, stop_at, every):
+    """Killed after step ``stop_at`` (mid-epoch; with every=0 the last checkpoint is the end of epoch 1), then resumed."""
+    train_ex, val_ex = _examples(40, 5), _examples(6, 6)
+    cfg = _cfg(epochs=3, validate_every=1, select="loss", checkpoint_every=every)
+    cfg.train.batch_size = 20  # 6 captions-groups per epoch -> 6 steps per epoch with packing off
+    cfg.train.pack = False
+    full, full_state = _train(cfg, train_ex, val_ex)
+
+    def run(on_step=None):
+        loaded = load_model(cfg.model)
+        torch.manual_seed(cfg.train.seed)
+        model = attach_lora(loaded.model, cfg.lora)
+        result = train(
+            model,
+            loaded.processor,
+            train_ex,
+            val_ex,
+            cfg,
+            log=lambda m: None,
+            checkpoint_dir=tmp_path / "ckpt",
+            on_step=on_step,
+            log_path=tmp_path / "train.jsonl",
+        )
+        return result, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    def stop(step):
+        if step == stop_at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(stop)
+    assert any((tmp_path / "ckpt").glob("step-*/state.json"))
+    resumed, state = run()
+    assert resumed.steps == full.steps and resumed.best_step == full.best_step
+    assert all(torch.equal(state[k], full_state[k]) for k in full_state)
+    logged = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["type"] == "validation"] == [
+        h["step"] for h in full.history if h["type"] == "validation"
+    ]

@@ -150,6 +150,10 @@ class TrainConfig:
     """Log every N optimizer steps."""
     max_text_tokens: int = 40
     """Captions are truncated to this many tokens for training."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N optimizer steps (0 = at epoch ends only); a re-run resumes from the last."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep."""
     pack: bool = True
     """With data.train_captions=all, run each image's prefix once for all its captions (OPT; exact)."""
 
@@ -167,6 +171,8 @@ class TrainConfig:
         _require(self.validate_every >= 0, "train.validate_every", "must not be negative")
         _require(self.log_every >= 1, "train.log_every", "must be 1 or more")
         _require(self.max_text_tokens >= 4, "train.max_text_tokens", "must be 4 or more")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be 0 (epoch ends) or more")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be 1 or more")
 
 
 @dataclass

@@ -305,6 +305,8 @@ def phase_train(run: Run, force: bool = False) -> None:
     from captune.modeling import attach_lora, count_parameters
     from captune.training import train
 
+    if force:
+        shutil.rmtree(run.path("checkpoints"), ignore_errors=True)
     loaded = run.base()
     torch.manual_seed(run.cfg.train.seed)  # LoRA's A matrices are initialised from this
     model = attach_lora(loaded.model, run.cfg.lora)
@@ -322,6 +324,7 @@ def phase_train(run: Run, force: bool = False) -> None:
         log=run.log,
         score_fn=_cider_fn(),
         feature_fn=run.features,
+        checkpoint_dir=run.path("checkpoints"),
     )
     with staged_dir(run.path("adapter")) as tmp:
         model.save_pretrained(tmp)

@@ -37,6 +37,15 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def _rng_state_to_json(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_state_from_json(doc) -> tuple:
+    return (doc[0], tuple(doc[1]), doc[2])
+
+
 def training_pairs(examples: list[Example], mode: str, rng: random.Random) -> list[tuple[int, str]]:
     """(image index, caption) pairs for one epoch."""
     if mode == "all":
@@ -72,16 +81,60 @@ def _load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
 
 
 class JsonlLog:
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, rows: list[dict] | None = None):
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows or []))
 
     def write(self, row: dict) -> None:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def latest_checkpoint(root: Path | None) -> Path | None:
+    """The newest complete checkpoint folder under ``root`` (complete = state.json present)."""
+    if root is None or not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(
+    root: Path, *, step: int, model, best_state: dict, optimizer, scheduler, scaler, state: dict, keep: int
+) -> Path:
+    """Adapter, best adapter, optimizer, scheduler, RNG and loop position; written atomically."""
+    from safetensors.torch import save_file
+
+    from captune.pipeline import staged_dir
+
+    target = root / f"step-{step:08d}"
+    with staged_dir(target) as tmp:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in _lora_state(model).items()},
+            str(tmp / "trainable.safetensors"),
+        )
+        save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, str(tmp / "best.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            tmp / "optimizer.pt",
+        )
+        (tmp / "state.json").write_text(json.dumps(state))
+    for old in sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())[:-keep]:
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def _scheduler(optimizer, cfg, total_steps: int):
@@ -146,6 +199,8 @@ def train(
     log: Callable[[str], None] = print,
     score_fn: Callable[[list[str], list[list[str]]], float] | None = None,
     feature_fn: Callable[[list[bytes]], torch.Tensor] | None = None,
+    checkpoint_dir: Path | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train the LoRA parameters of ``model`` (a PEFT model) in place; keep the best ones."""
     tcfg = cfg.train
@@ -154,7 +209,6 @@ def train(
     device = next(blip.parameters()).device
     torch.manual_seed(tcfg.seed)
     rng = random.Random(tcfg.seed)
-    journal = JsonlLog(log_path)
 
     started = time.perf_counter()
     model.eval()  # no dropout while extracting frozen features
@@ -193,6 +247,55 @@ def train(
     best_state = _lora_state(model)
     step, seen, t_loop = 0, 0, time.perf_counter()
     running: list[float] = []
+    first_epoch, skip_micro = 1, 0
+    epoch_rng = rng.getstate()
+    resume_from = latest_checkpoint(checkpoint_dir)
+    if resume_from is not None:
+        from safetensors.torch import load_file
+
+        st = json.loads((resume_from / "state.json").read_text())
+        _load_lora_state(model, load_file(str(resume_from / "trainable.safetensors"), device=str(device)))
+        best_state = load_file(str(resume_from / "best.safetensors"), device=str(device))
+        extra = torch.load(resume_from / "optimizer.pt", weights_only=True, map_location=device)
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        if scaler and extra["scaler"]:
+            scaler.load_state_dict(extra["scaler"])
+        torch.set_rng_state(extra["torch_rng"].cpu())
+        if extra["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([t.cpu() for t in extra["cuda_rng"]])
+        step, seen = st["step"], st["seen"]
+        first_epoch, skip_micro = st["epoch"], st["next_micro"]
+        epoch_rng = _rng_state_from_json(st["epoch_rng"])
+        best_value, result.best_step, result.best = st["best_value"], st["best_step"], st["best"]
+        result.history = st["history"]
+        log(f"  resuming from {resume_from.name} (epoch {first_epoch}, step {step})")
+    journal = JsonlLog(log_path, result.history)
+
+    def checkpoint(epoch: int, next_micro: int, epoch_start) -> None:
+        if checkpoint_dir is None:
+            return
+        save_checkpoint(
+            checkpoint_dir,
+            step=step,
+            model=model,
+            best_state=best_state,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            keep=tcfg.keep_checkpoints,
+            state={
+                "step": step,
+                "seen": seen,
+                "epoch": epoch,
+                "next_micro": next_micro,
+                "epoch_rng": _rng_state_to_json(epoch_start),
+                "best_value": best_value,
+                "best_step": result.best_step,
+                "best": result.best,
+                "history": result.history,
+            },
+        )
 
     def validate(epoch: int) -> None:
         nonlocal best_value, best_state
@@ -218,8 +321,10 @@ def train(
             result.best = {k: v for k, v in row.items() if k not in ("type",)}
         model.train()
 
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         model.train()
+        rng.setstate(epoch_rng)  # the epoch's order is a function of this state (and of nothing else)
+        epoch_start_state = epoch_rng
         if packed:
             order = list(range(len(train_examples)))
             rng.shuffle(order)
@@ -229,6 +334,8 @@ def train(
             rng.shuffle(pairs)
             micro = [pairs[i : i + tcfg.batch_size] for i in range(0, len(pairs), tcfg.batch_size)]
         for m_idx, chunk in enumerate(micro):
+            if m_idx < skip_micro:
+                continue
             if packed:
                 batch = pack_captions(
                     tokenizer,
@@ -294,10 +401,17 @@ def train(
                     f"  step {step}/{total_steps} epoch {epoch} loss {row['loss']:.4f} "
                     f"lr {row['lr']:.2e} {row['samples_per_s']:.0f} samples/s"
                 )
+            if on_step is not None:
+                on_step(step)
             if step >= total_steps:
                 break
+            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and m_idx + 1 < len(micro):
+                checkpoint(epoch, m_idx + 1, epoch_start_state)
         if tcfg.validate_every and (epoch % tcfg.validate_every == 0 or step >= total_steps):
             validate(epoch)
+        skip_micro = 0
+        epoch_rng = rng.getstate()
+        checkpoint(epoch + 1, 0, epoch_rng)
         if step >= total_steps:
             break
 
