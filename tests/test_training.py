@@ -92,7 +92,10 @@ class Interrupt(Exception):
 
 @pytest.mark.parametrize("stop_at, every", [(5, 2), (8, 0)])
 def test_resume_equals_uninterrupted(tmp_path, stop_at, every):
-    """Killed after step ``stop_at`` (mid-epoch; with every=0 the last checkpoint is the end of epoch 1), then resumed."""
+    """Stopped after step ``stop_at``, then resumed.
+
+    With every=2 the stop is mid-epoch; with every=0 the last checkpoint is the end of epoch 1.
+    """
     train_ex, val_ex = _examples(40, 5), _examples(6, 6)
     cfg = _cfg(epochs=3, validate_every=1, select="loss", checkpoint_every=every)
     cfg.train.batch_size = 20  # 6 captions-groups per epoch -> 6 steps per epoch with packing off

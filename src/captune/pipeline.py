@@ -99,9 +99,21 @@ class Run:
                     "with the new one, or choose another --out"
                 )
         run = cls(root, cfg, log)
+        run.remove_stale_temporaries()
         if not saved.is_file() or force:
             write_atomic(saved, cfg.to_yaml())
         return run
+
+    def remove_stale_temporaries(self) -> None:
+        """Temp folders and files left by a killed process (never a complete output) are removed."""
+        for folder in (self.root, self.root / "checkpoints", self.root / "features"):
+            if not folder.is_dir():
+                continue
+            for p in folder.glob(".*"):
+                if ".tmp-" in p.name and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p.is_file() and p.name.startswith((".config.yaml.", ".timings.json.", ".comparison.")):
+                    p.unlink(missing_ok=True)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
