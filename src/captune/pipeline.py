@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from captune.config import Config, config_from_dict
-from captune.data.prepare import load_split, prepare, read_manifest
+from captune.data.prepare import load_split, prepare
 from captune.data.sources import parse_source
 from captune.errors import UserError
 
@@ -434,12 +434,3 @@ def _run_phases(run: Run, phases: tuple[str, ...], force: bool) -> None:
         seconds = time.perf_counter() - t0
         run.record_time(phase, seconds)
         run.log(f"[{phase}] done in {seconds:.1f}s")
-
-
-def summary_table(run: Run) -> str:
-    path = run.path("comparison.md")
-    return path.read_text() if path.is_file() else ""
-
-
-def read_data_manifest(run: Run) -> dict:
-    return read_manifest(run.path("data"))

@@ -9,9 +9,7 @@ that folder, exactly as it would load ``Salesforce/blip2-opt-2.7b``.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -45,10 +43,6 @@ class DemoBuildSpec:
 
     def key(self) -> str:
         return f"demo-{DEMO_VERSION}-" + "-".join(str(v) for v in asdict(self).values())
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CAPTUNE_HOME", Path.home() / ".cache" / "captune"))
 
 
 def build_tokenizer():
@@ -215,22 +209,3 @@ def build_demo_model(out_dir: Path, spec: DemoBuildSpec = DemoBuildSpec(), log=p
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def ensure_demo_model(spec: DemoBuildSpec = DemoBuildSpec(), log=print) -> Path:
-    """The cached demo base model folder, built on first use (under a file lock)."""
-    root = cache_root() / "builtin"
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / spec.key()
-    if (target / "config.json").is_file():
-        return target
-    with open(root / f".{spec.key()}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").is_file():
-            log(f"building the demo base model once (cached in {target}) ...")
-            torch_threads = torch.get_num_threads()
-            try:
-                build_demo_model(target, spec, log=log)
-            finally:
-                torch.set_num_threads(torch_threads)
-    return target
