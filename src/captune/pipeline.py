@@ -430,7 +430,17 @@ def _run_phases(run: Run, phases: tuple[str, ...], force: bool) -> None:
             continue
         run.log(f"[{phase}]")
         t0 = time.perf_counter()
-        PHASE_FUNCS[phase](run, force=force)
+        try:
+            PHASE_FUNCS[phase](run, force=force)
+        except Exception as exc:
+            if type(exc).__name__ != "OutOfMemoryError":
+                raise
+            t, e = run.cfg.train, run.cfg.eval
+            raise UserError(
+                f"GPU out of memory in phase {phase} (train.batch_size={t.batch_size}, "
+                f"eval.batch_size={e.batch_size}); lower them, e.g. train.batch_size={max(1, t.batch_size // 2)} train.grad_accum={t.grad_accum * 2} "
+                f"eval.batch_size={max(1, e.batch_size // 2)}"
+            ) from None
         seconds = time.perf_counter() - t0
         run.record_time(phase, seconds)
         run.log(f"[{phase}] done in {seconds:.1f}s")
