@@ -438,8 +438,8 @@ def _run_phases(run: Run, phases: tuple[str, ...], force: bool) -> None:
             t, e = run.cfg.train, run.cfg.eval
             raise UserError(
                 f"GPU out of memory in phase {phase} (train.batch_size={t.batch_size}, "
-                f"eval.batch_size={e.batch_size}); lower them, e.g. train.batch_size={max(1, t.batch_size // 2)} train.grad_accum={t.grad_accum * 2} "
-                f"eval.batch_size={max(1, e.batch_size // 2)}"
+                f"eval.batch_size={e.batch_size}); lower them, e.g. train.batch_size={max(1, t.batch_size // 2)} "
+                f"train.grad_accum={t.grad_accum * 2} eval.batch_size={max(1, e.batch_size // 2)}"
             ) from None
         seconds = time.perf_counter() - t0
         run.record_time(phase, seconds)
