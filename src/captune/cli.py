@@ -457,6 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("captune: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        why = _disk_problem(exc)
+        if why is None:
+            raise
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"captune: error: cannot write{where}: {why}; free space or choose another --out", file=sys.stderr)
+        return 2
     except MemoryError:
         print("captune: error: out of memory; lower train.batch_size or eval.batch_size", file=sys.stderr)
         return 2
@@ -469,6 +476,25 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         raise
+
+
+def _disk_problem(exc: OSError) -> str | None:
+    """A full, read-only or forbidden output location, described in a few words; else None."""
+    import errno
+
+    known = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EDQUOT: "disk quota exceeded",
+    }
+    if exc.errno in known:
+        return known[exc.errno]
+    text = str(exc).lower()
+    for needle, why in (("no space left", known[errno.ENOSPC]), ("read-only file system", known[errno.EROFS])):
+        if needle in text:
+            return why
+    return None
 
 
 def _quiet_libraries() -> None:
