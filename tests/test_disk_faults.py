@@ -40,8 +40,13 @@ def test_full_disk(small_disk, capsys):
     leftovers = [p.name for p in run.iterdir() if p.name.startswith(".")]
     assert leftovers == []
     # whatever exists is complete: each phase folder has its final file
-    final = {"data": "manifest.json", "baseline": "metrics.json", "finetuned": "metrics.json",
-             "adapter": "adapter_config.json", "report": "index.html"}
+    final = {
+        "data": "manifest.json",
+        "baseline": "metrics.json",
+        "finetuned": "metrics.json",
+        "adapter": "adapter_config.json",
+        "report": "index.html",
+    }
     for name, marker in final.items():
         if (run / name).exists():
             assert (run / name / marker).is_file(), name

@@ -52,3 +52,37 @@ def test_sigkill_during_training_then_rerun(tmp_path):
     assert ma == mb
     leftovers = [p for p in killed.rglob(".*") if p.name.startswith(".") and ".tmp-" in p.name]
     assert leftovers == []
+
+
+def test_sigkill_at_random_points_of_every_phase(tmp_path):
+    """Kill `captune run` at seeded random moments across the whole run, re-run each time; the final
+    adapter and metrics equal an uninterrupted run's, and every file left is complete."""
+    import json
+    import random
+
+    whole = tmp_path / "whole"
+    started = time.time()
+    _run(whole)
+    duration = time.time() - started
+    killed = tmp_path / "killed"
+    rng = random.Random(7)
+    kills = 0
+    for fraction in sorted(rng.uniform(0.05, 0.95) for _ in range(4)):
+        proc = _run(killed, wait=False)
+        time.sleep(duration * fraction / 2)  # later runs skip finished phases, so aim early
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2
+    _run(killed)
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for side in ("baseline", "finetuned"):
+        ma = json.loads((whole / side / "metrics.json").read_text())["metrics"]
+        mb = json.loads((killed / side / "metrics.json").read_text())["metrics"]
+        assert ma == mb, side
+    assert json.loads((killed / "comparison.json").read_text())["rows"]
+    hidden = [str(p) for p in killed.rglob(".*")]
+    assert hidden == []

@@ -23,6 +23,8 @@ from captune.data.sources import parse_source
 from captune.errors import UserError
 
 PHASES = ("data", "baseline", "train", "finetuned", "compare", "report")
+# temp files of write_atomic / the feature cache, left only by a killed process
+STALE_FILE_PREFIXES = (".config.yaml.", ".timings.json.", ".comparison.", ".features.")
 
 
 # ------------------------------------------------------------------ atomic writes
@@ -106,13 +108,16 @@ class Run:
 
     def remove_stale_temporaries(self) -> None:
         """Temp folders and files left by a killed process (never a complete output) are removed."""
-        for folder in (self.root, self.root / "checkpoints", self.root / "features"):
+        folders = [self.root, self.root / "checkpoints", *self.root.glob("features/*")]
+        for folder in folders:
             if not folder.is_dir():
                 continue
             for p in folder.glob(".*"):
                 if ".tmp-" in p.name and p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
-                elif p.is_file() and p.name.startswith((".config.yaml.", ".timings.json.", ".comparison.")):
+                elif p.is_file() and p.name.startswith(
+                    (".config.yaml.", ".timings.json.", ".comparison.", ".features.")
+                ):
                     p.unlink(missing_ok=True)
 
     def path(self, *parts: str) -> Path:
