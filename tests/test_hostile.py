@@ -162,3 +162,32 @@ def test_gpu_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("captune: error: GPU out of memory in phase data (train.batch_size=32, eval.batch_size=80)")
     assert "train.batch_size=16" in err and "\n" not in err
+
+
+# ------------------------------------------------------------------ safe loading
+
+
+def test_pickle_only_checkpoints_are_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    from captune.modeling import resolve_model_path
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UserError, match="safetensors only"):
+        resolve_model_path(str(folder))
+
+
+def test_dataset_loading_scripts_are_not_run(tmp_path):
+    folder = tmp_path / "scripted"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "scripted.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    with pytest.raises(UserError, match="cannot open Hub dataset"):
+        prepare(
+            DataConfig(source=f"hub:{folder}", num_images=0), tmp_path / "cache", progress=False, log=lambda m: None
+        )
+    assert not marker.exists()
