@@ -123,7 +123,7 @@ def stage_upload(run: Path, cfg: Config, repo_id: str, out: Path) -> Path:
         raise UserError(f"{run} has no adapter; train it first ('captune train {run}')")
     comparison = json.loads((run / "comparison.json").read_text()) if (run / "comparison.json").is_file() else None
     base_model = cfg.model.name_or_path
-    from captune.pipeline import staged_dir
+    from captune.atomic import staged_dir
 
     with staged_dir(out) as tmp:
         for name in ADAPTER_FILES + PROCESSOR_FILES:
@@ -165,8 +165,8 @@ def merge(run: Path, cfg: Config, out: Path) -> Path:
     import torch
     from peft import PeftModel
 
+    from captune.atomic import staged_dir
     from captune.modeling import load_model
-    from captune.pipeline import staged_dir
 
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise UserError(f"{run} has no adapter; train it first ('captune train {run}')")

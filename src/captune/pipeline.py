@@ -12,11 +12,11 @@ import os
 import platform
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from captune.atomic import staged_dir, write_atomic
 from captune.config import Config, config_from_dict
 from captune.data.prepare import load_split, prepare
 from captune.data.sources import parse_source
@@ -25,41 +25,6 @@ from captune.errors import UserError
 PHASES = ("data", "baseline", "train", "finetuned", "compare", "report")
 # temp files of write_atomic / the feature cache, left only by a killed process
 STALE_FILE_PREFIXES = (".config.yaml.", ".timings.json.", ".comparison.", ".features.")
-
-
-# ------------------------------------------------------------------ atomic writes
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class staged_dir:
-    """Context manager: a temp folder beside ``target`` that replaces it on success."""
-
-    def __init__(self, target: Path):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.target.exists():
-            shutil.rmtree(self.target)
-        self.tmp.rename(self.target)
 
 
 # ------------------------------------------------------------------ run folder

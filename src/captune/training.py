@@ -37,6 +37,18 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def encode_pairs(tokenizer, blip, captions: list[str], cfg: Config):
+    """Flat (unpacked) batch of captions with masked labels, as the model lays them out."""
+    return encode_texts(
+        tokenizer,
+        [training_text(c, cfg.model.prompt, tokenizer.eos_token) for c in captions],
+        num_query_tokens=blip.config.num_query_tokens,
+        image_token_id=blip.config.image_token_index,
+        prompt=cfg.model.prompt,
+        max_text_tokens=cfg.train.max_text_tokens,
+    )
+
+
 def _rng_state_to_json(state) -> list:
     version, internal, gauss = state
     return [version, list(internal), gauss]
@@ -110,7 +122,7 @@ def save_checkpoint(
     """Adapter, best adapter, optimizer, scheduler, RNG and loop position; written atomically."""
     from safetensors.torch import save_file
 
-    from captune.pipeline import staged_dir
+    from captune.atomic import staged_dir
 
     target = root / f"step-{step:08d}"
     with staged_dir(target) as tmp:
@@ -167,14 +179,7 @@ def validation_loss(model, tokenizer, feats, examples, cfg: Config) -> float:
     total, count = 0.0, 0
     for start in range(0, len(pairs), cfg.eval.batch_size):
         chunk = pairs[start : start + cfg.eval.batch_size]
-        text = encode_texts(
-            tokenizer,
-            [training_text(c, cfg.model.prompt, tokenizer.eos_token) for _, c in chunk],
-            num_query_tokens=blip.config.num_query_tokens,
-            image_token_id=blip.config.image_token_index,
-            prompt=cfg.model.prompt,
-            max_text_tokens=cfg.train.max_text_tokens,
-        )
+        text = encode_pairs(tokenizer, blip, [c for _, c in chunk], cfg)
         tokens = int((text.labels[:, 1:] != -100).sum())
         loss = lm_loss(
             model,
@@ -346,14 +351,7 @@ def train(
                 loss = packed_loss(model, train_feats[torch.tensor(chunk, device=device)], batch)
                 n_pairs = batch.pairs
             else:
-                text = encode_texts(
-                    tokenizer,
-                    [training_text(c, cfg.model.prompt, tokenizer.eos_token) for _, c in chunk],
-                    num_query_tokens=blip.config.num_query_tokens,
-                    image_token_id=blip.config.image_token_index,
-                    prompt=cfg.model.prompt,
-                    max_text_tokens=tcfg.max_text_tokens,
-                )
+                text = encode_pairs(tokenizer, blip, [c for _, c in chunk], cfg)
                 loss = lm_loss(
                     model,
                     train_feats[[i for i, _ in chunk]],

@@ -16,14 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from captune.atomic import staged_dir
 from captune.config import DataConfig
 from captune.data.images import check_image
 from captune.data.sources import RawItem, Skip, read_source
@@ -190,9 +189,7 @@ def _write_cache(out_dir: Path, splits: dict, by_id: dict, manifest: dict) -> No
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         for split, ids in splits.items():
             for shard, start in enumerate(range(0, max(len(ids), 1), SHARD_ROWS)):
                 rows = [by_id[i] for i in ids[start : start + SHARD_ROWS]]
@@ -205,12 +202,6 @@ def _write_cache(out_dir: Path, splits: dict, by_id: dict, manifest: dict) -> No
                 )
                 pq.write_table(table, tmp / f"{split}-{shard:05d}.parquet")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_split(data_dir: Path, split: str) -> list[Example]:

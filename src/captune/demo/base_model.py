@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from captune.atomic import staged_dir
 from captune.batching import encode_texts, training_text
 from captune.demo import world
 
@@ -186,26 +185,14 @@ def build_demo_model(out_dir: Path, spec: DemoBuildSpec = DemoBuildSpec(), log=p
     t0 = time.perf_counter()
     losses = pretrain(model, processor, spec, log=log)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    meta = {
+        "spec": asdict(spec),
+        "version": DEMO_VERSION,
+        "losses": losses,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    with staged_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        (tmp / "captune_demo.json").write_text(
-            json.dumps(
-                {
-                    "spec": asdict(spec),
-                    "version": DEMO_VERSION,
-                    "losses": losses,
-                    "seconds": round(time.perf_counter() - t0, 1),
-                },
-                indent=2,
-            )
-        )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "captune_demo.json").write_text(json.dumps(meta, indent=2))
     return out_dir
