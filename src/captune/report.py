@@ -52,7 +52,8 @@ def svg_line_plot(
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    pad_l, pad_r, pad_t, pad_b = 56, 12, 28, 36
+    # Legend lines sit at the top right, above the plotting area, so they never cover a curve.
+    pad_l, pad_r, pad_t, pad_b = 56, 12, 30 + 14 * max(0, len(series) - 1), 36
     w, h = width - pad_l - pad_r, height - pad_t - pad_b
 
     def sx(x: float) -> float:
@@ -83,7 +84,7 @@ def svg_line_plot(
         for x, y in pts if len(pts) < 30 else []:
             parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>')
         parts.append(
-            f'<text x="{pad_l + w - 4}" y="{pad_t + 14 + 14 * k}" font-size="11" '
+            f'<text x="{pad_l + w - 4}" y="{18 + 14 * k}" font-size="11" '
             f'text-anchor="end" fill="{colour}">{html.escape(name)}</text>'
         )
     parts.append("</svg>")
