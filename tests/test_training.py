@@ -133,3 +133,13 @@ def test_resume_equals_uninterrupted(tmp_path, stop_at, every):
     assert [r["step"] for r in logged if r["type"] == "validation"] == [
         h["step"] for h in full.history if h["type"] == "validation"
     ]
+
+
+def test_early_stop_after_patience():
+    train_ex, val_ex = _examples(16, 7), _examples(4, 8)
+    scores = iter([1.0, 0.5, 0.4, 0.3, 0.2])
+    cfg = _cfg(epochs=5, validate_every=1, select="CIDEr", early_stop=2)
+    result, _ = _train(cfg, train_ex, val_ex, score_fn=lambda caps, refs: next(scores))
+    validations = [h for h in result.history if h["type"] == "validation"]
+    assert len(validations) == 3 and result.stopped_early
+    assert result.best_step == validations[0]["step"]

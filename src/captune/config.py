@@ -146,6 +146,8 @@ class TrainConfig:
     """Validate every N epochs (0 = never)."""
     select: Literal["CIDEr", "loss", "last"] = "CIDEr"
     """Which adapter to keep: best validation CIDEr, lowest validation loss, or the last."""
+    early_stop: int = 0
+    """Stop after this many validations without improvement of train.select (0 = never)."""
     log_every: int = 10
     """Log every N optimizer steps."""
     max_text_tokens: int = 40
@@ -170,6 +172,10 @@ class TrainConfig:
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must not be negative")
         _require(self.validate_every >= 0, "train.validate_every", "must not be negative")
         _require(self.log_every >= 1, "train.log_every", "must be 1 or more")
+        _require(self.early_stop >= 0, "train.early_stop", "must be 0 (never) or more")
+        _require(
+            not (self.early_stop and self.select == "last"), "train.early_stop", "needs train.select CIDEr or loss"
+        )
         _require(self.max_text_tokens >= 4, "train.max_text_tokens", "must be 4 or more")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be 0 (epoch ends) or more")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be 1 or more")

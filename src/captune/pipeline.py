@@ -318,6 +318,7 @@ def phase_train(run: Run, force: bool = False) -> None:
                     "steps": result.steps,
                     "best_step": result.best_step,
                     "best_validation": result.best,
+                    "stopped_early": result.stopped_early,
                     "samples_per_s": result.samples_per_s,
                     "seconds": result.seconds,
                 },

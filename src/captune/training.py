@@ -35,6 +35,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     samples_per_s: float = 0.0
     seconds: float = 0.0
+    stale: int = 0  # validations since the last improvement
+    stopped_early: bool = False
 
 
 def encode_pairs(tokenizer, blip, captions: list[str], cfg: Config):
@@ -47,6 +49,16 @@ def encode_pairs(tokenizer, blip, captions: list[str], cfg: Config):
         prompt=cfg.model.prompt,
         max_text_tokens=cfg.train.max_text_tokens,
     )
+
+
+def _eta(elapsed: float, done: int, left: int) -> str:
+    """Remaining time at the pace so far (validation time included), as 1h02m03s / 4m05s / 6s."""
+    if done <= 0:
+        return "?"
+    seconds = int(elapsed / done * left)
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
 
 
 def _rng_state_to_json(state) -> list:
@@ -274,8 +286,10 @@ def train(
         epoch_rng = _rng_state_from_json(st["epoch_rng"])
         best_value, result.best_step, result.best = st["best_value"], st["best_step"], st["best"]
         result.history = st["history"]
+        result.stale = st.get("stale", 0)
         log(f"  resuming from {resume_from.name} (epoch {first_epoch}, step {step})")
     journal = JsonlLog(log_path, result.history)
+    first_step = step
 
     def checkpoint(epoch: int, next_micro: int, epoch_start) -> None:
         if checkpoint_dir is None:
@@ -299,6 +313,7 @@ def train(
                 "best_step": result.best_step,
                 "best": result.best,
                 "history": result.history,
+                "stale": result.stale,
             },
         )
 
@@ -319,6 +334,10 @@ def train(
         if tcfg.select == "last":
             return
         value = row["CIDEr"] if tcfg.select == "CIDEr" and "CIDEr" in row else -row["loss"]
+        if best_value is not None and value <= best_value:
+            result.stale += 1
+        else:
+            result.stale = 0
         if best_value is None or value > best_value:
             best_value = value
             best_state = _lora_state(model)
@@ -397,7 +416,9 @@ def train(
                 result.history.append(row)
                 log(
                     f"  step {step}/{total_steps} epoch {epoch} loss {row['loss']:.4f} "
-                    f"lr {row['lr']:.2e} {row['samples_per_s']:.0f} samples/s"
+                    f"lr {row['lr']:.2e} {row['samples_per_s']:.0f} samples/s "
+                    f"ETA {_eta(elapsed, step - first_step, total_steps - step)}"
+                    + (f" GPU {row['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in row else "")
                 )
             if on_step is not None:
                 on_step(step)
@@ -411,6 +432,10 @@ def train(
         epoch_rng = rng.getstate()
         checkpoint(epoch + 1, 0, epoch_rng)
         if step >= total_steps:
+            break
+        if tcfg.early_stop and result.stale >= tcfg.early_stop:
+            result.stopped_early = True
+            log(f"  early stop: {result.stale} validations without a better {tcfg.select}")
             break
 
     if tcfg.select == "last" or best_value is None:
