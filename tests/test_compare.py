@@ -8,7 +8,7 @@ from captune.compare import bootstrap, compare, markdown_table
 
 def _doc(values, stats=None):
     return {
-        "metrics": {"CIDEr": float(np.mean(values))},
+        "CIDEr": float(np.mean(values)),
         "per_image": {"CIDEr": list(values)},
         "image_ids": [str(i) for i in range(len(values))],
         "bleu_stats": stats or [],

@@ -9,6 +9,8 @@ import time
 import torch
 from safetensors.torch import load_file
 
+from captune.metrics import OFFICIAL
+
 ARGS = [
     "data.num_images=60",
     "train.epochs=3",
@@ -47,8 +49,9 @@ def test_sigkill_during_training_then_rerun(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     import json
 
-    ma = json.loads((whole / "finetuned" / "metrics.json").read_text())["metrics"]
-    mb = json.loads((killed / "finetuned" / "metrics.json").read_text())["metrics"]
+    ma = json.loads((whole / "finetuned" / "metrics.json").read_text())
+    mb = json.loads((killed / "finetuned" / "metrics.json").read_text())
+    ma, mb = ({k: m[k] for k in OFFICIAL} for m in (ma, mb))
     assert ma == mb
     leftovers = [p for p in killed.rglob(".*") if p.name.startswith(".") and ".tmp-" in p.name]
     assert leftovers == []
@@ -80,8 +83,9 @@ def test_sigkill_at_random_points_of_every_phase(tmp_path):
     b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     for side in ("baseline", "finetuned"):
-        ma = json.loads((whole / side / "metrics.json").read_text())["metrics"]
-        mb = json.loads((killed / side / "metrics.json").read_text())["metrics"]
+        ma = json.loads((whole / side / "metrics.json").read_text())
+        mb = json.loads((killed / side / "metrics.json").read_text())
+        ma, mb = ({k: m[k] for k in OFFICIAL} for m in (ma, mb))
         assert ma == mb, side
     assert json.loads((killed / "comparison.json").read_text())["rows"]
     hidden = [str(p) for p in killed.rglob(".*")]

@@ -69,7 +69,7 @@ def bootstrap(
 
 
 def compare(baseline: dict, finetuned: dict, *, samples: int = 1000, seed: int = 0) -> dict:
-    """``baseline``/``finetuned`` are metrics.json documents (with per_image)."""
+    """``baseline``/``finetuned`` are metrics.json documents (metric keys at the top, plus per_image)."""
     pb, pf = baseline.get("per_image", {}), finetuned.get("per_image", {})
     if baseline.get("image_ids") != finetuned.get("image_ids"):
         from captune.errors import UserError
@@ -89,9 +89,9 @@ def compare(baseline: dict, finetuned: dict, *, samples: int = 1000, seed: int =
     )
     rows = []
     for metric in OFFICIAL + ("SPICE",):
-        if metric not in baseline["metrics"] or metric not in finetuned["metrics"]:
+        if metric not in baseline or metric not in finetuned:
             continue
-        b, f = baseline["metrics"][metric], finetuned["metrics"][metric]
+        b, f = baseline[metric], finetuned[metric]
         row = {
             "metric": metric,
             "baseline": b,

@@ -241,8 +241,9 @@ def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen
     scores = score_captions(preds, refs, spice=True)
     seed = seed_compatible(preds, refs)
     score_s = time.perf_counter() - t1
+    # The official metrics are top-level keys (the run-folder contract); the rest describes them.
     doc = {
-        "metrics": scores.corpus,
+        **scores.corpus,
         "split": run.cfg.eval.split,
         "images": len(examples),
         "references": sum(len(e.captions) for e in examples),
