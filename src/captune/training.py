@@ -51,6 +51,21 @@ def encode_pairs(tokenizer, blip, captions: list[str], cfg: Config):
     )
 
 
+def flat_loss(model, tokenizer, feats: torch.Tensor, chunk: list[tuple[int, str]], cfg: Config):
+    """Loss of (image index, caption) pairs laid out one pair per row, and its label-token count."""
+    blip = unwrap(model)
+    device = feats.device
+    text = encode_pairs(tokenizer, blip, [c for _, c in chunk], cfg)
+    loss = lm_loss(
+        model,
+        feats[[i for i, _ in chunk]],
+        text.input_ids.to(device),
+        text.attention_mask.to(device),
+        text.labels.to(device),
+    )
+    return loss, int((text.labels[:, 1:] != -100).sum())
+
+
 def _eta(elapsed: float, done: int, left: int) -> str:
     """Remaining time at the pace so far (validation time included), as 1h02m03s / 4m05s / 6s."""
     if done <= 0:
@@ -191,15 +206,7 @@ def validation_loss(model, tokenizer, feats, examples, cfg: Config) -> float:
     total, count = 0.0, 0
     for start in range(0, len(pairs), cfg.eval.batch_size):
         chunk = pairs[start : start + cfg.eval.batch_size]
-        text = encode_pairs(tokenizer, blip, [c for _, c in chunk], cfg)
-        tokens = int((text.labels[:, 1:] != -100).sum())
-        loss = lm_loss(
-            model,
-            feats[[i for i, _ in chunk]],
-            text.input_ids.to(device),
-            text.attention_mask.to(device),
-            text.labels.to(device),
-        )
+        loss, tokens = flat_loss(model, tokenizer, feats, chunk, cfg)
         total += float(loss) * tokens
         count += tokens
     return total / max(count, 1)
@@ -370,14 +377,7 @@ def train(
                 loss = packed_loss(model, train_feats[torch.tensor(chunk, device=device)], batch)
                 n_pairs = batch.pairs
             else:
-                text = encode_pairs(tokenizer, blip, [c for _, c in chunk], cfg)
-                loss = lm_loss(
-                    model,
-                    train_feats[[i for i, _ in chunk]],
-                    text.input_ids.to(device),
-                    text.attention_mask.to(device),
-                    text.labels.to(device),
-                )
+                loss, _ = flat_loss(model, tokenizer, train_feats, chunk, cfg)
                 n_pairs = len(chunk)
             scaled = loss / tcfg.grad_accum
             (scaler.scale(scaled) if scaler else scaled).backward()
