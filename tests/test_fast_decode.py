@@ -47,3 +47,24 @@ def test_fast_greedy_with_lora(demo):
     assert caption_features(model, tok, feats, dataclasses.replace(slow, fast=True)) == caption_features(
         model, tok, feats, slow
     )
+
+
+def test_greedy_captioning_takes_the_fast_path(demo, monkeypatch):
+    """caption_features must route greedy OPT decoding through GreedyOPT (and beams through generate)."""
+    from captune import fast_decode
+
+    loaded, feats = demo
+    calls = []
+    original = fast_decode.GreedyOPT.generate
+
+    def spy(self, *args, **kwargs):
+        calls.append(self.batch)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(fast_decode.GreedyOPT, "generate", spy)
+    tok = loaded.processor.tokenizer
+    caption_features(loaded.model, tok, feats, EvalConfig(batch_size=5, max_new_tokens=8))
+    assert calls == [5, 5, 2]
+    caption_features(loaded.model, tok, feats, EvalConfig(batch_size=5, max_new_tokens=8, num_beams=2))
+    caption_features(loaded.model, tok, feats, EvalConfig(batch_size=5, max_new_tokens=8, fast=False))
+    assert calls == [5, 5, 2]

@@ -8,8 +8,8 @@ import torch
 
 from captune.batching import generation_prompt
 from captune.config import EvalConfig
-from captune.fast_decode import supported
-from captune.features import generate_from_features, image_features, unwrap
+from captune.fast_decode import GreedyOPT, supported
+from captune.features import embed_with_features, generate_from_features, image_features, unwrap
 
 
 def use_fast_path(blip, cfg: EvalConfig) -> bool:
@@ -41,9 +41,17 @@ def clean_caption(text: str, prompt: str = "") -> str:
 
 @torch.no_grad()
 def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, prompt: str = "") -> list[str]:
-    """Captions for precomputed image features, ``cfg.batch_size`` images at a time."""
+    """Captions for precomputed image features, ``cfg.batch_size`` images at a time.
+
+    Greedy decoding of an OPT model goes through the static-cache decoder
+    (``fast_decode``); everything else through ``generate``. One decoder (and one
+    CUDA graph) serves every full batch of a call; it is dropped at the end so its
+    KV cache does not outlive the call.
+    """
     blip = unwrap(model)
+    fast = use_fast_path(blip, cfg)
     kwargs = generation_kwargs(cfg, tokenizer)
+    decoders: dict[int, GreedyOPT] = {}
     captions: list[str] = []
     for start in range(0, features.size(0), cfg.batch_size):
         feats = features[start : start + cfg.batch_size]
@@ -55,10 +63,28 @@ def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, 
             prompt=prompt,
         )
         device = feats.device
-        new = generate_from_features(model, feats, ids.input_ids.to(device), ids.attention_mask.to(device), **kwargs)
+        input_ids, mask = ids.input_ids.to(device), ids.attention_mask.to(device)
+        if fast and bool(mask.all()):
+            new = _fast_greedy(blip, decoders, feats, input_ids, cfg, tokenizer)
+        else:
+            new = generate_from_features(model, feats, input_ids, mask, **kwargs)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         captions.extend(clean_caption(t, prompt) for t in texts)
     return captions
+
+
+def _fast_greedy(blip, decoders: dict, feats, input_ids, cfg: EvalConfig, tokenizer) -> torch.Tensor:
+    b, t = input_ids.shape
+    dec = decoders.get(b)
+    if dec is None or dec.prompt_len != t:
+        dec = decoders[b] = GreedyOPT(blip.language_model, b, t, cfg.max_new_tokens)
+    embeds = embed_with_features(blip, input_ids, feats)
+    return dec.generate(
+        embeds,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        min_new=cfg.min_new_tokens,
+    )
 
 
 def caption_images(
