@@ -341,6 +341,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from captune.serve import ServeLimits, serve, target_from_args
+
+    if not args.run and not args.model:
+        raise UserError("serve needs a run folder or --model (and --adapter); e.g. captune serve runs/demo")
+    limits = ServeLimits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_images=args.max_images)
+    if limits.max_upload_mb <= 0 or limits.max_pixels <= 0 or limits.max_images <= 0:
+        raise UserError("--max-upload-mb, --max-pixels and --max-images must be positive")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is not a TCP port (1-65535)")
+    target = target_from_args(args.run, args.model, args.adapter, args.device)
+    serve(target, host=args.host, port=args.port, limits=limits, log=_log)
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from captune.config import list_recipes, load_config
 
@@ -425,6 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--workdir", help="where the e2e model, data and run folder go (default $TMPDIR)")
     bn.add_argument("--json-out", default="bench-result.json", help="write the results here")
     bn.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="web page: base vs fine-tuned captions side by side (captune[serve])")
+    sv.add_argument("run", nargs="?", help="run folder (its base model, adapter, test images and metrics)")
+    sv.add_argument("--model", help="base model instead of the run's (Hub id, folder or builtin:demo)")
+    sv.add_argument("--adapter", help="PEFT adapter folder or Hub id instead of RUN/adapter")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    sv.add_argument("--port", type=int, default=7860, help="TCP port")
+    sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted file")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image (width x height)")
+    sv.add_argument("--max-images", type=int, default=16, help="images per request")
+    sv.set_defaults(func=cmd_serve)
 
     rc = sub.add_parser("recipes", help="list the built-in recipes")
     rc.set_defaults(func=cmd_recipes)

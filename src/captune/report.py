@@ -114,7 +114,7 @@ def pick_examples(
     return chosen
 
 
-def _thumb(data: bytes, size: int = 256) -> str:
+def thumbnail_uri(data: bytes, size: int = 256) -> str:
     img = load_rgb(data)
     scale = max(1, size // max(img.size))
     if scale > 1:
@@ -185,7 +185,7 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
         cards.append(
             f"<div class='card'><div class='tag'>{esc(why)} · CIDEr {cider_b[image_id]:.2f} → "
             f"{cider_t[image_id]:.2f}</div><img alt='test image {esc(image_id)}' "
-            f"src='{_thumb(images[image_id])}'><div class='base'>before: {esc(base_p[image_id]['caption'])}"
+            f"src='{thumbnail_uri(images[image_id])}'><div class='base'>before: {esc(base_p[image_id]['caption'])}"
             f"</div><div class='tuned'>after: {esc(tuned_p[image_id]['caption'])}</div>"
             f"<div class='tag'>references</div><ul>{refs}</ul></div>"
         )
