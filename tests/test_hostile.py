@@ -191,3 +191,36 @@ def test_dataset_loading_scripts_are_not_run(tmp_path):
             DataConfig(source=f"hub:{folder}", num_images=0), tmp_path / "cache", progress=False, log=lambda m: None
         )
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------ bounded memory and time
+
+
+def test_hostile_inputs_stay_within_memory_and_time(tmp_path):
+    """Alias bombs, decompression bombs, a 20 MB caption and 200k-deep JSON, each in a fresh process:
+    each gives its promised outcome within 256 MiB of extra peak memory and 10 s."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "hostile" / "bounded_cases.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["case"]: r for r in map(json.loads, (x for x in done.stdout.splitlines() if x.startswith("{")))}
+    expected = {
+        "yaml alias bomb recipe": "user error: recipe",
+        "yaml alias bomb override": "user error: override 'lora.target_modules': the YAML expands",
+        "png claiming 60000x60000": "reason: image is a decompression bomb",
+        "jpeg claiming 65000x65000": "reason: image is a decompression bomb",
+        "20 MB caption": "ok",
+        "COCO JSON nested 200k deep": "user error:",
+        "manifest line nested 200k deep": "user error:",
+    }
+    assert set(rows) == set(expected)
+    for case, start in expected.items():
+        row = rows[case]
+        assert row["outcome"].startswith(start), row
+        assert row["mib"] < 256 and row["s"] < 10, row
+    assert rows["COCO JSON nested 200k deep"]["outcome"].endswith("JSON nested too deeply")
+    manifest = json.loads((tmp_path / "c1" / "manifest.json").read_text())
+    assert any("over 64 x data.max_caption_words=200" in s["reason"] for s in manifest["skipped"])

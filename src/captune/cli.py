@@ -132,6 +132,8 @@ def _jsonl(path: Path):
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path} line {n}: malformed JSON ({exc.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path} line {n}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise UserError(f"{path} line {n}: expected a JSON object")
         yield n, row

@@ -56,6 +56,8 @@ class DataConfig:
     """Training pairs: every (image, caption), the first caption, or a random caption per epoch."""
     max_pixels: int = 50_000_000
     """Images with more pixels are skipped (decompression-bomb guard)."""
+    max_caption_words: int = 200
+    """Captions with more words are dropped (and listed among the skipped items)."""
 
     def check(self) -> None:
         if ":" not in self.source:
@@ -69,6 +71,7 @@ class DataConfig:
         _require(abs(sum(self.ratios) - 1.0) < 1e-6, "data.ratios", "must add up to 1")
         _require(self.ratios[0] > 0, "data.ratios", "the train fraction must be above 0")
         _require(self.max_pixels > 0, "data.max_pixels", "must be positive")
+        _require(self.max_caption_words > 0, "data.max_caption_words", "must be positive")
 
 
 @dataclass
@@ -376,6 +379,42 @@ def apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> Non
             _set(cfg, key, value, where)
 
 
+MAX_YAML_NODES = 100_000
+
+
+def expanded_size(value: Any, memo: dict[int, int] | None = None) -> int:
+    """Nodes ``value`` has once YAML aliases are expanded (shared objects counted per use)."""
+    memo = {} if memo is None else memo
+    if not isinstance(value, (list, dict)):
+        return 1
+    key = id(value)
+    if key not in memo:
+        memo[key] = 0  # a self-referencing document counts its cycle once
+        children = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+        memo[key] = 1 + sum(expanded_size(k, memo) + expanded_size(v, memo) for k, v in children)
+    return memo[key]
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` that refuses alias bombs ("billion laughs") and self-references."""
+    value = yaml.safe_load(text)
+    if expanded_size(value) > MAX_YAML_NODES or _cyclic(value, set()):
+        raise UserError(f"{what}: the YAML expands to too many values (aliases?); write it out plainly")
+    return value
+
+
+def _cyclic(value: Any, path: set[int]) -> bool:
+    if not isinstance(value, (list, dict)):
+        return False
+    if id(value) in path:
+        return True
+    path.add(id(value))
+    items = value.values() if isinstance(value, dict) else value
+    found = any(_cyclic(v, path) for v in items)
+    path.discard(id(value))
+    return found
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``section.key=value``; the value is read as a YAML scalar or list."""
     if "=" not in text:
@@ -385,7 +424,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{text}': expected SECTION.KEY=VALUE")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"override '{key}'") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -428,7 +467,7 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> Config:
     """Resolve a recipe plus overrides into a checked Config."""
     text = read_recipe_text(recipe)
     try:
-        mapping = yaml.safe_load(text) or {}
+        mapping = load_yaml(text, f"recipe '{recipe}'") or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from captune.atomic import staged_dir, write_atomic
-from captune.config import Config, config_from_dict
+from captune.config import Config, config_from_dict, load_yaml
 from captune.data.prepare import load_split, prepare
 from captune.data.sources import parse_source
 from captune.errors import UserError
@@ -54,13 +54,9 @@ class Run:
                     f"{root} is not a run folder (no config.yaml); start one with "
                     "'captune run RECIPE --out RUN' or pass --recipe"
                 )
-            import yaml
-
-            cfg = config_from_dict(yaml.safe_load(saved.read_text()))
+            cfg = config_from_dict(load_yaml(saved.read_text(), str(saved)))
         elif saved.is_file() and not force:
-            import yaml
-
-            if yaml.safe_load(saved.read_text()) != cfg.to_dict():
+            if load_yaml(saved.read_text(), str(saved)) != cfg.to_dict():
                 raise UserError(
                     f"{root} holds a run with a different config; use --force to redo it "
                     "with the new one, or choose another --out"

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from captune.config import EvalConfig, ModelConfig, config_from_dict
+from captune.config import EvalConfig, ModelConfig, config_from_dict, load_yaml
 from captune.data.images import check_image
 from captune.errors import UserError
 
@@ -237,9 +237,7 @@ def target_from_args(
         saved = root / "config.yaml"
         if not saved.is_file():
             raise UserError(f"{root} is not a run folder (no config.yaml); pass a run or --model/--adapter")
-        import yaml
-
-        cfg = config_from_dict(yaml.safe_load(saved.read_text()))
+        cfg = config_from_dict(load_yaml(saved.read_text(), str(saved)))
         model_cfg = replace(cfg.model, device=device if device != "auto" else cfg.model.device)
         if model:
             model_cfg = replace(model_cfg, name_or_path=model)

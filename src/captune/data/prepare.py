@@ -53,6 +53,17 @@ def clean_caption(text: str) -> str:
     return " ".join(text.split())
 
 
+def caption_too_long(text: str, max_words: int) -> str | None:
+    """Why a caption is dropped for its length, or None. Text over 64 characters a word is
+    refused before it is split, so a multi-megabyte "caption" costs no more than its string."""
+    if len(text) > 64 * max_words:
+        return f"caption of {len(text)} characters, over 64 x data.max_caption_words={max_words}"
+    words = len(text.split())
+    if words > max_words:
+        return f"caption of {words} words, over data.max_caption_words={max_words}"
+    return None
+
+
 def settings_of(cfg: DataConfig) -> dict:
     d = asdict(cfg)
     d.pop("train_captions")  # a training choice; the cache holds every caption
@@ -134,6 +145,10 @@ def prepare(
         last_key = key
         group = groups[key]
         for cap in item.captions:
+            why = caption_too_long(cap, cfg.max_caption_words)
+            if why:
+                skipped.append({"item": f"{item.where} caption", "reason": why})
+                continue
             cap = clean_caption(cap)
             if cap and cap not in group.captions:
                 group.captions.append(cap)

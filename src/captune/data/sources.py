@@ -209,6 +209,8 @@ def _load_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply") from None
 
 
 def read_coco(annotations: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
@@ -253,6 +255,8 @@ def _read_rows(path: Path) -> Iterator[tuple[int, dict]]:
                         row = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise UserError(f"{path} line {n}: malformed JSON ({exc.msg})") from None
+                    except RecursionError:
+                        raise UserError(f"{path} line {n}: JSON nested too deeply") from None
                     if not isinstance(row, dict):
                         raise UserError(f"{path} line {n}: expected a JSON object")
                     yield n, row
@@ -276,7 +280,7 @@ def _csv_captions(row: dict, column: str) -> list[str]:
             parsed = json.loads(value)
             if isinstance(parsed, list):
                 return _as_captions(parsed)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
     found = _as_captions(value)
     if column in row:
