@@ -74,3 +74,68 @@ def image_folder(tmp_path) -> Path:
             anns.append({"image_id": 100 + i, "caption": f"caption {j} of image {i}"})
     (root / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
     return root
+
+
+def build_t5_processor(query_tokens: int = 4):
+    """The demo's word-level vocabulary with T5's conventions: no BOS, ``</s>`` after the text."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import Blip2Processor, BlipImageProcessor, PreTrainedTokenizerFast
+
+    from captune.demo import world
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + world.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=64
+    )
+    image_processor = BlipImageProcessor(
+        size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True
+    )
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=query_tokens)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised BLIP-2 with a T5 (encoder-decoder) language model, saved in HF format."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, T5Config
+
+    from captune.demo.base_model import DemoBuildSpec, build_config
+
+    torch.manual_seed(0)
+    processor = build_t5_processor()
+    tok = processor.tokenizer
+    spec = DemoBuildSpec(vision_hidden=32, qformer_hidden=32, text_hidden=32, layers=1, query_tokens=4)
+    opt_cfg = build_config(spec, vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"))
+    text = T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+        dropout_rate=0.0,
+        tie_word_embeddings=False,
+    )
+    cfg = Blip2Config(
+        vision_config=opt_cfg.vision_config.to_dict(),
+        qformer_config=opt_cfg.qformer_config.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=spec.query_tokens,
+        image_token_index=opt_cfg.image_token_index,
+    )
+    model = Blip2ForConditionalGeneration(cfg)
+    out = tmp_path_factory.mktemp("tiny_blip2_t5")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

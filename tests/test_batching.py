@@ -66,3 +66,79 @@ def test_same_layout_as_blip2_processor(tiny_model_dir):
     theirs = proc(images=[Image.new("RGB", (8, 8))] * 2, text=texts, padding="longest", return_tensors="pt")
     assert torch.equal(ours.input_ids, theirs["input_ids"])
     assert torch.equal(ours.attention_mask, theirs["attention_mask"])
+
+
+# ------------------------------------------------------------------ FlanT5 (encoder-decoder) layout
+
+CAPTIONS = ("a red circle", "two small blue squares on the left")
+
+
+@pytest.mark.parametrize("prompt", ["", "a photo of"])
+def test_seq2seq_labels_are_caption_and_eos_only(tiny_t5_dir, prompt):
+    """Encoder: image tokens + prompt exactly as Blip2Processor lays them out; decoder labels: caption + EOS."""
+    from transformers import Blip2Processor
+
+    from captune.batching import encode_seq2seq, label_tokens
+
+    proc = Blip2Processor.from_pretrained(tiny_t5_dir)
+    tok = proc.tokenizer
+    image = tok.convert_tokens_to_ids("<image>")
+    b = encode_seq2seq(
+        tok, list(CAPTIONS), batch_size=2, num_query_tokens=proc.num_query_tokens, image_token_id=image, prompt=prompt
+    )
+    from PIL import Image
+
+    ref = proc(images=[Image.new("RGB", (8, 8))] * 2, text=[prompt] * 2, return_tensors="pt")
+    assert torch.equal(b.input_ids, ref["input_ids"]) and torch.equal(b.attention_mask, ref["attention_mask"])
+    # the prompt lives in the encoder only; T5 puts no BOS in front and </s> after the text
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert b.input_ids[0, proc.num_query_tokens :].tolist() == prompt_ids + [tok.eos_token_id]
+    for row, caption in enumerate(CAPTIONS):
+        labelled = b.labels[row][b.labels[row] != IGNORE].tolist()
+        assert labelled == tok(caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert (b.labels[row][len(labelled) :] == IGNORE).all()  # right padding, never labelled
+    assert image not in b.labels
+    assert label_tokens(b.labels, seq2seq=True) == int((b.labels != IGNORE).sum())
+
+
+def test_seq2seq_truncation_keeps_eos(tiny_t5_dir):
+    from transformers import Blip2Processor
+
+    from captune.batching import encode_seq2seq
+
+    proc = Blip2Processor.from_pretrained(tiny_t5_dir)
+    tok = proc.tokenizer
+    b = encode_seq2seq(tok, list(CAPTIONS), batch_size=2, num_query_tokens=4, image_token_id=9, max_text_tokens=4)
+    assert b.labels.size(1) == 4 and (b.labels[:, 3] == tok.eos_token_id).all()
+
+
+def test_seq2seq_cached_feature_loss_equals_full_model(tiny_t5_dir):
+    """lm_loss on cached features equals Blip2ForConditionalGeneration's own loss for a FlanT5-style model."""
+    import io
+
+    from PIL import Image
+
+    from captune.batching import encode_seq2seq
+    from captune.config import ModelConfig
+    from captune.demo import world
+    from captune.features import image_features, lm_loss
+    from captune.modeling import load_model
+
+    loaded = load_model(ModelConfig(name_or_path=str(tiny_t5_dir), device="cpu"))
+    blip, proc = loaded.model, loaded.processor
+    items = world.make_items("catalog", 3, seed=1)
+    feats = image_features(blip, proc, [it["image"] for it in items])
+    b = encode_seq2seq(
+        proc.tokenizer,
+        [it["captions"][0] for it in items],
+        batch_size=3,
+        num_query_tokens=proc.num_query_tokens,
+        image_token_id=blip.config.image_token_index,
+        prompt="a photo of",
+    )
+    ours = lm_loss(blip, feats, b.input_ids, b.attention_mask, b.labels)
+    pil = [Image.open(io.BytesIO(it["image"])) for it in items]
+    ref = proc(images=pil, text=["a photo of"] * 3, return_tensors="pt")
+    with torch.no_grad():
+        theirs = blip(**ref, labels=b.labels).loss
+    assert torch.allclose(ours, theirs, atol=1e-5)

@@ -143,3 +143,48 @@ def test_early_stop_after_patience():
     validations = [h for h in result.history if h["type"] == "validation"]
     assert len(validations) == 3 and result.stopped_early
     assert result.best_step == validations[0]["step"]
+
+
+# ------------------------------------------------------------------ FlanT5 (encoder-decoder)
+
+
+def test_t5_presets_and_target_errors(tiny_t5_dir):
+    loaded = load_model(Config().model.__class__(name_or_path=str(tiny_t5_dir), device="cpu"))
+    assert target_modules(loaded.model, LoraConfig(target_modules="seed")) == ["q", "k"]
+    with pytest.raises(UserError, match="match no linear layer.*wi_0"):
+        attach_lora(loaded.model, LoraConfig(target_modules=["q_proj", "k_proj"]))  # the OPT names: a classic trap
+    model = attach_lora(loaded.model, LoraConfig(target_modules="attention"))
+    adapted = {n.rsplit(".", 2)[-2] for n, _ in model.named_modules() if n.endswith("lora_A")}
+    assert adapted == {"q", "k", "v", "o"}
+
+
+def test_t5_run_learns_a_planted_style(tiny_t5_dir, tmp_path):
+    """The whole pipeline on a FlanT5-style BLIP-2: caption loss falls, the adapter is plain PEFT, captions change."""
+    from peft import PeftModel
+
+    from captune.cli import main
+
+    out = tmp_path / "t5run"
+    overrides = [
+        f"model.name_or_path={tiny_t5_dir}",
+        "data.num_images=80",
+        "train.epochs=4",
+        "train.lr=0.01",
+        "lora.target_modules=all-linear",
+        "model.prompt=a photo of",
+        "eval.bootstrap=100",
+        "report.examples=2",
+    ]
+    assert main(["run", "demo", "--out", str(out), *overrides]) == 0
+    log = [json.loads(x) for x in (out / "logs" / "train.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in log if r["type"] == "train"]
+    val_losses = [r["loss"] for r in log if r["type"] == "validation"]
+    assert train_losses[-1] < train_losses[0] * 0.5 and val_losses[-1] < val_losses[0]
+    base = [json.loads(x)["caption"] for x in (out / "baseline" / "predictions.jsonl").read_text().splitlines()]
+    tuned = [json.loads(x)["caption"] for x in (out / "finetuned" / "predictions.jsonl").read_text().splitlines()]
+    assert base != tuned and all(t and not t.startswith("a photo of") for t in tuned)
+    metrics = json.loads((out / "finetuned" / "metrics.json").read_text())
+    assert metrics["CIDEr"] > json.loads((out / "baseline" / "metrics.json").read_text())["CIDEr"]
+    loaded = load_model(Config().model.__class__(name_or_path=str(tiny_t5_dir), device="cpu"))
+    peft_model = PeftModel.from_pretrained(loaded.model, str(out / "adapter"))
+    assert any("language_model.encoder" in n and "lora_A" in n for n, _ in peft_model.named_parameters())

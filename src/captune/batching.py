@@ -6,6 +6,11 @@ slices its logits to ``labels.size(1)``, so labels must span the whole
 ``input_ids``. Every position that is not a caption token is -100: image
 placeholders, padding, BOS and the prompt. The seed notebook trained on all of
 them; this module is where that is fixed, and its tests pin it down.
+
+FlanT5 (encoder-decoder) checkpoints lay text out differently: the encoder reads
+the image placeholders and the prompt (with the tokenizer's end-of-sequence mark,
+as ``Blip2Processor`` encodes it), and the decoder is trained on the caption plus
+EOS, with padding at -100. ``encode_seq2seq`` builds that layout.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ class TextBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None = None
+
+
+def is_encoder_decoder(blip) -> bool:
+    """True for BLIP-2 checkpoints whose language model is an encoder-decoder (FlanT5)."""
+    return not getattr(blip.config, "use_decoder_only_language_model", True)
 
 
 def training_text(caption: str, prompt: str, eos_token: str) -> str:
@@ -96,10 +106,60 @@ def encode_texts(
     return TextBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
-def generation_prompt(
-    tokenizer, batch_size: int, *, num_query_tokens: int, image_token_id: int, prompt: str = ""
+def encode_seq2seq(
+    tokenizer,
+    captions: list[str] | None,
+    *,
+    batch_size: int,
+    num_query_tokens: int,
+    image_token_id: int,
+    prompt: str = "",
+    max_text_tokens: int | None = None,
 ) -> TextBatch:
-    """Inputs for ``generate``: image tokens, BOS and the optional prompt."""
+    """Encoder-decoder layout: encoder ``[<image> x Q] + prompt tokens`` (the tokenizer's own
+    special tokens, e.g. T5's trailing ``</s>``); decoder labels ``caption + EOS`` padded with -100.
+
+    ``labels`` has its own length (the decoder's), unlike the decoder-only layout.
+    """
+    enc = tokenizer([prompt] * batch_size, return_tensors="pt", padding="longest")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    image = torch.full((batch_size, num_query_tokens), image_token_id, dtype=ids.dtype)
+    input_ids = torch.cat([image, ids], dim=1)
+    attention_mask = torch.cat([torch.ones_like(image), mask], dim=1)
+    labels = None
+    if captions is not None:
+        if len(captions) != batch_size:
+            raise ValueError("one caption per row")
+        limit = None if max_text_tokens is None else max(1, max_text_tokens - 1)
+        rows = [
+            tokenizer(" ".join(c.split()), add_special_tokens=False)["input_ids"][:limit] + [tokenizer.eos_token_id]
+            for c in captions
+        ]
+        width = max(len(r) for r in rows)
+        labels = torch.full((batch_size, width), IGNORE, dtype=ids.dtype)
+        for i, r in enumerate(rows):
+            labels[i, : len(r)] = torch.tensor(r, dtype=ids.dtype)
+    return TextBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def label_tokens(labels: torch.Tensor, seq2seq: bool) -> int:
+    """How many positions a batch's loss is taken over."""
+    return int(((labels if seq2seq else labels[:, 1:]) != IGNORE).sum())
+
+
+def generation_prompt(
+    tokenizer, batch_size: int, *, num_query_tokens: int, image_token_id: int, prompt: str = "", seq2seq: bool = False
+) -> TextBatch:
+    """Inputs for ``generate``: image tokens, BOS and the optional prompt (or the encoder's input)."""
+    if seq2seq:
+        return encode_seq2seq(
+            tokenizer,
+            None,
+            batch_size=batch_size,
+            num_query_tokens=num_query_tokens,
+            image_token_id=image_token_id,
+            prompt=prompt,
+        )
     return encode_texts(
         tokenizer,
         [prompt] * batch_size,

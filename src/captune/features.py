@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from captune.batching import IGNORE
+from captune.batching import IGNORE, is_encoder_decoder
 from captune.data.images import load_rgb
 
 
@@ -147,6 +147,10 @@ def lm_loss(
     blip = unwrap(model)
     embeds = embed_with_features(blip, input_ids, features)
     lm = blip.language_model
+    if is_encoder_decoder(blip):  # FlanT5: labels are the decoder's; it shifts them right itself
+        decoder_input_ids = lm.prepare_decoder_input_ids_from_labels(labels=labels)
+        logits = lm(inputs_embeds=embeds, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
     target = labels[:, 1:]
     keep = target != IGNORE
     body = getattr(lm, "model", None)
@@ -165,6 +169,8 @@ def generate_from_features(
     """New token ids only (the prompt is cut off), as ``Blip2...generate`` would produce."""
     blip = unwrap(model)
     embeds = embed_with_features(blip, input_ids, features)
+    if is_encoder_decoder(blip):  # the decoder's output starts at its start token, not after a prompt
+        return blip.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
     out = blip.language_model.generate(
         inputs_embeds=embeds, attention_mask=attention_mask, input_ids=input_ids, **kwargs
     )

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from captune.batching import generation_prompt
+from captune.batching import generation_prompt, is_encoder_decoder
 from captune.config import EvalConfig
 from captune.fast_decode import GreedyOPT, supported
 from captune.features import embed_with_features, generate_from_features, image_features, unwrap
@@ -50,6 +50,7 @@ def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, 
     """
     blip = unwrap(model)
     fast = use_fast_path(blip, cfg)
+    seq2seq = is_encoder_decoder(blip)
     kwargs = generation_kwargs(cfg, tokenizer)
     decoders: dict[int, GreedyOPT] = {}
     captions: list[str] = []
@@ -61,6 +62,7 @@ def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, 
             num_query_tokens=blip.config.num_query_tokens,
             image_token_id=blip.config.image_token_index,
             prompt=prompt,
+            seq2seq=seq2seq,
         )
         device = feats.device
         input_ids, mask = ids.input_ids.to(device), ids.attention_mask.to(device)
@@ -69,7 +71,7 @@ def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, 
         else:
             new = generate_from_features(model, feats, input_ids, mask, **kwargs)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        captions.extend(clean_caption(t, prompt) for t in texts)
+        captions.extend(clean_caption(t, "" if seq2seq else prompt) for t in texts)
     return captions
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from captune.batching import encode_texts, training_text
+from captune.batching import encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
 from captune.config import Config
 from captune.data.prepare import Example
 from captune.features import image_features, lm_loss, unwrap
@@ -41,6 +41,16 @@ class TrainResult:
 
 def encode_pairs(tokenizer, blip, captions: list[str], cfg: Config):
     """Flat (unpacked) batch of captions with masked labels, as the model lays them out."""
+    if is_encoder_decoder(blip):
+        return encode_seq2seq(
+            tokenizer,
+            captions,
+            batch_size=len(captions),
+            num_query_tokens=blip.config.num_query_tokens,
+            image_token_id=blip.config.image_token_index,
+            prompt=cfg.model.prompt,
+            max_text_tokens=cfg.train.max_text_tokens,
+        )
     return encode_texts(
         tokenizer,
         [training_text(c, cfg.model.prompt, tokenizer.eos_token) for c in captions],
@@ -63,7 +73,7 @@ def flat_loss(model, tokenizer, feats: torch.Tensor, chunk: list[tuple[int, str]
         text.attention_mask.to(device),
         text.labels.to(device),
     )
-    return loss, int((text.labels[:, 1:] != -100).sum())
+    return loss, label_tokens(text.labels, is_encoder_decoder(blip))
 
 
 def _eta(elapsed: float, done: int, left: int) -> str:
