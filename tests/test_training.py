@@ -188,3 +188,17 @@ def test_t5_run_learns_a_planted_style(tiny_t5_dir, tmp_path):
     loaded = load_model(Config().model.__class__(name_or_path=str(tiny_t5_dir), device="cpu"))
     peft_model = PeftModel.from_pretrained(loaded.model, str(out / "adapter"))
     assert any("language_model.encoder" in n and "lora_A" in n for n, _ in peft_model.named_parameters())
+
+
+def test_quantization_errors_are_one_line(monkeypatch):
+    import sys
+
+    from captune.config import ModelConfig
+
+    with pytest.raises(UserError, match="model.quantization=4bit needs a CUDA GPU"):
+        load_model(ModelConfig(device="cpu", quantization="4bit"))
+    import captune.modeling as modeling
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(UserError, match=r"needs bitsandbytes: pip install 'captune\[quant\]'"):
+        modeling.quantization_config(ModelConfig(quantization="8bit"), torch.device("cuda"), torch.bfloat16)

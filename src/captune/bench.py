@@ -75,12 +75,16 @@ def synthetic_captions(n: int, seed: int = 0, per_image: int = 5) -> list[list[s
     return [[" ".join(rng.choice(WORDS, size=int(rng.integers(8, 12)))) for _ in range(per_image)] for _ in range(n)]
 
 
-def build_tokenizer(vocab_size: int, image_token_index: int):
-    """A word-level tokenizer whose ids cover the model's whole vocabulary, OPT's specials in place."""
+def build_tokenizer(vocab_size: int, image_token_index: int, seq2seq: bool = False):
+    """A word-level tokenizer whose ids cover the model's whole vocabulary, with OPT's specials in
+    place (BOS = EOS = </s> before the text) or T5's (pad 0, </s> 1 after the text, no BOS)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    if seq2seq:
+        vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    else:
+        vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     for w in WORDS:
         vocab.setdefault(w, len(vocab))
     while len(vocab) < image_token_index:
@@ -88,10 +92,12 @@ def build_tokenizer(vocab_size: int, image_token_index: int):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    eos = vocab["</s>"]
+    template = "$A </s>" if seq2seq else "</s> $A"
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", eos)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="</s>",
+        bos_token=None if seq2seq else "</s>",
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
@@ -103,7 +109,8 @@ def build_tokenizer(vocab_size: int, image_token_index: int):
 def build_processor(cfg):
     from transformers import Blip2Processor, BlipImageProcessor
 
-    tokenizer, vocab_size = build_tokenizer(cfg.text_config.vocab_size, cfg.image_token_index)
+    seq2seq = not cfg.use_decoder_only_language_model
+    tokenizer, vocab_size = build_tokenizer(cfg.text_config.vocab_size, cfg.image_token_index, seq2seq)
     image_processor = BlipImageProcessor(
         size={"height": 224, "width": 224},
         image_mean=[0.48145466, 0.4578275, 0.40821073],
@@ -218,20 +225,25 @@ def measure_captune_training(model, processor, feats, *, images_per_step: int, t
 
 
 def measure_captune_captioning(model, processor, feats, batch: int, new_tokens: int) -> dict:
+    """Greedy captioning of 4 batches (one decoder and CUDA graph per call, as in an eval),
+    against HF ``generate`` from the same features; also how often the two agree exactly."""
     from captune.config import EvalConfig
     from captune.generation import caption_features
 
-    f = feats[torch.arange(batch, device="cuda") % feats.size(0)]
+    n = 4 * batch
+    f = feats[torch.arange(n, device="cuda") % feats.size(0)]
     cfg = EvalConfig(batch_size=batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    caption_features(model, processor.tokenizer, f, cfg)
-    t = _timed(lambda: caption_features(model, processor.tokenizer, f, cfg), 3)
+    fast = caption_features(model, processor.tokenizer, f[:batch], cfg)
+    t = _timed(lambda: caption_features(model, processor.tokenizer, f, cfg), 2)
     hf = EvalConfig(batch_size=batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, fast=False)
-    caption_features(model, processor.tokenizer, f[:64], hf)
+    slow = caption_features(model, processor.tokenizer, f[:batch], hf)
     t_hf = _timed(lambda: caption_features(model, processor.tokenizer, f, hf), 1)
     return {
-        "caption_images_per_s": round(batch / t, 1),
+        "caption_images_per_s": round(n / t, 1),
         "caption_batch": batch,
-        "caption_hf_generate_images_per_s": round(batch / t_hf, 1),
+        "caption_images": n,
+        "caption_hf_generate_images_per_s": round(n / t_hf, 1),
+        "caption_fast_equals_generate": round(sum(a == b for a, b in zip(fast, slow, strict=True)) / batch, 4),
     }
 
 
@@ -351,6 +363,7 @@ def run_e2e(model, cfg, processor, jpegs: list[bytes], captions: list[list[str]]
         "e2e_job_s": round(wall, 1),
         "e2e_phases_s": timings["phases"],
         "e2e_train_samples_per_s": round(train["samples_per_s"], 1),
+        "e2e_log_head": done.stdout[:3000],
         "e2e_log_tail": done.stdout[-1500:],
     }
 

@@ -86,6 +86,8 @@ class ModelConfig:
     """Where to run; auto = cuda when available."""
     prompt: str = ""
     """Text prompt before each caption (e.g. 'a photo of'); removed from generated captions."""
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    """8bit, or 4bit NF4 with double quantization (QLoRA), for the language model; needs captune[quant] + a GPU."""
 
     def check(self) -> None:
         _require(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")

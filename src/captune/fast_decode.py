@@ -19,8 +19,11 @@ from captune.decode_attention import decode_attention
 
 
 def supported(lm) -> bool:
+    """An OPT-style decoder with plain floating-point projections (not 8-bit/4-bit layers)."""
     dec = getattr(getattr(lm, "model", None), "decoder", None)
-    return dec is not None and hasattr(dec, "embed_positions") and hasattr(lm, "lm_head")
+    if dec is None or not hasattr(dec, "embed_positions") or not hasattr(lm, "lm_head"):
+        return False
+    return all(layer.self_attn.v_proj.weight.dtype.is_floating_point for layer in dec.layers)
 
 
 class GreedyOPT:

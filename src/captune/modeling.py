@@ -114,15 +114,68 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None) -> Loade
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     processor = Blip2Processor.from_pretrained(path)
+    quant = quantization_config(cfg, device, dtype)
+    # On a GPU the weights go straight from the safetensors files to the device.
+    placement = {"device_map": {"": device.index or 0}} if device.type == "cuda" else {}
+    if quant is not None:
+        placement["quantization_config"] = quant
     model = Blip2ForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=False, **placement
     )
     if model.config.image_token_index is None:
         # Older checkpoints predate image tokens; the processor's token is the one to use.
         model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
-    model.to(device)
+    if device.type != "cuda":
+        model.to(device)
     model.eval()
     return Loaded(model, processor, device, dtype, path)
+
+
+# Only the language model is quantized: the vision tower and Q-Former run once per image
+# (their outputs are cached) and keep their precision; the LM head stays unquantized too.
+UNQUANTIZED = ["vision_model", "qformer", "query_tokens", "language_projection", "lm_head"]
+
+
+def quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """A ``BitsAndBytesConfig`` for model.quantization, or None; clear errors where it cannot work."""
+    if cfg.quantization == "none":
+        return None
+    if device.type != "cuda":
+        raise UserError(
+            f"model.quantization={cfg.quantization} needs a CUDA GPU (bitsandbytes); use model.quantization=none"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"model.quantization={cfg.quantization} needs bitsandbytes: pip install 'captune[quant]'"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=UNQUANTIZED,
+    )
+
+
+def is_quantized(model) -> bool:
+    return any(getattr(model, a, False) for a in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"))
+
+
+def prepare_kbit_training(model) -> None:
+    """k-bit training preparation for the language model: every base weight frozen; its
+    non-quantized 16-bit parameters (embeddings, layer norms, LM head) in fp32 so the
+    adapter trains on stable activations. The vision side keeps its dtype (it runs once per image)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.language_model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
 
 
 def target_modules(model, lora: LoraConfig) -> list[str]:
@@ -141,7 +194,7 @@ def attach_lora(model, lora: LoraConfig):
     leaves = {
         n.rsplit(".", 1)[-1]
         for n, m in model.named_modules()
-        if n.startswith(lm_prefix) and isinstance(m, torch.nn.Linear)
+        if n.startswith(lm_prefix) and isinstance(m, torch.nn.Linear)  # bitsandbytes layers are Linear too
     }
     missing = [t for t in names if t not in leaves]
     present = [t for t in names if t in leaves]
@@ -150,6 +203,8 @@ def attach_lora(model, lora: LoraConfig):
             f"lora.target_modules {missing or names} match no linear layer of the language model; "
             f"its linear layers are named: {', '.join(sorted(leaves))}"
         )
+    if is_quantized(model):
+        prepare_kbit_training(model)
     # Anchor the names to the language model so the vision tower and Q-Former stay frozen
     # (their projections must not pick up adapters through a shared name).
     pattern = r"^language_model\..*\.(" + "|".join(present) + r")$"
