@@ -33,8 +33,10 @@ def make_folder(root: Path, n: int) -> Path:
         draw = ImageDraw.Draw(img)
         for _ in range(8):
             x, y = rng.randrange(600), rng.randrange(440)
-            draw.ellipse((x, y, x + rng.randrange(20, 200), y + rng.randrange(20, 200)),
-                         fill=tuple(rng.randrange(256) for _ in range(3)))
+            draw.ellipse(
+                (x, y, x + rng.randrange(20, 200), y + rng.randrange(20, 200)),
+                fill=tuple(rng.randrange(256) for _ in range(3)),
+            )
         img = img.filter(ImageFilter.GaussianBlur(1))
         name = f"{i:012d}.jpg"
         img.save(root / name, quality=90)
@@ -63,9 +65,13 @@ def main() -> None:
         seconds = time.perf_counter() - t0
     result = {
         "what": "captune data prepare, local COCO-format folder of 640x480 JPEGs",
-        "images": manifest["images"], "references": manifest["references"], "jpeg_mb": round(size_mb, 1),
-        "seconds": round(seconds, 2), "images_per_s": round(manifest["images"] / seconds, 1),
-        "cpu": f"{platform.machine()} x{os.cpu_count()}", "python": platform.python_version(),
+        "images": manifest["images"],
+        "references": manifest["references"],
+        "jpeg_mb": round(size_mb, 1),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(manifest["images"] / seconds, 1),
+        "cpu": f"{platform.machine()} x{os.cpu_count()}",
+        "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/data_prepare.py " + " ".join(sys.argv[1:]),
     }

@@ -29,15 +29,43 @@ def blip2_opt_2_7b_config():
     """The published blip2-opt-2.7b configuration, written out (no Hub access)."""
     from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
 
-    vision = Blip2VisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
-                               num_attention_heads=16, image_size=224, patch_size=14, qkv_bias=True)
-    qformer = Blip2QFormerConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                 intermediate_size=3072, encoder_hidden_size=1408, cross_attention_frequency=2)
-    text = OPTConfig(vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240,
-                     num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2560,
-                     pad_token_id=1, bos_token_id=2, eos_token_id=50118, torch_dtype="float16")
-    return Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
-                       num_query_tokens=32, image_token_index=50265)
+    vision = Blip2VisionConfig(
+        hidden_size=1408,
+        intermediate_size=6144,
+        num_hidden_layers=39,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        qkv_bias=True,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        encoder_hidden_size=1408,
+        cross_attention_frequency=2,
+    )
+    text = OPTConfig(
+        vocab_size=50272,
+        hidden_size=2560,
+        num_hidden_layers=32,
+        ffn_dim=10240,
+        num_attention_heads=32,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=2560,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=50118,
+        torch_dtype="float16",
+    )
+    return Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=32,
+        image_token_index=50265,
+    )
 
 
 class _OptIds:

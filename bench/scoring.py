@@ -17,8 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-WORDS = ("a an the man woman dog cat bus train person people table street car sitting standing on in near with "
-         "red blue white black green large small two three of to and is are riding holding plate pizza field").split()
+WORDS = (
+    "a an the man woman dog cat bus train person people table street car sitting standing on in near with "
+    "red blue white black green large small two three of to and is are riding holding plate pizza field"
+).split()
 
 
 def caption(rng: random.Random) -> str:
@@ -48,18 +50,25 @@ def main() -> None:
         t0 = time.perf_counter()
         seed = seed_compatible(preds, refs)
         timings[f"seed_compatible_{name}_s"] = round(time.perf_counter() - t0, 2)
-        sides[name] = {"metrics": s.corpus, "per_image": s.per_image, "image_ids": s.image_ids,
-                       "bleu_stats": s.bleu_stats, "seed_compatible": seed}
+        sides[name] = {
+            "metrics": s.corpus,
+            "per_image": s.per_image,
+            "image_ids": s.image_ids,
+            "bleu_stats": s.bleu_stats,
+            "seed_compatible": seed,
+        }
     t0 = time.perf_counter()
     compare(sides["baseline"], sides["finetuned"], samples=args.bootstrap, seed=0)
     timings["bootstrap_compare_s"] = round(time.perf_counter() - t0, 2)
     timings["one_side_official_plus_bootstrap_s"] = round(
-        timings["official_baseline_s"] + timings["bootstrap_compare_s"], 2)
+        timings["official_baseline_s"] + timings["bootstrap_compare_s"], 2
+    )
     result = {
         "what": f"official COCO metrics (PTB, BLEU, METEOR 1.5, ROUGE-L, CIDEr-D) on {args.images} images x 5 refs, "
-                f"seed-comparable metrics, and a {args.bootstrap}-resample paired bootstrap of all metrics",
+        f"seed-comparable metrics, and a {args.bootstrap}-resample paired bootstrap of all metrics",
         **timings,
-        "cpu": f"{platform.machine()} x{os.cpu_count()}", "python": platform.python_version(),
+        "cpu": f"{platform.machine()} x{os.cpu_count()}",
+        "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/scoring.py " + " ".join(sys.argv[1:]),
     }

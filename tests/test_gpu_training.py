@@ -189,4 +189,5 @@ def test_coco5k_recipe_fits_24gb(checkpoints):
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         }
     )
-    assert peak <= 22.0, f"coco5k needs {peak:.1f} GiB; lower train.batch_size or eval.batch_size"
+    reserved = torch.cuda.max_memory_reserved() / 2**30
+    assert reserved <= 20.0, f"coco5k holds {reserved:.1f} GiB (24 GB GPU); lower train.batch_size or eval.batch_size"

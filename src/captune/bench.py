@@ -224,26 +224,41 @@ def measure_captune_training(model, processor, feats, *, images_per_step: int, t
     return out
 
 
-def measure_captune_captioning(model, processor, feats, batch: int, new_tokens: int) -> dict:
-    """Greedy captioning of 4 batches (one decoder and CUDA graph per call, as in an eval),
-    against HF ``generate`` from the same features; also how often the two agree exactly."""
+def measure_captune_captioning(model, processor, feats, batches: tuple[int, ...], new_tokens: int) -> dict:
+    """Greedy captioning of 4 batches per call (one decoder and CUDA graph per call, as in an
+    eval) at each batch size, against HF ``generate`` from the same features at the first
+    batch size; also how often the two give the same caption."""
     from captune.config import EvalConfig
     from captune.generation import caption_features
 
+    tok = processor.tokenizer
+    by_batch = {}
+    for batch in batches:
+        n = 4 * batch
+        f = feats[torch.arange(n, device="cuda") % feats.size(0)]
+        cfg = EvalConfig(batch_size=batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        caption_features(model, tok, f[:batch], cfg)  # warm-up
+        by_batch[batch] = round(n / _timed(lambda f=f, cfg=cfg: caption_features(model, tok, f, cfg), 2), 1)
+        torch.cuda.empty_cache()
+    batch = batches[0]
     n = 4 * batch
     f = feats[torch.arange(n, device="cuda") % feats.size(0)]
     cfg = EvalConfig(batch_size=batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    fast = caption_features(model, processor.tokenizer, f[:batch], cfg)
-    t = _timed(lambda: caption_features(model, processor.tokenizer, f, cfg), 2)
     hf = EvalConfig(batch_size=batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, fast=False)
-    slow = caption_features(model, processor.tokenizer, f[:batch], hf)
-    t_hf = _timed(lambda: caption_features(model, processor.tokenizer, f, hf), 1)
+    fast, slow = caption_features(model, tok, f[:batch], cfg), caption_features(model, tok, f[:batch], hf)
+    t_hf = _timed(lambda: caption_features(model, tok, f, hf), 1)
+    best = max(by_batch, key=by_batch.get)
     return {
-        "caption_images_per_s": round(n / t, 1),
-        "caption_batch": batch,
-        "caption_images": n,
+        "caption_images_per_s": by_batch[best],
+        "caption_batch": best,
+        "caption_images_per_s_by_batch": by_batch,
         "caption_hf_generate_images_per_s": round(n / t_hf, 1),
-        "caption_fast_equals_generate": round(sum(a == b for a, b in zip(fast, slow, strict=True)) / batch, 4),
+        "caption_hf_generate_batch": batch,
+        # exact equality of whole captions; on random weights the next-token logits are
+        # nearly flat, so bf16 rounding flips ties (the GPU test checks a trained model)
+        "caption_fast_equals_generate_random_weights": round(
+            sum(a == b for a, b in zip(fast, slow, strict=True)) / batch, 4
+        ),
     }
 
 
@@ -417,7 +432,7 @@ def run_bench(
     result.update(measure_captune_training(model, processor, feats, images_per_step=52, text_tokens=12))
     log(f"  {json.dumps({k: v for k, v in result.items() if k.startswith(('train', 'features'))})}")
     log("  captune captioning ...")
-    result.update(measure_captune_captioning(model, processor, feats, batch=1024, new_tokens=20))
+    result.update(measure_captune_captioning(model, processor, feats, batches=(1024, 2048), new_tokens=20))
     log(f"  {json.dumps({k: v for k, v in result.items() if k.startswith('caption')})}")
     result["caption_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     del feats

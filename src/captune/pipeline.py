@@ -305,6 +305,7 @@ def phase_train(run: Run, force: bool = False) -> None:
         feature_fn=run.features,
         checkpoint_dir=run.path("checkpoints"),
     )
+    t0 = time.perf_counter()
     with staged_dir(run.path("adapter")) as tmp:
         model.save_pretrained(tmp)
         loaded.processor.save_pretrained(tmp)
@@ -323,6 +324,7 @@ def phase_train(run: Run, force: bool = False) -> None:
             )
         )
     run._tuned = model
+    run.log(f"  adapter written to {run.path('adapter')} in {time.perf_counter() - t0:.1f}s")
 
 
 def _tuned_model(run: Run):

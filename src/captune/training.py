@@ -340,14 +340,22 @@ def train(
             return
         model.eval()
         row: dict = {"type": "validation", "epoch": epoch, "step": step}
+        t0 = time.perf_counter()
         row["loss"] = validation_loss(model, tokenizer, val_feats, val_examples, cfg)
+        times = {"loss": time.perf_counter() - t0}
         if score_fn is not None and tcfg.select != "loss":
+            t0 = time.perf_counter()
             caps = caption_features(model, tokenizer, val_feats, cfg.eval, cfg.model.prompt)
+            times["captions"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             row["CIDEr"] = score_fn(caps, [e.captions for e in val_examples])
+            times["scoring"] = time.perf_counter() - t0
+        row["seconds"] = {k: round(v, 3) for k, v in times.items()}
         journal.write(row)
         result.history.append(row)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("loss", "CIDEr"))
-        log(f"  validation after epoch {epoch} (step {step}): {shown}")
+        took = ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
+        log(f"  validation after epoch {epoch} (step {step}): {shown} ({took})")
         if tcfg.select == "last":
             return
         value = row["CIDEr"] if tcfg.select == "CIDEr" and "CIDEr" in row else -row["loss"]
