@@ -19,9 +19,10 @@ def demo():
     return loaded, image_features(loaded.model, loaded.processor, images)
 
 
-@pytest.mark.parametrize("prompt, min_new", [("", 0), ("a photo of", 0), ("", 9)])
-def test_fast_greedy_equals_generate(demo, prompt, min_new):
+@pytest.mark.parametrize("prompt, min_new, n", [("", 0, 12), ("a photo of", 0, 12), ("", 9, 12), ("", 0, 11)])
+def test_fast_greedy_equals_generate(demo, prompt, min_new, n):
     loaded, feats = demo
+    feats = feats[:n]  # 11 images in batches of 5: equal batches of 4, the last padded
     slow = EvalConfig(batch_size=5, max_new_tokens=14, min_new_tokens=min_new, fast=False)
     fast = dataclasses.replace(slow, fast=True)
     tok = loaded.processor.tokenizer
@@ -64,7 +65,10 @@ def test_greedy_captioning_takes_the_fast_path(demo, monkeypatch):
     monkeypatch.setattr(fast_decode.GreedyOPT, "generate", spy)
     tok = loaded.processor.tokenizer
     caption_features(loaded.model, tok, feats, EvalConfig(batch_size=5, max_new_tokens=8))
-    assert calls == [5, 5, 2]
+    assert calls == [4, 4, 4]  # 12 images in equal batches: one decoder shape
+    calls.clear()
+    caption_features(loaded.model, tok, feats[:11], EvalConfig(batch_size=5, max_new_tokens=8))
+    assert calls == [4, 4, 4]  # the last batch padded to the shape in use
     caption_features(loaded.model, tok, feats, EvalConfig(batch_size=5, max_new_tokens=8, num_beams=2))
     caption_features(loaded.model, tok, feats, EvalConfig(batch_size=5, max_new_tokens=8, fast=False))
-    assert calls == [5, 5, 2]
+    assert calls == [4, 4, 4]

@@ -190,4 +190,5 @@ def test_coco5k_recipe_fits_24gb(checkpoints):
         }
     )
     reserved = torch.cuda.max_memory_reserved() / 2**30
-    assert reserved <= 20.0, f"coco5k holds {reserved:.1f} GiB (24 GB GPU); lower train.batch_size or eval.batch_size"
+    # a 24 GB card offers about 22.3 GiB; the allocator's cache (reserved) must fit in it too
+    assert peak <= 18.0 and reserved <= 22.0, f"coco5k: {peak:.1f} GiB allocated, {reserved:.1f} GiB reserved"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -54,8 +55,14 @@ def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, 
     kwargs = generation_kwargs(cfg, tokenizer)
     decoders: dict[int, GreedyOPT] = {}
     captions: list[str] = []
-    for start in range(0, features.size(0), cfg.batch_size):
-        feats = features[start : start + cfg.batch_size]
+    total, size = features.size(0), cfg.batch_size
+    if fast and total:  # equal batches: one decoder shape, one CUDA graph capture per call
+        size = math.ceil(total / math.ceil(total / size))
+    for start in range(0, total, size):
+        feats = features[start : start + size]
+        real = feats.size(0)
+        if fast and start and real < size:  # the short last batch is padded to the shape in use
+            feats = torch.cat([feats, feats[-1:].expand(size - real, *feats.shape[1:])])
         ids = generation_prompt(
             tokenizer,
             feats.size(0),
@@ -65,12 +72,13 @@ def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, 
             seq2seq=seq2seq,
         )
         device = feats.device
+        unpadded = bool(ids.attention_mask.all())  # checked on the CPU: no GPU sync
         input_ids, mask = ids.input_ids.to(device), ids.attention_mask.to(device)
-        if fast and bool(mask.all()):
+        if fast and unpadded:
             new = _fast_greedy(blip, decoders, feats, input_ids, cfg, tokenizer)
         else:
             new = generate_from_features(model, feats, input_ids, mask, **kwargs)
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(new[:real], skip_special_tokens=True)
         captions.extend(clean_caption(t, "" if seq2seq else prompt) for t in texts)
     return captions
 

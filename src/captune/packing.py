@@ -27,13 +27,27 @@ class PackedBatch:
     mask: torch.Tensor  # (G, K, T) 1 where a real token is
     labels: torch.Tensor  # (G, K, T) next-token targets within the slot, IGNORE elsewhere
     pairs: int = 0  # captions in the batch (counted on the CPU: no GPU sync per step)
+    # Flat indices into (G, K, T-1) of the labelled positions and their targets, found on the
+    # CPU: selecting them on the GPU with a boolean mask would wait for the GPU every step.
+    keep: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.keep is None:
+            target = self.labels[:, :, 1:]
+            self.keep = (target != IGNORE).flatten().nonzero().squeeze(1)
+            self.targets = target.flatten()[self.keep]
 
     def to(self, device) -> PackedBatch:
+        device = torch.device(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if device.type == "cuda" and t.device.type == "cpu":
+                t = t.pin_memory()  # an asynchronous copy: the CPU prepares the next batch meanwhile
+            return t.to(device, non_blocking=True)
+
         return PackedBatch(
-            self.ids.to(device, non_blocking=True),
-            self.mask.to(device, non_blocking=True),
-            self.labels.to(device, non_blocking=True),
-            self.pairs,
+            move(self.ids), move(self.mask), move(self.labels), self.pairs, move(self.keep), move(self.targets)
         )
 
 
@@ -87,7 +101,8 @@ def packed_loss(model, features: torch.Tensor, batch: PackedBatch) -> torch.Tens
     q = features.size(1)
     tok = dec.embed_tokens(batch.ids.view(g, k * t))
     hidden = torch.cat([features.to(tok.dtype), tok], dim=1)
-    positions = torch.cat([torch.arange(q), q + torch.arange(t).repeat(k)]).to(hidden.device)
+    dev = hidden.device
+    positions = torch.cat([torch.arange(q, device=dev), q + torch.arange(t, device=dev).repeat(k)])
     emb = dec.embed_positions
     if dec.project_in is not None:
         hidden = dec.project_in(hidden)
@@ -118,13 +133,11 @@ def packed_loss(model, features: torch.Tensor, batch: PackedBatch) -> torch.Tens
         hidden = residual + F.dropout(h, p=layer.dropout, training=training)
         if not pre_norm:
             hidden = layer.final_layer_norm(hidden)
-    text = hidden[:, q:].reshape(g, k, t, -1)
-    target = batch.labels[:, :, 1:]
-    keep = target != IGNORE
-    text = text[:, :, :-1][keep]
+    text = hidden[:, q:].reshape(g, k, t, -1)[:, :, :-1].reshape(g * k * (t - 1), -1)
+    text = text.index_select(0, batch.keep)
     if dec.final_layer_norm is not None:
         text = dec.final_layer_norm(text)
     if dec.project_out is not None:
         text = dec.project_out(text)
     logits = lm.lm_head(text).float()
-    return F.cross_entropy(logits, target[keep])
+    return F.cross_entropy(logits, batch.targets)

@@ -392,7 +392,10 @@ def train(
                     prompt=cfg.model.prompt,
                     max_text_tokens=tcfg.max_text_tokens,
                 ).to(device)
-                loss = packed_loss(model, train_feats[torch.tensor(chunk, device=device)], batch)
+                index = torch.tensor(chunk)
+                if device.type == "cuda":
+                    index = index.pin_memory()
+                loss = packed_loss(model, train_feats[index.to(device, non_blocking=True)], batch)
                 n_pairs = batch.pairs
             else:
                 loss, _ = flat_loss(model, tokenizer, train_feats, chunk, cfg)
