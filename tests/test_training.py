@@ -202,3 +202,44 @@ def test_quantization_errors_are_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(UserError, match=r"needs bitsandbytes: pip install 'captune\[quant\]'"):
         modeling.quantization_config(ModelConfig(quantization="8bit"), torch.device("cuda"), torch.bfloat16)
+
+
+# ------------------------------------------------------------------ trackers and progress
+
+
+def test_tensorboard_tracker_and_progress_bar(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_ex, val_ex = _examples(16, 11), _examples(4, 12)
+    cfg = _cfg(epochs=2, validate_every=1, select="loss", log_every=2)
+    cfg.train.trackers = ["tensorboard"]
+    cfg.train.progress = "on"
+    loaded = load_model(cfg.model)
+    model = attach_lora(loaded.model, cfg.lora)
+    log_path = tmp_path / "logs" / "train.jsonl"
+    result = train(model, loaded.processor, train_ex, val_ex, cfg, log=print, log_path=log_path)
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "validation/loss"} <= set(tags)
+    logged = [e.value for e in acc.Scalars("train/loss")]
+    assert logged == pytest.approx([h["loss"] for h in result.history if h["type"] == "train"], rel=1e-6)
+    err = capsys.readouterr().err
+    assert f"{result.steps}/{result.steps}" in err and "loss=" in err and "samples/s=" in err
+
+
+def test_tracker_errors(monkeypatch):
+    import importlib.util
+
+    from captune.config import load_config
+    from captune.tracking import Trackers
+
+    with pytest.raises(UserError, match="train.trackers: unknown \\['tensorbored'\\]"):
+        load_config("demo", ["train.trackers=[tensorbored]"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
+    with pytest.raises(UserError, match="install it first: pip install wandb"):
+        Trackers(["wandb"], None, {})

@@ -163,6 +163,10 @@ class TrainConfig:
     """How many checkpoints to keep."""
     pack: bool = True
     """With data.train_captions=all, run each image's prefix once for all its captions (OPT; exact)."""
+    trackers: list[str] = field(default_factory=list)
+    """Also log to these accelerate trackers (tensorboard, wandb, mlflow, ...); files go to RUN/logs."""
+    progress: Literal["auto", "on", "off"] = "auto"
+    """A progress bar (step, loss, lr, samples/s, ETA, GPU memory); auto = when stderr is a terminal."""
 
     def check(self) -> None:
         _require(self.epochs >= 1 or self.max_steps >= 1, "train.epochs", "must be 1 or more")
@@ -177,6 +181,10 @@ class TrainConfig:
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must not be negative")
         _require(self.validate_every >= 0, "train.validate_every", "must not be negative")
         _require(self.log_every >= 1, "train.log_every", "must be 1 or more")
+        from captune.tracking import KNOWN_TRACKERS
+
+        unknown = [t for t in self.trackers if t not in KNOWN_TRACKERS]
+        _require(not unknown, "train.trackers", f"unknown {unknown}; known: {', '.join(KNOWN_TRACKERS)}")
         _require(self.early_stop >= 0, "train.early_stop", "must be 0 (never) or more")
         _require(
             not (self.early_stop and self.select == "last"), "train.early_stop", "needs train.select CIDEr or loss"

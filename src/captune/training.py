@@ -25,6 +25,7 @@ from captune.features import image_features, lm_loss, unwrap
 from captune.generation import caption_features
 from captune.packing import pack_captions, packed_loss
 from captune.packing import supported as packing_supported
+from captune.tracking import ProgressBar, Trackers
 
 
 @dataclass
@@ -306,7 +307,13 @@ def train(
         result.stale = st.get("stale", 0)
         log(f"  resuming from {resume_from.name} (epoch {first_epoch}, step {step})")
     journal = JsonlLog(log_path, result.history)
+    trackers = Trackers(tcfg.trackers, log_path.parent if log_path else None, cfg.to_dict())
+    bar = ProgressBar(tcfg.progress, total_steps, initial=step)
     first_step = step
+
+    def record(row: dict) -> None:
+        journal.write(row)
+        trackers.log(row)
 
     def checkpoint(epoch: int, next_micro: int, epoch_start) -> None:
         if checkpoint_dir is None:
@@ -351,11 +358,11 @@ def train(
             row["CIDEr"] = score_fn(caps, [e.captions for e in val_examples])
             times["scoring"] = time.perf_counter() - t0
         row["seconds"] = {k: round(v, 3) for k, v in times.items()}
-        journal.write(row)
+        record(row)
         result.history.append(row)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("loss", "CIDEr"))
         took = ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
-        log(f"  validation after epoch {epoch} (step {step}): {shown} ({took})")
+        bar.write(log, f"  validation after epoch {epoch} (step {step}): {shown} ({took})")
         if tcfg.select == "last":
             return
         value = row["CIDEr"] if tcfg.select == "CIDEr" and "CIDEr" in row else -row["loss"]
@@ -370,94 +377,103 @@ def train(
             result.best = {k: v for k, v in row.items() if k not in ("type",)}
         model.train()
 
-    for epoch in range(first_epoch, epochs + 1):
-        model.train()
-        rng.setstate(epoch_rng)  # the epoch's order is a function of this state (and of nothing else)
-        epoch_start_state = epoch_rng
-        if packed:
-            order = list(range(len(train_examples)))
-            rng.shuffle(order)
-            micro = image_groups(train_examples, order, tcfg.batch_size)
-        else:
-            pairs = training_pairs(train_examples, cfg.data.train_captions, rng)
-            rng.shuffle(pairs)
-            micro = [pairs[i : i + tcfg.batch_size] for i in range(0, len(pairs), tcfg.batch_size)]
-        for m_idx, chunk in enumerate(micro):
-            if m_idx < skip_micro:
-                continue
+    try:
+        for epoch in range(first_epoch, epochs + 1):
+            model.train()
+            rng.setstate(epoch_rng)  # the epoch's order is a function of this state (and of nothing else)
+            epoch_start_state = epoch_rng
             if packed:
-                batch = pack_captions(
-                    tokenizer,
-                    [train_examples[i].captions for i in chunk],
-                    prompt=cfg.model.prompt,
-                    max_text_tokens=tcfg.max_text_tokens,
-                ).to(device)
-                index = torch.tensor(chunk)
-                if device.type == "cuda":
-                    index = index.pin_memory()
-                loss = packed_loss(model, train_feats[index.to(device, non_blocking=True)], batch)
-                n_pairs = batch.pairs
+                order = list(range(len(train_examples)))
+                rng.shuffle(order)
+                micro = image_groups(train_examples, order, tcfg.batch_size)
             else:
-                loss, _ = flat_loss(model, tokenizer, train_feats, chunk, cfg)
-                n_pairs = len(chunk)
-            scaled = loss / tcfg.grad_accum
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            running.append(loss.detach())
-            seen += n_pairs
-            last_micro = m_idx == len(micro) - 1
-            if (m_idx + 1) % tcfg.grad_accum and not last_micro:
-                continue
-            if scaler:
-                scaler.unscale_(optimizer)
-            if tcfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % tcfg.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t_loop
-                row = {
-                    "type": "train",
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": float(torch.stack(running).mean()),
-                    "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": seen / max(elapsed, 1e-9),
-                    "elapsed_s": round(elapsed, 3),
-                }
-                if device.type == "cuda":
-                    row["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-                running.clear()
-                journal.write(row)
-                result.history.append(row)
-                log(
-                    f"  step {step}/{total_steps} epoch {epoch} loss {row['loss']:.4f} "
-                    f"lr {row['lr']:.2e} {row['samples_per_s']:.0f} samples/s "
-                    f"ETA {_eta(elapsed, step - first_step, total_steps - step)}"
-                    + (f" GPU {row['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in row else "")
-                )
-            if on_step is not None:
-                on_step(step)
+                pairs = training_pairs(train_examples, cfg.data.train_captions, rng)
+                rng.shuffle(pairs)
+                micro = [pairs[i : i + tcfg.batch_size] for i in range(0, len(pairs), tcfg.batch_size)]
+            for m_idx, chunk in enumerate(micro):
+                if m_idx < skip_micro:
+                    continue
+                if packed:
+                    batch = pack_captions(
+                        tokenizer,
+                        [train_examples[i].captions for i in chunk],
+                        prompt=cfg.model.prompt,
+                        max_text_tokens=tcfg.max_text_tokens,
+                    ).to(device)
+                    index = torch.tensor(chunk)
+                    if device.type == "cuda":
+                        index = index.pin_memory()
+                    loss = packed_loss(model, train_feats[index.to(device, non_blocking=True)], batch)
+                    n_pairs = batch.pairs
+                else:
+                    loss, _ = flat_loss(model, tokenizer, train_feats, chunk, cfg)
+                    n_pairs = len(chunk)
+                scaled = loss / tcfg.grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                running.append(loss.detach())
+                seen += n_pairs
+                last_micro = m_idx == len(micro) - 1
+                if (m_idx + 1) % tcfg.grad_accum and not last_micro:
+                    continue
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if tcfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % tcfg.log_every == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - t_loop
+                    row = {
+                        "type": "train",
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": float(torch.stack(running).mean()),
+                        "lr": scheduler.get_last_lr()[0],
+                        "samples_per_s": seen / max(elapsed, 1e-9),
+                        "elapsed_s": round(elapsed, 3),
+                    }
+                    if device.type == "cuda":
+                        row["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+                    running.clear()
+                    record(row)
+                    result.history.append(row)
+                    bar.update(step, row)
+                    bar.write(
+                        log,
+                        f"  step {step}/{total_steps} epoch {epoch} loss {row['loss']:.4f} "
+                        f"lr {row['lr']:.2e} {row['samples_per_s']:.0f} samples/s "
+                        f"ETA {_eta(elapsed, step - first_step, total_steps - step)}"
+                        + (f" GPU {row['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in row else ""),
+                    )
+                else:
+                    bar.update(step)
+                if on_step is not None:
+                    on_step(step)
+                if step >= total_steps:
+                    break
+                if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and m_idx + 1 < len(micro):
+                    checkpoint(epoch, m_idx + 1, epoch_start_state)
+            if tcfg.validate_every and (epoch % tcfg.validate_every == 0 or step >= total_steps):
+                validate(epoch)
+            skip_micro = 0
+            epoch_rng = rng.getstate()
+            checkpoint(epoch + 1, 0, epoch_rng)
             if step >= total_steps:
                 break
-            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and m_idx + 1 < len(micro):
-                checkpoint(epoch, m_idx + 1, epoch_start_state)
-        if tcfg.validate_every and (epoch % tcfg.validate_every == 0 or step >= total_steps):
-            validate(epoch)
-        skip_micro = 0
-        epoch_rng = rng.getstate()
-        checkpoint(epoch + 1, 0, epoch_rng)
-        if step >= total_steps:
-            break
-        if tcfg.early_stop and result.stale >= tcfg.early_stop:
-            result.stopped_early = True
-            log(f"  early stop: {result.stale} validations without a better {tcfg.select}")
-            break
+            if tcfg.early_stop and result.stale >= tcfg.early_stop:
+                result.stopped_early = True
+                log(f"  early stop: {result.stale} validations without a better {tcfg.select}")
+                break
+
+    finally:
+        bar.close()
+        trackers.close()
 
     if tcfg.select == "last" or best_value is None:
         result.best_step = step
