@@ -30,7 +30,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    from captune.distributed import world
+
+    if world().is_main:  # under torchrun / accelerate launch one process talks
+        print(msg, flush=True)
 
 
 def _load_cfg(recipe: str | None, overrides: list[str]):
@@ -47,9 +50,11 @@ def cmd_run(args) -> int:
     out = Path(args.out or Path("runs") / cfg.name)
     run = Run.open(out, cfg, force=args.force, log=_log)
     preflight(cfg)
+    from captune.distributed import world
     from captune.metrics import prewarm
 
-    prewarm()  # METEOR's JVM loads while the model does
+    if world().is_main:
+        prewarm()  # METEOR's JVM loads while the model does
     _log(f"captune {__version__}: recipe '{cfg.name}' -> {out}")
     run_phases(run, PHASES, force=args.force)
     table = run.path("comparison.md")

@@ -49,13 +49,15 @@ def demo_model_dir() -> Path:
 def resolve_device(choice: str) -> torch.device:
     if choice == "cpu":
         return torch.device("cpu")
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(
-                "model.device is cuda but no CUDA GPU is visible; run on a GPU machine or set model.device=cpu"
-            )
-        return torch.device("cuda")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device is cuda but no CUDA GPU is visible; run on a GPU machine or set model.device=cpu")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        from captune.distributed import world
+
+        device = torch.device("cuda", world().local_rank)  # one GPU per process under a launcher
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
 
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:

@@ -20,6 +20,7 @@ from captune.atomic import staged_dir, write_atomic
 from captune.config import Config, config_from_dict, load_yaml
 from captune.data.prepare import load_split, prepare
 from captune.data.sources import parse_source
+from captune.distributed import barrier, world
 from captune.errors import UserError
 
 PHASES = ("data", "baseline", "train", "finetuned", "compare", "report")
@@ -62,9 +63,14 @@ class Run:
                     "with the new one, or choose another --out"
                 )
         run = cls(root, cfg, log)
-        run.remove_stale_temporaries()
-        if not saved.is_file() or force:
-            write_atomic(saved, cfg.to_yaml())
+        w = world()
+        if w.is_main:
+            run.remove_stale_temporaries()
+            if not saved.is_file() or force:
+                write_atomic(saved, cfg.to_yaml())
+        else:
+            run.log = lambda message: None  # one process talks
+        barrier()  # the other processes open the folder once the main one has set it up
         return run
 
     def remove_stale_temporaries(self) -> None:
@@ -95,6 +101,8 @@ class Run:
         }[phase].is_file()
 
     def record_time(self, phase: str, seconds: float) -> None:
+        if not world().is_main:
+            return
         path = self.path("timings.json")
         doc = json.loads(path.read_text()) if path.is_file() else {"phases": {}}
         doc["phases"][phase] = round(seconds, 3)
@@ -116,9 +124,15 @@ class Run:
         if self._store is None:
             key = model_fingerprint(loaded.model, loaded.processor, loaded.source)
             self._store = FeatureStore(self.path("features"), key)
-        return self._store.get(
+        w = world()
+        if not w.is_main:
+            barrier()  # the main process computes and stores them; the others read them back
+        feats = self._store.get(
             loaded.model, loaded.processor, images, batch_size=self.cfg.eval.batch_size, device=loaded.device
         )
+        if w.distributed and w.is_main:
+            barrier()
+        return feats
 
     def base(self):
         if self._loaded is None:
@@ -305,6 +319,9 @@ def phase_train(run: Run, force: bool = False) -> None:
         feature_fn=run.features,
         checkpoint_dir=run.path("checkpoints"),
     )
+    run._tuned = model
+    if not world().is_main:
+        return
     t0 = time.perf_counter()
     with staged_dir(run.path("adapter")) as tmp:
         model.save_pretrained(tmp)
@@ -323,7 +340,6 @@ def phase_train(run: Run, force: bool = False) -> None:
                 indent=2,
             )
         )
-    run._tuned = model
     run.log(f"  adapter written to {run.path('adapter')} in {time.perf_counter() - t0:.1f}s")
 
 
@@ -392,25 +408,37 @@ def run_phases(run: Run, phases: tuple[str, ...] = PHASES, *, force: bool = Fals
 
 
 def _run_phases(run: Run, phases: tuple[str, ...], force: bool) -> None:
+    w = world()
     for phase in phases:
-        if phase in ("compare", "report"):
-            run.join()
-        if run.done(phase) and not force:
-            run.log(f"[{phase}] complete, skipped (use --force to redo)")
+        if w.distributed and phase != "train":
+            # Only training runs on every process; the main one does the rest while the others
+            # wait (if it fails, the launcher stops them).
+            if w.is_main:
+                _run_phase(run, phase, force)
+            barrier()
             continue
-        run.log(f"[{phase}]")
-        t0 = time.perf_counter()
-        try:
-            PHASE_FUNCS[phase](run, force=force)
-        except Exception as exc:
-            if type(exc).__name__ != "OutOfMemoryError":
-                raise
-            t, e = run.cfg.train, run.cfg.eval
-            raise UserError(
-                f"GPU out of memory in phase {phase} (train.batch_size={t.batch_size}, "
-                f"eval.batch_size={e.batch_size}); lower them, e.g. train.batch_size={max(1, t.batch_size // 2)} "
-                f"train.grad_accum={t.grad_accum * 2} eval.batch_size={max(1, e.batch_size // 2)}"
-            ) from None
-        seconds = time.perf_counter() - t0
-        run.record_time(phase, seconds)
-        run.log(f"[{phase}] done in {seconds:.1f}s")
+        _run_phase(run, phase, force)
+
+
+def _run_phase(run: Run, phase: str, force: bool) -> None:
+    if phase in ("compare", "report"):
+        run.join()
+    if run.done(phase) and not force:
+        run.log(f"[{phase}] complete, skipped (use --force to redo)")
+        return
+    run.log(f"[{phase}]")
+    t0 = time.perf_counter()
+    try:
+        PHASE_FUNCS[phase](run, force=force)
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfMemoryError":
+            raise
+        t, e = run.cfg.train, run.cfg.eval
+        raise UserError(
+            f"GPU out of memory in phase {phase} (train.batch_size={t.batch_size}, "
+            f"eval.batch_size={e.batch_size}); lower them, e.g. train.batch_size={max(1, t.batch_size // 2)} "
+            f"train.grad_accum={t.grad_accum * 2} eval.batch_size={max(1, e.batch_size // 2)}"
+        ) from None
+    seconds = time.perf_counter() - t0
+    run.record_time(phase, seconds)
+    run.log(f"[{phase}] done in {seconds:.1f}s")

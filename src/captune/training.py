@@ -8,6 +8,7 @@ validation split; the adapter kept is the best by ``train.select``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -21,6 +22,7 @@ import torch
 from captune.batching import encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
 from captune.config import Config
 from captune.data.prepare import Example
+from captune.distributed import all_agree, all_mean, world
 from captune.features import image_features, lm_loss, unwrap
 from captune.generation import caption_features
 from captune.packing import pack_captions, packed_loss
@@ -75,6 +77,54 @@ def flat_loss(model, tokenizer, feats: torch.Tensor, chunk: list[tuple[int, str]
         text.labels.to(device),
     )
     return loss, label_tokens(text.labels, is_encoder_decoder(blip))
+
+
+class _StepLoss(torch.nn.Module):
+    """The model's training loss as a module, so DistributedDataParallel can wrap it: the
+    forward runs through DDP and its hooks average the LoRA gradients across processes."""
+
+    def __init__(self, model, fn):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(self.model, *args)
+
+
+def shard(items: list, rank: int, size: int) -> list:
+    """This process's part of a micro-batch (every process gets at least one item)."""
+    part = items[rank::size]
+    return part if part else items[:1]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _labelled(tokenizer, blip, examples, items, packed: bool, cfg: Config) -> int:
+    """Labelled tokens of a micro-batch share, counted on the CPU."""
+    if packed:
+        batch = pack_captions(
+            tokenizer,
+            [examples[i].captions for i in items],
+            prompt=cfg.model.prompt,
+            max_text_tokens=cfg.train.max_text_tokens,
+        )
+        return int(batch.keep.numel())
+    text = encode_pairs(tokenizer, blip, [c for _, c in items], cfg)
+    return label_tokens(text.labels, is_encoder_decoder(blip))
+
+
+def _token_share(tokenizer, blip, chunk, mine, dist_world, packed: bool, examples, cfg: Config) -> float:
+    """size x (this process's labelled tokens / the micro-batch's): 1.0 when alone."""
+    if not dist_world.distributed:
+        return 1.0
+    parts = [shard(chunk, r, dist_world.size) for r in range(dist_world.size)]
+    if len(chunk) < dist_world.size:  # a process without a real share repeats one item at weight 0
+        parts = [p if r < len(chunk) else [] for r, p in enumerate(parts)]
+    counts = [_labelled(tokenizer, blip, examples, p, packed, cfg) if p else 0 for p in parts]
+    return dist_world.size * counts[dist_world.rank] / max(1, sum(counts))
 
 
 def _eta(elapsed: float, done: int, left: int) -> str:
@@ -259,6 +309,7 @@ def train(
         f"in {time.perf_counter() - started:.1f}s"
     )
 
+    dist_world = world()
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=fused)
@@ -306,9 +357,18 @@ def train(
         result.history = st["history"]
         result.stale = st.get("stale", 0)
         log(f"  resuming from {resume_from.name} (epoch {first_epoch}, step {step})")
-    journal = JsonlLog(log_path, result.history)
-    trackers = Trackers(tcfg.trackers, log_path.parent if log_path else None, cfg.to_dict())
-    bar = ProgressBar(tcfg.progress, total_steps, initial=step)
+    main = dist_world.is_main
+    journal = JsonlLog(log_path if main else None, result.history)
+    trackers = Trackers(tcfg.trackers if main else [], log_path.parent if log_path else None, cfg.to_dict())
+    bar = ProgressBar(tcfg.progress if main else "off", total_steps, initial=step)
+    if not main:
+        log = _quiet
+    step_loss = _StepLoss(model, packed_loss if packed else (lambda m, *a: flat_loss(m, *a)[0]))
+    if dist_world.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        step_loss = DDP(step_loss, device_ids=ids)
     first_step = step
 
     def record(row: dict) -> None:
@@ -316,7 +376,7 @@ def train(
         trackers.log(row)
 
     def checkpoint(epoch: int, next_micro: int, epoch_start) -> None:
-        if checkpoint_dir is None:
+        if checkpoint_dir is None or not main:
             return
         save_checkpoint(
             checkpoint_dir,
@@ -393,23 +453,29 @@ def train(
             for m_idx, chunk in enumerate(micro):
                 if m_idx < skip_micro:
                     continue
-                if packed:
-                    batch = pack_captions(
-                        tokenizer,
-                        [train_examples[i].captions for i in chunk],
-                        prompt=cfg.model.prompt,
-                        max_text_tokens=tcfg.max_text_tokens,
-                    ).to(device)
-                    index = torch.tensor(chunk)
-                    if device.type == "cuda":
-                        index = index.pin_memory()
-                    loss = packed_loss(model, train_feats[index.to(device, non_blocking=True)], batch)
-                    n_pairs = batch.pairs
-                else:
-                    loss, _ = flat_loss(model, tokenizer, train_feats, chunk, cfg)
-                    n_pairs = len(chunk)
-                scaled = loss / tcfg.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                # The micro-batch is global: each process takes its share, and its loss is weighted by
+                # its share of the labelled tokens, so DDP's gradient average is the global token mean.
+                mine = shard(chunk, dist_world.rank, dist_world.size) if dist_world.distributed else chunk
+                sync = not dist_world.distributed or (m_idx + 1) % tcfg.grad_accum == 0 or m_idx == len(micro) - 1
+                with contextlib.nullcontext() if sync else step_loss.no_sync():
+                    if packed:
+                        batch = pack_captions(
+                            tokenizer,
+                            [train_examples[i].captions for i in mine],
+                            prompt=cfg.model.prompt,
+                            max_text_tokens=tcfg.max_text_tokens,
+                        ).to(device)
+                        index = torch.tensor(mine)
+                        if device.type == "cuda":
+                            index = index.pin_memory()
+                        loss = step_loss(train_feats[index.to(device, non_blocking=True)], batch)
+                        n_pairs = sum(len(train_examples[i].captions) for i in chunk)
+                    else:
+                        loss = step_loss(tokenizer, train_feats, mine, cfg)
+                        n_pairs = len(chunk)
+                    weight = _token_share(tokenizer, blip, chunk, mine, dist_world, packed, train_examples, cfg)
+                    scaled = loss * weight / tcfg.grad_accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
                 running.append(loss.detach())
                 seen += n_pairs
                 last_micro = m_idx == len(micro) - 1
@@ -433,7 +499,7 @@ def train(
                         "type": "train",
                         "step": step,
                         "epoch": epoch,
-                        "loss": float(torch.stack(running).mean()),
+                        "loss": all_mean(float(torch.stack(running).mean())),
                         "lr": scheduler.get_last_lr()[0],
                         "samples_per_s": seen / max(elapsed, 1e-9),
                         "elapsed_s": round(elapsed, 3),
@@ -466,7 +532,7 @@ def train(
             checkpoint(epoch + 1, 0, epoch_rng)
             if step >= total_steps:
                 break
-            if tcfg.early_stop and result.stale >= tcfg.early_stop:
+            if tcfg.early_stop and all_agree(result.stale >= tcfg.early_stop):
                 result.stopped_early = True
                 log(f"  early stop: {result.stale} validations without a better {tcfg.select}")
                 break

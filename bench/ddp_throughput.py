@@ -1,0 +1,112 @@
+"""Training throughput of ``captune train`` on one GPU and on all GPUs of this machine (DDP via torchrun).
+
+    python bench/ddp_throughput.py --images 2000 --out ddp.json [--workdir DIR]
+
+Random blip2-opt-2.7b weights are saved in checkpoint format and synthetic COCO-size
+JPEGs (5 captions each) in a COCO folder; ``captune data`` prepares one run folder
+per setting, then ``captune train`` runs with the coco5k recipe's training (bf16,
+LoRA q/k r 8, packing) for one epoch with validation off. The per-GPU micro-batch is
+the same in both settings (128 pairs per GPU), so the global batch grows with the
+GPU count. samples/s is captune's own count (pairs / training-loop seconds) from
+RUN/adapter/training.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--workdir", default="/tmp/captune-ddp")
+    ap.add_argument("--out", default="ddp.json")
+    args = ap.parse_args()
+
+    import peft
+    import transformers
+
+    from captune.bench import build_model, build_processor, synthetic_captions, synthetic_jpegs
+
+    gpus = torch.cuda.device_count()
+    work = Path(args.workdir)
+    model_dir, coco = work / "model", work / "coco"
+    if not (model_dir / "config.json").is_file():
+        model, cfg = build_model("blip2-opt-2.7b", torch.bfloat16)
+        model.save_pretrained(model_dir, safe_serialization=True, max_shard_size="5GB")
+        build_processor(cfg).save_pretrained(model_dir)
+        del model
+        torch.cuda.empty_cache()
+    if not (coco / "captions.json").is_file():
+        coco.mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i, (jpg, caps) in enumerate(
+            zip(synthetic_jpegs(args.images), synthetic_captions(args.images), strict=True)
+        ):
+            (coco / f"{i:012d}.jpg").write_bytes(jpg)
+            images.append({"id": i, "file_name": f"{i:012d}.jpg"})
+            anns += [{"image_id": i, "caption": c} for c in caps]
+        (coco / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+    base = [
+        f"model.name_or_path={model_dir}",
+        f"data.source=coco:{coco / 'captions.json'}",
+        f"data.num_images={args.images}",
+        "train.epochs=1",
+        "train.validate_every=0",
+        "train.select=last",
+        "train.grad_accum=1",
+    ]
+    result = {
+        "what": __doc__.strip().splitlines()[0],
+        "gpu": torch.cuda.get_device_name(0),
+        "gpus": gpus,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "command": "python bench/ddp_throughput.py " + " ".join(sys.argv[1:]),
+        "runs": {},
+    }
+    for n in sorted({1, gpus}):
+        run = work / f"run-{n}gpu"
+        overrides = [*base, f"train.batch_size={128 * n}"]
+        cli = [sys.executable, "-m", "captune.cli"]
+        subprocess.run(
+            [*cli, "data", str(run), "--recipe", "coco5k", *overrides], check=True, env=env, capture_output=True
+        )
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "captune.cli"]
+        done = subprocess.run([*(launch if n > 1 else cli), "train", str(run)], env=env, capture_output=True, text=True)
+        (work / f"train-{n}gpu.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            result["runs"][f"{n} GPU"] = {"error": (done.stderr or done.stdout)[-2000:]}
+            continue
+        doc = json.loads((run / "adapter" / "training.json").read_text())
+        result["runs"][f"{n} GPU"] = {
+            "global_batch_pairs": 128 * n,
+            "steps": doc["steps"],
+            "samples_per_s": round(doc["samples_per_s"], 1),
+            "log_tail": done.stdout[-800:],
+        }
+        print(n, "GPU:", result["runs"][f"{n} GPU"]["samples_per_s"], "samples/s", flush=True)
+    one, many = result["runs"].get("1 GPU", {}), result["runs"].get(f"{gpus} GPU", {})
+    if gpus > 1 and "samples_per_s" in one and "samples_per_s" in many:
+        result["speedup"] = round(many["samples_per_s"] / one["samples_per_s"], 2)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Several processes under ``torchrun`` or ``accelerate launch``: who does what.
+
+captune does not start processes itself; the launchers do, and accelerate's
+``PartialState`` forms the process group (NCCL on GPUs, gloo on CPUs). Training runs
+on every process with gradients averaged by PyTorch's DistributedDataParallel;
+everything that writes files or talks to the user (data preparation, evaluation,
+reports, checkpoints, logs) runs on the main process while the others wait.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+from captune.errors import UserError
+
+
+@dataclass(frozen=True)
+class World:
+    size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+_WORLD: World | None = None
+
+
+def launched_size() -> int:
+    """How many processes the launcher says it started (1 outside torchrun / accelerate launch)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def world() -> World:
+    """This process's place in the launch; forms the process group on first use."""
+    global _WORLD
+    if _WORLD is not None:
+        return _WORLD
+    size = launched_size()
+    if size <= 1:
+        _WORLD = World()
+        return _WORLD
+    import torch
+    from accelerate import PartialState
+
+    try:
+        state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=30))
+    except (ValueError, RuntimeError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"WORLD_SIZE={size} but the process group cannot be formed ({why}); "
+            "start captune with torchrun or accelerate launch, or unset WORLD_SIZE"
+        ) from None
+    if state.num_processes != size:
+        raise UserError(
+            f"launched as {size} processes, but they did not form one process group "
+            f"(this one sees {state.num_processes}); on a machine without GPUs use torchrun or "
+            "'accelerate launch --multi_cpu', on GPUs 'accelerate launch --multi_gpu' or torchrun"
+        )
+    _WORLD = World(size=state.num_processes, rank=state.process_index, local_rank=state.local_process_index)
+    return _WORLD
+
+
+def barrier() -> None:
+    if world().distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_mean(value: float) -> float:
+    """Mean of a number over all processes (the number itself when alone)."""
+    w = world()
+    if not w.distributed:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", w.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / w.size
+
+
+def all_agree(flag: bool) -> bool:
+    """True only when every process says True (a decision all processes must share)."""
+    w = world()
+    if not w.distributed:
+        return flag
+    return all_mean(1.0 if flag else 0.0) == 1.0

@@ -1,0 +1,138 @@
+"""Several processes on the CPU (gloo): the same adapter as one process, a two-node launch, clear errors."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from captune.cli import main
+
+# LoRA dropout off: with it each process draws its own masks, and no two runs can match.
+SETTINGS = ["data.num_images=60", "train.epochs=2", "train.batch_size=16", "lora.dropout=0", "eval.bootstrap=50"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _prepared(tmp_path, name: str, extra: list[str]):
+    run = tmp_path / name
+    assert main(["data", str(run), "--recipe", "demo", *SETTINGS, *extra]) == 0
+    twin = tmp_path / f"{name}-single"
+    shutil.copytree(run, twin)
+    assert main(["train", str(twin)]) == 0
+    return run, twin
+
+
+def _same_adapter(a, b, atol=1e-4):
+    x, y = (
+        load_file(str(a / "adapter" / "adapter_model.safetensors")),
+        load_file(str(b / "adapter" / "adapter_model.safetensors")),
+    )
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.allclose(x[k], y[k], atol=atol), (k, (x[k] - y[k]).abs().max())
+
+
+def _lines(path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_two_processes_give_the_single_process_adapter(tmp_path):
+    """accelerate launch, 2 processes on a machine without GPUs (packed training), vs one process."""
+    run, single = _prepared(tmp_path, "packed", [])
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(_port()), "-m", "captune.cli", "train", str(run),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_adapter(run, single)
+    # one process wrote the log, and one process talked
+    assert _lines(run / "logs" / "train.jsonl") == _lines(single / "logs" / "train.jsonl")
+    assert done.stdout.count("[train] done") == 1
+
+
+def test_two_node_launch_on_localhost(tmp_path):
+    """Two torchrun node ranks on this machine (unpacked training: one caption per image)."""
+    run, single = _prepared(tmp_path, "nodes", ["data.train_captions=first"])
+    port = str(_port())
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(node),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "-m",
+                "captune.cli",
+                "train",
+                str(run),
+            ],  # fmt: skip
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    _same_adapter(run, single)
+    assert "[train] done" in outs[0][0] and "[train] done" not in outs[1][0]
+
+
+def test_a_half_launched_group_is_one_line(tmp_path):
+    run = tmp_path / "r"
+    assert main(["data", str(run), "--recipe", "demo", "data.num_images=20"]) == 0
+    env = dict(_env(), WORLD_SIZE="2")
+    env.pop("MASTER_ADDR", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "captune.cli", "train", str(run)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("captune: error: WORLD_SIZE=2 but the process group cannot be formed")
+
+
+def test_processes_that_do_not_form_one_group_are_stopped(monkeypatch):
+    """A launcher says 2 processes, but the group this process joined has 1 (e.g. a CPU run of a GPU launch)."""
+    import accelerate
+
+    from captune import distributed
+    from captune.errors import UserError
+
+    class Alone:
+        num_processes, process_index, local_process_index = 1, 0, 0
+
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(accelerate, "PartialState", Alone)
+    monkeypatch.setattr(distributed, "_WORLD", None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="launched as 2 processes, but they did not form one process group"):
+        distributed.world()
+    monkeypatch.setattr(distributed, "_WORLD", None)
