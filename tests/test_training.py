@@ -243,3 +243,72 @@ def test_tracker_errors(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
     with pytest.raises(UserError, match="install it first: pip install wandb"):
         Trackers(["wandb"], None, {})
+
+
+# ------------------------------------------------------------------ Q-Former adapters
+
+
+def test_qformer_preset_trains_through_cached_vision_outputs(tmp_path):
+    """LoRA on the Q-Former: the loss on cached vision outputs equals the full model's, gradients reach
+    the Q-Former adapters, and a run's fine-tuned captions come from the trained Q-Former, not the cache."""
+    import io
+
+    from PIL import Image
+
+    from captune.batching import encode_texts, training_text
+    from captune.cli import main
+    from captune.features import image_features, lm_loss, project_queries
+    from captune.modeling import adapter_touches_vision
+
+    loaded = load_model(Config().model.__class__(device="cpu"))
+    torch.manual_seed(0)
+    model = attach_lora(loaded.model, LoraConfig(target_modules="qformer", dropout=0.0))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".qformer." in n and ".attention." in n for n in names) and adapter_touches_vision(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.eval()
+    items = world.make_items("catalog", 3, seed=3)
+    proc, tok = loaded.processor, loaded.processor.tokenizer
+    vision = image_features(model, proc, [it["image"] for it in items], stage="vision")
+    text = encode_texts(
+        tok,
+        [training_text(it["captions"][0], "", tok.eos_token) for it in items],
+        num_query_tokens=proc.num_query_tokens,
+        image_token_id=model.get_base_model().config.image_token_index,
+    )
+    blip = model.get_base_model()
+    ours = lm_loss(model, project_queries(blip, vision), text.input_ids, text.attention_mask, text.labels)
+    pixels = proc.image_processor([Image.open(io.BytesIO(it["image"])) for it in items], return_tensors="pt")
+    theirs = model(
+        pixel_values=pixels["pixel_values"],
+        input_ids=text.input_ids,
+        attention_mask=text.attention_mask,
+        labels=text.labels,
+    ).loss
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    ours.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+    out = tmp_path / "qf"
+    assert main(["run", "demo", "--out", str(out), "lora.target_modules=qformer", "data.num_images=60",
+                 "train.epochs=2", "train.log_every=1", "eval.bootstrap=50", "report.examples=2"]) == 0  # fmt: skip
+    log = [json.loads(x) for x in (out / "logs" / "train.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if r["type"] == "train"]
+    assert losses[-1] < losses[0]
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(load_model(Config().model.__class__(device="cpu")).model, str(out / "adapter"))
+    from captune.config import EvalConfig, load_config
+    from captune.data.prepare import load_split
+    from captune.generation import caption_features
+
+    cfg = load_config("demo")
+    test = load_split(out / "data", "test")
+    feats = image_features(tuned, proc, [e.image for e in test])
+    expected = caption_features(tuned, tok, feats, EvalConfig(batch_size=cfg.eval.batch_size,
+                                max_new_tokens=cfg.eval.max_new_tokens))  # fmt: skip
+    got = [json.loads(x)["caption"] for x in (out / "finetuned" / "predictions.jsonl").read_text().splitlines()]
+    assert got == expected

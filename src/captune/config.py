@@ -93,7 +93,7 @@ class ModelConfig:
         _require(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")
 
 
-LORA_PRESETS = ("seed", "attention", "all-linear")
+LORA_PRESETS = ("seed", "attention", "all-linear", "qformer")
 
 
 @dataclass
@@ -107,7 +107,8 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases train."""
     target_modules: str | list[str] = "seed"
-    """Module names, or a preset: seed (q_proj,k_proj), attention, all-linear."""
+    """Module names, or a preset: seed (q_proj,k_proj), attention, all-linear (the language model's), or
+    qformer (the Q-Former's query/key/value; image features are then recomputed as it trains)."""
 
     def check(self) -> None:
         _require(self.r > 0, "lora.r", "must be a positive integer")

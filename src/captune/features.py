@@ -74,8 +74,11 @@ def image_features(
     batch_size: int = 64,
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
+    stage: str = "projected",
 ) -> torch.Tensor:
-    """Projected Q-Former outputs, shape (N, num_query_tokens, lm_hidden), on ``device``.
+    """Projected Q-Former outputs, shape (N, num_query_tokens, lm_hidden), on ``device``; with
+    ``stage="vision"`` the vision tower's output instead (N, patches + 1, vision_hidden), for
+    when the Q-Former trains and its output cannot be cached.
 
     JPEG decoding and preprocessing run in a thread pool, a few batches ahead of the
     GPU, through the model's own image processor. With the model on a GPU each torch
@@ -116,13 +119,28 @@ def image_features(
                         ahead.append(submit(starts[n + 3]))
                     pv = torch.cat([f.result() for f in ahead.pop(0)])
                 pv = pv.to(device, vision_dtype, non_blocking=True)
-                out = blip.get_image_features(pixel_values=pv, return_dict=True)
-                chunks.append(out.pooler_output.to(dtype))
+                if stage == "vision":
+                    chunks.append(blip.vision_model(pixel_values=pv, return_dict=True).last_hidden_state)
+                else:
+                    out = blip.get_image_features(pixel_values=pv, return_dict=True)
+                    chunks.append(out.pooler_output.to(dtype))
                 if progress:
                     progress(min(start + batch_size, len(images)))
     finally:
         torch.set_num_threads(cpu_threads)
     return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def project_queries(blip, image_embeds: torch.Tensor) -> torch.Tensor:
+    """The Q-Former and projection over vision-tower outputs: what ``get_image_features`` does
+    after the vision tower, so a trainable Q-Former runs each step on cached vision outputs."""
+    mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    queries = blip.query_tokens.expand(image_embeds.size(0), -1, -1)
+    out = blip.qformer(query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=mask)
+    query_output = out[0]
+    if query_output.dtype != image_embeds.dtype:  # the Q-Former is kept in fp32
+        query_output = query_output.to(image_embeds.dtype)
+    return blip.language_projection(query_output)
 
 
 def embed_with_features(blip, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

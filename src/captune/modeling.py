@@ -186,11 +186,32 @@ def target_modules(model, lora: LoraConfig) -> list[str]:
     return PRESETS[language_family(model)][lora.target_modules]
 
 
+QFORMER_TARGETS = ["query", "key", "value"]
+
+
+def adapter_touches_vision(model) -> bool:
+    """True when a LoRA layer sits outside the language model: image features then change as it trains."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(
+        isinstance(m, BaseTunerLayer) and ".language_model." not in f".{name}." for name, m in model.named_modules()
+    )
+
+
 def attach_lora(model, lora: LoraConfig):
-    """Wrap ``model`` with trainable LoRA adapters on the language model only."""
+    """Wrap ``model`` with trainable LoRA adapters: on the language model, or (preset qformer) on the
+    Q-Former's self- and cross-attention query/key/value projections."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    if lora.target_modules == "qformer":
+        if is_quantized(model):
+            prepare_kbit_training(model)
+        pattern = r"^qformer\..*\.attention\.(" + "|".join(QFORMER_TARGETS) + r")$"
+        config = PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias, target_modules=pattern
+        )
+        return get_peft_model(model, config)
     names = target_modules(model, lora)
     lm_prefix = "language_model."
     leaves = {

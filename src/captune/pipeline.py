@@ -220,11 +220,18 @@ def evaluate(run: Run, model, processor, out_name: str) -> None:
     scoring goes on in a background thread while the GPU trains; ``run.join()``
     waits for it before anything reads its metrics.
     """
+    from captune.features import image_features
     from captune.generation import caption_features
+    from captune.modeling import adapter_touches_vision
 
     examples = _eval_examples(run)
     t0 = time.perf_counter()
-    feats = run.features([e.image for e in examples])
+    if adapter_touches_vision(model):  # a trained Q-Former: the cached base features do not apply
+        loaded = run.base()
+        images = [e.image for e in examples]
+        feats = image_features(model, processor, images, batch_size=run.cfg.eval.batch_size, device=loaded.device)
+    else:
+        feats = run.features([e.image for e in examples])
     captions = caption_features(model, processor.tokenizer, feats, run.cfg.eval, run.cfg.model.prompt)
     gen_s = time.perf_counter() - t0
     run.log(f"  {out_name}: {len(examples)} images captioned in {gen_s:.1f}s")

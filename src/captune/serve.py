@@ -19,6 +19,7 @@ from pathlib import Path
 from captune.config import EvalConfig, ModelConfig, config_from_dict, load_yaml
 from captune.data.images import check_image
 from captune.errors import UserError
+from captune.modeling import adapter_touches_vision
 
 
 @dataclass
@@ -97,15 +98,6 @@ class Captioner:
                 base_feats = feats if self.shared_features else features()
                 base = caption_features(self.model, tok, base_feats, cfg, prompt)
         return base, tuned
-
-
-def adapter_touches_vision(model) -> bool:
-    """True when any LoRA layer sits outside the language model (then image features differ)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(
-        isinstance(m, BaseTunerLayer) and ".language_model." not in f".{name}." for name, m in model.named_modules()
-    )
 
 
 def read_uploads(paths: list[str], limits: ServeLimits) -> tuple[list[Upload], list[str]]:

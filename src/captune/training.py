@@ -23,8 +23,9 @@ from captune.batching import encode_seq2seq, encode_texts, is_encoder_decoder, l
 from captune.config import Config
 from captune.data.prepare import Example
 from captune.distributed import all_agree, all_mean, world
-from captune.features import image_features, lm_loss, unwrap
+from captune.features import image_features, lm_loss, project_queries, unwrap
 from captune.generation import caption_features
+from captune.modeling import adapter_touches_vision
 from captune.packing import pack_captions, packed_loss
 from captune.packing import supported as packing_supported
 from captune.tracking import ProgressBar, Trackers
@@ -297,13 +298,20 @@ def train(
 
     started = time.perf_counter()
     model.eval()  # no dropout while extracting frozen features
-    if feature_fn is None:
+    # A trainable Q-Former (lora preset qformer) changes the image features every step: then the
+    # vision tower's output is what is computed once (not the disk-cached features), and the
+    # Q-Former runs in each step.
+    vision_trains = adapter_touches_vision(model)
+    if feature_fn is None or vision_trains:
+        stage = "vision" if vision_trains else "projected"
 
         def feature_fn(images):
-            return image_features(model, processor, images, batch_size=cfg.eval.batch_size, device=device)
+            bs = cfg.eval.batch_size
+            return image_features(model, processor, images, batch_size=bs, device=device, stage=stage)
 
     train_feats = feature_fn([e.image for e in train_examples])
-    val_feats = feature_fn([e.image for e in val_examples]) if val_examples else None
+    val_vision = feature_fn([e.image for e in val_examples]) if val_examples else None
+    val_feats = val_vision
     log(
         f"  image features: {len(train_examples)} train, {len(val_examples)} validation images "
         f"in {time.perf_counter() - started:.1f}s"
@@ -363,7 +371,21 @@ def train(
     bar = ProgressBar(tcfg.progress if main else "off", total_steps, initial=step)
     if not main:
         log = _quiet
-    step_loss = _StepLoss(model, packed_loss if packed else (lambda m, *a: flat_loss(m, *a)[0]))
+    if vision_trains:
+
+        def packed_fn(m, vision, batch):
+            return packed_loss(m, project_queries(unwrap(m), vision), batch)
+
+        def flat_fn(m, tok, vision, chunk, c):
+            return flat_loss(m, tok, project_queries(unwrap(m), vision), chunk, c)[0]
+
+    else:
+        packed_fn = packed_loss
+
+        def flat_fn(m, tok, feats, chunk, c):
+            return flat_loss(m, tok, feats, chunk, c)[0]
+
+    step_loss = _StepLoss(model, packed_fn if packed else flat_fn)
     if dist_world.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -403,9 +425,15 @@ def train(
 
     def validate(epoch: int) -> None:
         nonlocal best_value, best_state
+        nonlocal val_feats
         if val_feats is None or not len(val_examples):
             return
         model.eval()
+        if vision_trains:  # this step's Q-Former over the cached vision outputs
+            with torch.no_grad():
+                val_feats = torch.cat(
+                    [project_queries(blip, val_vision[i : i + 256]) for i in range(0, len(val_vision), 256)]
+                )
         row: dict = {"type": "validation", "epoch": epoch, "step": step}
         t0 = time.perf_counter()
         row["loss"] = validation_loss(model, tokenizer, val_feats, val_examples, cfg)
@@ -471,7 +499,13 @@ def train(
                         loss = step_loss(train_feats[index.to(device, non_blocking=True)], batch)
                         n_pairs = sum(len(train_examples[i].captions) for i in chunk)
                     else:
-                        loss = step_loss(tokenizer, train_feats, mine, cfg)
+                        if vision_trains:  # only the images of this share go through the Q-Former
+                            imgs = sorted({i for i, _ in mine})
+                            local = {i: j for j, i in enumerate(imgs)}
+                            share = [(local[i], c) for i, c in mine]
+                            loss = step_loss(tokenizer, train_feats[imgs], share, cfg)
+                        else:
+                            loss = step_loss(tokenizer, train_feats, mine, cfg)
                         n_pairs = len(chunk)
                     weight = _token_share(tokenizer, blip, chunk, mine, dist_world, packed, train_examples, cfg)
                     scaled = loss * weight / tcfg.grad_accum
