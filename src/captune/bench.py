@@ -392,6 +392,7 @@ def run_bench(
     work: Path | None = None,
     log=print,
     e2e_only: bool = False,
+    captioning_only: bool = False,
 ) -> dict:
     if not torch.cuda.is_available():
         from captune.errors import UserError
@@ -428,6 +429,9 @@ def run_bench(
 
     feats = image_features(model, processor, jpegs[:256], batch_size=128)
     result["features_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    if captioning_only:
+        result.update(measure_captune_captioning(model, processor, feats, batches=(1024, 2048), new_tokens=20))
+        return result
     log("  captune training ...")
     result.update(measure_captune_training(model, processor, feats, images_per_step=52, text_tokens=12))
     log(f"  {json.dumps({k: v for k, v in result.items() if k.startswith(('train', 'features'))})}")

@@ -336,6 +336,7 @@ def cmd_bench(args) -> int:
         work=Path(args.workdir) if args.workdir else None,
         log=_log,
         e2e_only=args.e2e_only,
+        captioning_only=args.captioning_only,
     )
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -443,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--images", type=int, default=5000, help="synthetic COCO-size JPEGs for the end-to-end job")
     bn.add_argument("--no-e2e", action="store_true", help="skip the end-to-end coco5k job")
     bn.add_argument("--e2e-only", action="store_true", help="only the end-to-end coco5k job")
+    bn.add_argument("--captioning-only", action="store_true", help="only the captioning measurements")
     bn.add_argument("--seed-steps", type=int, default=40, help="optimizer steps of the seed recipe to time")
     bn.add_argument("--workdir", help="where the e2e model, data and run folder go (default $TMPDIR)")
     bn.add_argument("--json-out", default="bench-result.json", help="write the results here")
