@@ -26,40 +26,6 @@ def supported(lm) -> bool:
     return all(layer.self_attn.v_proj.weight.dtype.is_floating_point for layer in dec.layers)
 
 
-def effective_linear(proj) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) a projection applies in eval mode: a plain ``nn.Linear``'s own, or a
-    PEFT LoRA layer's base weight plus its active adapters' delta; None for anything else."""
-    if type(proj) is torch.nn.Linear:
-        return proj.weight, proj.bias
-    base = getattr(proj, "base_layer", None)
-    if type(base) is not torch.nn.Linear or not hasattr(proj, "get_delta_weight"):
-        return None
-    if getattr(proj, "merged", False) or getattr(proj, "disable_adapters", False):
-        return base.weight, base.bias
-    weight = base.weight
-    for name in proj.active_adapters:
-        if name not in getattr(proj, "lora_A", {}):
-            continue
-        if getattr(proj, "use_dora", {}).get(name) or getattr(proj, "lora_bias", {}).get(name):
-            return None  # variants whose output is not base + delta
-        weight = weight + proj.get_delta_weight(name).to(weight.dtype)
-    return weight, base.bias
-
-
-def fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """q, k and v projections as one (3H, H) matrix (and bias): one matrix product instead of three."""
-    parts = [effective_linear(proj) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    if any(p is None for p in parts):
-        return None
-    weight = torch.cat([w for w, _ in parts]).detach()
-    biases = [b for _, b in parts]
-    if all(b is None for b in biases):
-        return weight, None
-    if any(b is None for b in biases):
-        return None
-    return weight, torch.cat(biases).detach()
-
-
 class GreedyOPT:
     """Batched greedy decoding of ``lm`` (an ``OPTForCausalLM``) from input embeddings."""
 
@@ -82,10 +48,6 @@ class GreedyOPT:
         self.static_token = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.static_pos = torch.zeros((), dtype=torch.long, device=self.device)
         self.static_logits = None
-        # q/k/v fused per layer (adapters folded in) when every layer allows it, else the modules
-        with torch.no_grad():
-            fused = [fused_qkv(layer.self_attn) for layer in self.dec.layers]
-        self.qkv = fused if all(f is not None for f in fused) else None
 
     # -- the layers -------------------------------------------------------------
     def _positions(self, pos: torch.Tensor) -> torch.Tensor:
@@ -94,14 +56,9 @@ class GreedyOPT:
 
     def _attend(self, layer_idx: int, attn, h: torch.Tensor, pos: torch.Tensor | None, length: int | None):
         b, t, _ = h.shape
-        if self.qkv is not None:
-            q, k, v = F.linear(h, *self.qkv[layer_idx]).chunk(3, dim=-1)
-            q = q * attn.scaling
-        else:
-            q, k, v = attn.q_proj(h) * attn.scaling, attn.k_proj(h), attn.v_proj(h)
-        q = q.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
+        q = (attn.q_proj(h) * attn.scaling).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
         if pos is None:  # prefill: positions 0..t-1, causal
             kc[:, :, :t] = k.to(kc.dtype)
