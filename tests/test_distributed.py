@@ -1,5 +1,6 @@
 """Several processes on the CPU (gloo): the same adapter as one process, a two-node launch, clear errors."""
 
+import json
 import os
 import shutil
 import socket
@@ -51,19 +52,29 @@ def _lines(path) -> int:
     return len(path.read_text().splitlines())
 
 
-def test_two_processes_give_the_single_process_adapter(tmp_path):
-    """accelerate launch, 2 processes on a machine without GPUs (packed training), vs one process."""
+def test_two_processes_give_the_single_process_run(tmp_path):
+    """accelerate launch, 2 processes on a machine without GPUs, every phase (packed training, sharded
+    features and captions), vs one process: the same adapter, captions and metrics."""
     run, single = _prepared(tmp_path, "packed", [])
+    assert main(["run", "demo", "--out", str(single), *SETTINGS]) == 0
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(_port()), "-m", "captune.cli", "train", str(run),
+        "--main_process_port", str(_port()), "-m", "captune.cli", "run", "demo", "--out", str(run), *SETTINGS,
     ]  # fmt: skip
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     _same_adapter(run, single)
-    # one process wrote the log, and one process talked
+    for side in ("baseline", "finetuned"):
+        ours = (run / side / "predictions.jsonl").read_text()
+        assert ours == (single / side / "predictions.jsonl").read_text()
+        a = json.loads((run / side / "metrics.json").read_text())
+        b = json.loads((single / side / "metrics.json").read_text())
+        assert a["CIDEr"] == pytest.approx(b["CIDEr"], abs=1e-9)
+    # one process wrote the log, and one process talked; no shard files are left
     assert _lines(run / "logs" / "train.jsonl") == _lines(single / "logs" / "train.jsonl")
-    assert done.stdout.count("[train] done") == 1
+    assert done.stdout.count("[train] done") == 1 and done.stdout.count("[baseline] done") == 1
+    assert not [p for p in run.rglob("*") if "-of-2" in p.name]
+    assert (run / "report" / "index.html").is_file()
 
 
 def test_two_node_launch_on_localhost(tmp_path):

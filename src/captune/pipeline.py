@@ -20,7 +20,7 @@ from captune.atomic import staged_dir, write_atomic
 from captune.config import Config, config_from_dict, load_yaml
 from captune.data.prepare import load_split, prepare
 from captune.data.sources import parse_source
-from captune.distributed import barrier, world
+from captune.distributed import all_agree, barrier, world
 from captune.errors import UserError
 
 PHASES = ("data", "baseline", "train", "finetuned", "compare", "report")
@@ -124,15 +124,37 @@ class Run:
         if self._store is None:
             key = model_fingerprint(loaded.model, loaded.processor, loaded.source)
             self._store = FeatureStore(self.path("features"), key)
+        bs, device = self.cfg.eval.batch_size, loaded.device
         w = world()
-        if not w.is_main:
-            barrier()  # the main process computes and stores them; the others read them back
-        feats = self._store.get(
-            loaded.model, loaded.processor, images, batch_size=self.cfg.eval.batch_size, device=loaded.device
-        )
-        if w.distributed and w.is_main:
+        if not w.distributed:
+            return self._store.get(loaded.model, loaded.processor, images, batch_size=bs, device=device)
+        return self._sharded_features(loaded, images, w)
+
+    def _sharded_features(self, loaded, images: list[bytes], w):
+        """Under several processes each computes every size-th image; the main one assembles and stores."""
+        from safetensors.torch import load_file, save_file
+
+        from captune.features import image_features
+
+        store, device = self._store, loaded.device
+        path = store.path_for(images)
+        if not all_agree(path.is_file()):
+            part = path.with_name(f".{path.stem}.part{w.rank}-of-{w.size}")
+            mine = [images[i] for i in range(w.rank, len(images), w.size)]
+            feats = image_features(
+                loaded.model, loaded.processor, mine, batch_size=self.cfg.eval.batch_size, device=device
+            )
+            write_atomic_tensor(part, feats, save_file)
             barrier()
-        return feats
+            if w.is_main:
+                parts = [path.with_name(f".{path.stem}.part{r}-of-{w.size}") for r in range(w.size)]
+                shards = [load_file(str(f))["features"] for f in parts]
+                full = torch_interleave(shards, len(images))
+                write_atomic_tensor(path, full, save_file)
+                for f in parts:
+                    f.unlink(missing_ok=True)
+            barrier()
+        return load_file(str(path), device=str(device))["features"]
 
     def base(self):
         if self._loaded is None:
@@ -153,6 +175,30 @@ def describe_device() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
+
+
+def write_atomic_tensor(path: Path, tensor, save_file) -> None:
+    """A safetensors file written under a temporary name and renamed into place."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".features.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"features": tensor.contiguous().cpu()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def torch_interleave(shards: list, total: int):
+    """Undo a stride split: shard r holds items r, r + size, ...; returns them in order."""
+    import torch
+
+    out = torch.empty((total, *shards[0].shape[1:]), dtype=shards[0].dtype)
+    for r, part in enumerate(shards):
+        out[r :: len(shards)] = part
+    return out
 
 
 # ------------------------------------------------------------------ preflight
@@ -232,7 +278,15 @@ def evaluate(run: Run, model, processor, out_name: str) -> None:
         feats = image_features(model, processor, images, batch_size=run.cfg.eval.batch_size, device=loaded.device)
     else:
         feats = run.features([e.image for e in examples])
-    captions = caption_features(model, processor.tokenizer, feats, run.cfg.eval, run.cfg.model.prompt)
+    w = world()
+    if w.distributed:  # each process captions every size-th image; the main one gathers them once
+        mine = list(range(w.rank, len(examples), w.size))
+        part = caption_features(model, processor.tokenizer, feats[mine], run.cfg.eval, run.cfg.model.prompt)
+        captions = _gather_captions(run, out_name, part, len(examples), w)
+        if not w.is_main:
+            return
+    else:
+        captions = caption_features(model, processor.tokenizer, feats, run.cfg.eval, run.cfg.model.prompt)
     gen_s = time.perf_counter() - t0
     run.log(f"  {out_name}: {len(examples)} images captioned in {gen_s:.1f}s")
     if run.overlap and out_name == "baseline":
@@ -246,6 +300,22 @@ def evaluate(run: Run, model, processor, out_name: str) -> None:
         run.log(f"  {out_name}: scoring in the background")
         return
     _score_and_write(run, examples, captions, out_name, gen_s)
+
+
+def _gather_captions(run: Run, out_name: str, part: list[str], total: int, w) -> list[str]:
+    """Every process's captions, in example order, on the main process (the others get [])."""
+    path = run.path(f".{out_name}.captions.part{w.rank}-of-{w.size}.json")
+    write_atomic(path, json.dumps(part))
+    barrier()
+    captions: list[str] = []
+    if w.is_main:
+        captions = [""] * total
+        for r in range(w.size):
+            f = run.path(f".{out_name}.captions.part{r}-of-{w.size}.json")
+            for i, c in zip(range(r, total, w.size), json.loads(f.read_text()), strict=True):
+                captions[i] = c
+            f.unlink()
+    return captions
 
 
 def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen_s: float) -> float:
@@ -414,13 +484,18 @@ def run_phases(run: Run, phases: tuple[str, ...] = PHASES, *, force: bool = Fals
         run.join()
 
 
+# Phases every process takes part in under a launcher; the main process alone does the others
+# while the rest wait (if it fails, the launcher stops them).
+SHARED_PHASES = ("baseline", "train", "finetuned")
+
+
 def _run_phases(run: Run, phases: tuple[str, ...], force: bool) -> None:
     w = world()
     for phase in phases:
-        if w.distributed and phase != "train":
-            # Only training runs on every process; the main one does the rest while the others
-            # wait (if it fails, the launcher stops them).
-            if w.is_main:
+        if w.distributed:
+            if phase in SHARED_PHASES and all_agree(not run.done(phase) or force):
+                _run_phase(run, phase, force)
+            elif w.is_main:
                 _run_phase(run, phase, force)
             barrier()
             continue
