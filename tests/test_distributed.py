@@ -147,3 +147,28 @@ def test_processes_that_do_not_form_one_group_are_stopped(monkeypatch):
     with pytest.raises(UserError, match="launched as 2 processes, but they did not form one process group"):
         distributed.world()
     monkeypatch.setattr(distributed, "_WORLD", None)
+
+
+def test_resume_with_another_world_size(tmp_path):
+    """Killed while training with 2 processes, resumed with 1: the adapter of an uninterrupted run."""
+    import signal
+    import time
+
+    extra = ["train.epochs=3", "train.checkpoint_every=2"]
+    run, single = _prepared(tmp_path, "resume", extra)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+        "-m", "captune.cli", "train", str(run),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while not list((run / "checkpoints").glob("step-*/state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "adapter").exists()
+    assert main(["train", str(run)]) == 0  # one process picks up where two stopped
+    _same_adapter(run, single)
