@@ -76,41 +76,17 @@ def image_folder(tmp_path) -> Path:
     return root
 
 
-def build_t5_processor(query_tokens: int = 4):
-    """The demo's word-level vocabulary with T5's conventions: no BOS, ``</s>`` after the text."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import Blip2Processor, BlipImageProcessor, PreTrainedTokenizerFast
-
-    from captune.demo import world
-
-    specials = ["<pad>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + world.vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=64
-    )
-    image_processor = BlipImageProcessor(
-        size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True
-    )
-    return Blip2Processor(image_processor, tokenizer, num_query_tokens=query_tokens)
-
-
 @pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory) -> Path:
     """A tiny randomly initialised BLIP-2 with a T5 (encoder-decoder) language model, saved in HF format."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, T5Config
 
-    from captune.demo.base_model import DemoBuildSpec, build_config
+    from captune.demo.base_model import DemoBuildSpec, build_config, build_processor
 
     torch.manual_seed(0)
-    processor = build_t5_processor()
-    tok = processor.tokenizer
     spec = DemoBuildSpec(vision_hidden=32, qformer_hidden=32, text_hidden=32, layers=1, query_tokens=4)
+    processor = build_processor(spec, seq2seq=True)
+    tok = processor.tokenizer
     opt_cfg = build_config(spec, vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"))
     text = T5Config(
         vocab_size=len(tok),

@@ -236,7 +236,7 @@ class FeatureStore:
     def get(
         self, model, processor, images: Sequence[bytes], *, batch_size: int = 64, device: torch.device | None = None
     ) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         blip = unwrap(model)
         device = device or next(blip.parameters()).device
@@ -246,12 +246,19 @@ class FeatureStore:
             return load_file(str(path), device=str(device))["features"]
         self.misses += 1
         feats = image_features(model, processor, images, batch_size=batch_size, device=device)
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".features.", dir=self.root)
-        os.close(fd)
-        try:
-            save_file({"features": feats.contiguous().cpu()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        save_features(path, feats)
         return feats
+
+
+def save_features(path: Path, feats: torch.Tensor) -> None:
+    """A features file written under a temporary name and renamed into place (never half-written)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".features.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"features": feats.contiguous().cpu()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -132,9 +132,9 @@ class Run:
 
     def _sharded_features(self, loaded, images: list[bytes], w):
         """Under several processes each computes every size-th image; the main one assembles and stores."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
-        from captune.features import image_features
+        from captune.features import image_features, save_features
 
         store, device = self._store, loaded.device
         path = store.path_for(images)
@@ -144,13 +144,13 @@ class Run:
             feats = image_features(
                 loaded.model, loaded.processor, mine, batch_size=self.cfg.eval.batch_size, device=device
             )
-            write_atomic_tensor(part, feats, save_file)
+            save_features(part, feats)
             barrier()
             if w.is_main:
                 parts = [path.with_name(f".{path.stem}.part{r}-of-{w.size}") for r in range(w.size)]
                 shards = [load_file(str(f))["features"] for f in parts]
                 full = torch_interleave(shards, len(images))
-                write_atomic_tensor(path, full, save_file)
+                save_features(path, full)
                 for f in parts:
                     f.unlink(missing_ok=True)
             barrier()
@@ -175,20 +175,6 @@ def describe_device() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
-
-
-def write_atomic_tensor(path: Path, tensor, save_file) -> None:
-    """A safetensors file written under a temporary name and renamed into place."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".features.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"features": tensor.contiguous().cpu()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def torch_interleave(shards: list, total: int):

@@ -44,8 +44,9 @@ class DemoBuildSpec:
         return f"demo-{DEMO_VERSION}-" + "-".join(str(v) for v in asdict(self).values())
 
 
-def build_tokenizer():
-    """A word-level fast tokenizer over the demo vocabulary, OPT-style (BOS = EOS = </s>)."""
+def build_tokenizer(seq2seq: bool = False):
+    """A word-level fast tokenizer over the demo vocabulary, OPT-style (BOS = EOS = </s> before the
+    text), or with ``seq2seq`` T5-style (no BOS, </s> after the text)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -54,12 +55,13 @@ def build_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    single, pair = ("$A </s>", "$A </s> $B </s>") if seq2seq else ("</s> $A", "</s> $A </s> $B")
     tok.post_processor = processors.TemplateProcessing(
-        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", vocab["</s>"])]
+        single=single, pair=pair, special_tokens=[("</s>", vocab["</s>"])]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="</s>",
+        bos_token=None if seq2seq else "</s>",
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
@@ -67,7 +69,7 @@ def build_tokenizer():
     )
 
 
-def build_processor(spec: DemoBuildSpec):
+def build_processor(spec: DemoBuildSpec, seq2seq: bool = False):
     from transformers import Blip2Processor, BlipImageProcessor
 
     image_processor = BlipImageProcessor(
@@ -77,7 +79,7 @@ def build_processor(spec: DemoBuildSpec):
         do_convert_rgb=True,
     )
     # The processor registers <image> with the tokenizer itself.
-    return Blip2Processor(image_processor, build_tokenizer(), num_query_tokens=spec.query_tokens)
+    return Blip2Processor(image_processor, build_tokenizer(seq2seq), num_query_tokens=spec.query_tokens)
 
 
 def build_config(spec: DemoBuildSpec, vocab_size: int, image_token_id: int):
