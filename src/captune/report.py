@@ -35,7 +35,8 @@ dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem} dt{color:#
 """
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file ([] when it does not exist)."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -132,11 +133,11 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
     comparison = json.loads((run / "comparison.json").read_text())
     base_m = json.loads((run / "baseline" / "metrics.json").read_text())
     tuned_m = json.loads((run / "finetuned" / "metrics.json").read_text())
-    base_p = {r["image_id"]: r for r in _read_jsonl(run / "baseline" / "predictions.jsonl")}
-    tuned_p = {r["image_id"]: r for r in _read_jsonl(run / "finetuned" / "predictions.jsonl")}
+    base_p = {r["image_id"]: r for r in read_jsonl(run / "baseline" / "predictions.jsonl")}
+    tuned_p = {r["image_id"]: r for r in read_jsonl(run / "finetuned" / "predictions.jsonl")}
     manifest = json.loads((run / "data" / "manifest.json").read_text())
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
-    log = _read_jsonl(run / "logs" / "train.jsonl")
+    log = read_jsonl(run / "logs" / "train.jsonl")
 
     train_rows = [r for r in log if r.get("type") == "train"]
     val_rows = [r for r in log if r.get("type") == "validation"]

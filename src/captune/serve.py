@@ -158,11 +158,10 @@ def status_html(errors: list[str], n_ok: int) -> str:
     return "".join(parts)
 
 
-def _jsonl(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
-    rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    return {str(r["image_id"]): r for r in rows}
+def _by_image(path: Path) -> dict[str, dict]:
+    from captune.report import read_jsonl
+
+    return {str(r["image_id"]): r for r in read_jsonl(path)}
 
 
 def run_panel_html(run: Path, split: str, limit: int) -> str:
@@ -170,8 +169,8 @@ def run_panel_html(run: Path, split: str, limit: int) -> str:
     from captune.data.prepare import load_split
     from captune.report import thumbnail_uri
 
-    base = _jsonl(run / "baseline" / "predictions.jsonl")
-    tuned = _jsonl(run / "finetuned" / "predictions.jsonl")
+    base = _by_image(run / "baseline" / "predictions.jsonl")
+    tuned = _by_image(run / "finetuned" / "predictions.jsonl")
     if not base or not (run / "data" / "manifest.json").is_file():
         return "<p>This run has no scored test split yet ('captune eval RUN').</p>"
     rows = []

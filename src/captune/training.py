@@ -117,14 +117,25 @@ def _labelled(tokenizer, blip, examples, items, packed: bool, cfg: Config) -> in
     return label_tokens(text.labels, is_encoder_decoder(blip))
 
 
-def _token_share(tokenizer, blip, chunk, mine, dist_world, packed: bool, examples, cfg: Config) -> float:
-    """size x (this process's labelled tokens / the micro-batch's): 1.0 when alone."""
+def _token_share(
+    tokenizer, blip, chunk, dist_world, packed: bool, examples, cfg: Config, own: int | None = None
+) -> float:
+    """size x (this process's labelled tokens / the micro-batch's): 1.0 when alone. Every process
+    counts every share on the CPU (no collective per step); ``own``, when known, is not recounted."""
     if not dist_world.distributed:
         return 1.0
     parts = [shard(chunk, r, dist_world.size) for r in range(dist_world.size)]
     if len(chunk) < dist_world.size:  # a process without a real share repeats one item at weight 0
         parts = [p if r < len(chunk) else [] for r, p in enumerate(parts)]
-    counts = [_labelled(tokenizer, blip, examples, p, packed, cfg) if p else 0 for p in parts]
+
+    def count(r: int, items: list) -> int:
+        if not items:
+            return 0
+        if r == dist_world.rank and own is not None:
+            return own
+        return _labelled(tokenizer, blip, examples, items, packed, cfg)
+
+    counts = [count(r, p) for r, p in enumerate(parts)]
     return dist_world.size * counts[dist_world.rank] / max(1, sum(counts))
 
 
@@ -498,6 +509,7 @@ def train(
                             index = index.pin_memory()
                         loss = step_loss(train_feats[index.to(device, non_blocking=True)], batch)
                         n_pairs = sum(len(train_examples[i].captions) for i in chunk)
+                        own = int(batch.keep.numel())
                     else:
                         if vision_trains:  # only the images of this share go through the Q-Former
                             imgs = sorted({i for i, _ in mine})
@@ -507,7 +519,8 @@ def train(
                         else:
                             loss = step_loss(tokenizer, train_feats, mine, cfg)
                         n_pairs = len(chunk)
-                    weight = _token_share(tokenizer, blip, chunk, mine, dist_world, packed, train_examples, cfg)
+                        own = None  # counted in _token_share (the flat encoding happens in the loss)
+                    weight = _token_share(tokenizer, blip, chunk, dist_world, packed, train_examples, cfg, own)
                     scaled = loss * weight / tcfg.grad_accum
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 running.append(loss.detach())
