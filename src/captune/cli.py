@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -503,7 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("captune: error: out of memory; lower train.batch_size or eval.batch_size", file=sys.stderr)
         return 2
-    except Exception as exc:  # GPU OOM is a user-fixable condition; anything else is a bug
+    except Exception as exc:  # GPU OOM and a full disk are user-fixable conditions; anything else is a bug
+        code = re.search(r"os error (\d+)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+        why = _disk_problem(OSError(int(code.group(1)), "")) if code else None
+        if why is not None:  # safetensors reports I/O failures as its own error type
+            print(f"captune: error: cannot write: {why}; free space or choose another --out", file=sys.stderr)
+            return 2
         if type(exc).__name__ == "OutOfMemoryError":
             print(
                 "captune: error: GPU out of memory; lower train.batch_size or eval.batch_size "

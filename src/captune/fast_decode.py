@@ -117,7 +117,9 @@ class GreedyOPT:
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             out[:, n] = token
             done |= token == eos_token_id
-            if n == self.max_new - 1 or (n % 4 == 3 and bool(done.all())):
+            # every few steps, stop once all have ended (never before min_new: EOS is masked until then,
+            # and skipping the check keeps the CPU free of waits on the GPU)
+            if n == self.max_new - 1 or (n >= min_new and n % 4 == 3 and bool(done.all())):
                 break
             self.static_token.copy_(token)
             self.static_pos.fill_(t + n)

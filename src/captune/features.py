@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -220,17 +222,24 @@ def model_fingerprint(model, processor, source: str) -> str:
 
 
 class FeatureStore:
-    """Frozen image features on disk, keyed by model fingerprint and the images' content hashes."""
+    """Frozen image features on disk, keyed by model fingerprint and the images' content hashes.
+
+    A computed set is returned at once and written in a background thread (under a temporary
+    name, then renamed); until the write ends, a second request for it gets the same tensor.
+    ``flush`` waits for the writes.
+    """
 
     def __init__(self, root: Path, fingerprint: str):
         self.root = Path(root) / fingerprint
         self.hits = 0
         self.misses = 0
+        self._writing: dict[Path, tuple[threading.Thread, torch.Tensor]] = {}
+        self._errors: list[BaseException] = []
 
     def path_for(self, images: Sequence[bytes]) -> Path:
         h = hashlib.sha256()
-        for data in images:
-            h.update(hashlib.sha256(data).digest())
+        for digest in _digests(images):
+            h.update(digest)
         return self.root / f"{h.hexdigest()[:24]}.safetensors"
 
     def get(
@@ -241,13 +250,44 @@ class FeatureStore:
         blip = unwrap(model)
         device = device or next(blip.parameters()).device
         path = self.path_for(images)
+        if path in self._writing:
+            self.hits += 1
+            return self._writing[path][1].to(device)
         if path.is_file():
             self.hits += 1
             return load_file(str(path), device=str(device))["features"]
         self.misses += 1
         feats = image_features(model, processor, images, batch_size=batch_size, device=device)
-        save_features(path, feats)
+        writer = threading.Thread(target=self._write, args=(path, feats), name="captune-features-write")
+        self._writing[path] = (writer, feats)
+        writer.start()
         return feats
+
+    def _write(self, path: Path, feats: torch.Tensor) -> None:
+        try:
+            save_features(path, feats)
+        except BaseException as exc:  # handed to flush(), which raises it in the caller's thread
+            self._errors.append(exc)
+
+    def flush(self) -> None:
+        """Wait until every features file this store started writing is in place; raise the first
+        write error (a full disk, say)."""
+        while self._writing:
+            _, (writer, _) = self._writing.popitem()
+            writer.join()
+        if self._errors:
+            error, self._errors = self._errors[0], []
+            raise error
+
+
+def _digests(images: Sequence[bytes]) -> list[bytes]:
+    """SHA-256 of each image, in threads (hashlib lets go of the GIL for large buffers)."""
+    if len(images) < 64:
+        return [hashlib.sha256(data).digest() for data in images]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(_workers()) as pool:
+        return list(pool.map(lambda data: hashlib.sha256(data).digest(), images, chunksize=32))
 
 
 def save_features(path: Path, feats: torch.Tensor) -> None:
@@ -258,7 +298,13 @@ def save_features(path: Path, feats: torch.Tensor) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".features.", dir=path.parent)
     os.close(fd)
     try:
-        save_file({"features": feats.contiguous().cpu()}, tmp)
+        try:
+            save_file({"features": feats.contiguous().cpu()}, tmp)
+        except Exception as exc:  # safetensors reports I/O failures as its own error type
+            code = re.search(r"os error (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

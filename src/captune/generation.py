@@ -47,30 +47,43 @@ def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, 
     Greedy decoding of an OPT model goes through the static-cache decoder
     (``fast_decode``); everything else through ``generate``. One decoder (and one
     CUDA graph) serves every full batch of a call; it is dropped at the end so its
-    KV cache does not outlive the call.
+    KV cache does not outlive the call. On a GPU a batch's tokens are copied to the
+    host and turned into text while the next batch is being generated.
     """
     blip = unwrap(model)
     fast = use_fast_path(blip, cfg)
     seq2seq = is_encoder_decoder(blip)
     kwargs = generation_kwargs(cfg, tokenizer)
     decoders: dict[int, GreedyOPT] = {}
+    prompts: dict[int, object] = {}  # one tokenized prompt per batch size
     captions: list[str] = []
+    pending: list[tuple[torch.Tensor, torch.cuda.Event | None, int]] = []
     total, size = features.size(0), cfg.batch_size
     if fast and total:  # equal batches: one decoder shape, one CUDA graph capture per call
         size = math.ceil(total / math.ceil(total / size))
+
+    def to_text(tokens: torch.Tensor, ready, real: int) -> None:
+        if ready is not None:
+            ready.synchronize()  # this batch's copy only; the GPU goes on with the next batch
+        texts = tokenizer.batch_decode(tokens[:real].tolist(), skip_special_tokens=True)
+        captions.extend(clean_caption(t, "" if seq2seq else prompt) for t in texts)
+
     for start in range(0, total, size):
         feats = features[start : start + size]
         real = feats.size(0)
         if fast and start and real < size:  # the short last batch is padded to the shape in use
             feats = torch.cat([feats, feats[-1:].expand(size - real, *feats.shape[1:])])
-        ids = generation_prompt(
-            tokenizer,
-            feats.size(0),
-            num_query_tokens=blip.config.num_query_tokens,
-            image_token_id=blip.config.image_token_index,
-            prompt=prompt,
-            seq2seq=seq2seq,
-        )
+        n = feats.size(0)
+        if n not in prompts:
+            prompts[n] = generation_prompt(
+                tokenizer,
+                n,
+                num_query_tokens=blip.config.num_query_tokens,
+                image_token_id=blip.config.image_token_index,
+                prompt=prompt,
+                seq2seq=seq2seq,
+            )
+        ids = prompts[n]
         device = feats.device
         unpadded = bool(ids.attention_mask.all())  # checked on the CPU: no GPU sync
         input_ids, mask = ids.input_ids.to(device), ids.attention_mask.to(device)
@@ -78,8 +91,18 @@ def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, 
             new = _fast_greedy(blip, decoders, feats, input_ids, cfg, tokenizer)
         else:
             new = generate_from_features(model, feats, input_ids, mask, **kwargs)
-        texts = tokenizer.batch_decode(new[:real], skip_special_tokens=True)
-        captions.extend(clean_caption(t, "" if seq2seq else prompt) for t in texts)
+        ready = None
+        if new.device.type == "cuda":
+            host = torch.empty(new.shape, dtype=new.dtype, pin_memory=True)
+            host.copy_(new, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            new = host
+        for done in pending:
+            to_text(*done)
+        pending = [(new, ready, real)]
+    for done in pending:
+        to_text(*done)
     return captions
 
 

@@ -12,6 +12,7 @@ Only OPT-style decoders are packed; other language models use ``features.lm_loss
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,18 @@ def pack_captions(tokenizer, captions: list[list[str]], *, prompt: str, max_text
     return PackedBatch(ids, mask, labels, sum(len(c) for c in captions))
 
 
+@contextlib.contextmanager
+def sdpa_without_cudnn():
+    """SDPA may use any backend but cuDNN's. cuDNN builds a graph for each new input shape, and
+    packed batches change shape with their longest caption: on an H100 that cost 2.5-3.8 s per
+    new shape against 0.2 s for the memory-efficient kernel, at no better steady-state speed
+    (bench/results/2026-11-27-h100-sdpa-backends.json)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
 def _attention_mask(q: int, slot_mask: torch.Tensor) -> torch.Tensor:
     """Boolean (G, 1, L, L): prefix causal; each slot sees the prefix and itself, causally."""
     g, k, t = slot_mask.shape
@@ -108,10 +121,22 @@ def packed_loss(model, features: torch.Tensor, batch: PackedBatch) -> torch.Tens
         hidden = dec.project_in(hidden)
     hidden = hidden + F.embedding(positions + getattr(emb, "offset", 2), emb.weight).to(hidden.dtype)
     mask = _attention_mask(q, batch.mask)
-    training = model.training
-    heads = lm.config.num_attention_heads
-    head_dim = lm.config.hidden_size // heads
-    pre_norm = lm.config.do_layer_norm_before
+    with sdpa_without_cudnn():
+        hidden = _layers(dec, hidden, mask, lm.config, model.training)
+    text = hidden[:, q:].reshape(g, k, t, -1)[:, :, :-1].reshape(g * k * (t - 1), -1)
+    text = text.index_select(0, batch.keep)
+    if dec.final_layer_norm is not None:
+        text = dec.final_layer_norm(text)
+    if dec.project_out is not None:
+        text = dec.project_out(text)
+    logits = lm.lm_head(text).float()
+    return F.cross_entropy(logits, batch.targets)
+
+
+def _layers(dec, hidden: torch.Tensor, mask: torch.Tensor, config, training: bool) -> torch.Tensor:
+    heads = config.num_attention_heads
+    head_dim = config.hidden_size // heads
+    pre_norm = config.do_layer_norm_before
     b, length, _ = hidden.shape
     for layer in dec.layers:
         attn = layer.self_attn
@@ -133,11 +158,4 @@ def packed_loss(model, features: torch.Tensor, batch: PackedBatch) -> torch.Tens
         hidden = residual + F.dropout(h, p=layer.dropout, training=training)
         if not pre_norm:
             hidden = layer.final_layer_norm(hidden)
-    text = hidden[:, q:].reshape(g, k, t, -1)[:, :, :-1].reshape(g * k * (t - 1), -1)
-    text = text.index_select(0, batch.keep)
-    if dec.final_layer_norm is not None:
-        text = dec.final_layer_norm(text)
-    if dec.project_out is not None:
-        text = dec.project_out(text)
-    logits = lm.lm_head(text).float()
-    return F.cross_entropy(logits, batch.targets)
+    return hidden

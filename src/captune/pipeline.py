@@ -7,6 +7,9 @@ whose output exists is complete and is skipped unless forced.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import gc
 import json
 import os
 import platform
@@ -111,7 +114,9 @@ class Run:
 
     # -- model ----------------------------------------------------------------
     def join(self) -> None:
-        """Wait for background scoring; re-raise its error if it failed."""
+        """Wait for background scoring and features writes; re-raise a scoring error."""
+        if self._store is not None:
+            self._store.flush()
         while self._pending:
             name, _, future = self._pending.pop(0)
             self.record_time(f"{name} scoring (overlapped with training)", future.result())
@@ -370,18 +375,22 @@ def phase_train(run: Run, force: bool = False) -> None:
     run.log(f"  LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     train_ex = load_split(run.path("data"), "train")
     val_ex = load_split(run.path("data"), "validation")
-    result = train(
-        model,
-        loaded.processor,
-        train_ex,
-        val_ex,
-        run.cfg,
-        log_path=run.path("logs", "train.jsonl"),
-        log=run.log,
-        score_fn=_cider_fn(),
-        feature_fn=run.features,
-        checkpoint_dir=run.path("checkpoints"),
-    )
+
+    def attempt(cfg):
+        return train(
+            model,
+            loaded.processor,
+            train_ex,
+            val_ex,
+            cfg,
+            log_path=run.path("logs", "train.jsonl"),
+            log=run.log,
+            score_fn=_cider_fn(),
+            feature_fn=run.features,
+            checkpoint_dir=run.path("checkpoints"),
+        )
+
+    result, used = train_within_memory(run, model, attempt)
     run._tuned = model
     if not world().is_main:
         return
@@ -389,7 +398,7 @@ def phase_train(run: Run, force: bool = False) -> None:
     with staged_dir(run.path("adapter")) as tmp:
         model.save_pretrained(tmp)
         loaded.processor.save_pretrained(tmp)
-        (tmp / "captune_config.yaml").write_text(run.cfg.to_yaml())
+        (tmp / "captune_config.yaml").write_text(used.to_yaml())
         (tmp / "training.json").write_text(
             json.dumps(
                 {
@@ -404,6 +413,56 @@ def phase_train(run: Run, force: bool = False) -> None:
             )
         )
     run.log(f"  adapter written to {run.path('adapter')} in {time.perf_counter() - t0:.1f}s")
+
+
+def train_within_memory(run: Run, model, attempt: Callable):
+    """``attempt(cfg)`` with the run's config; if the GPU runs out of memory, again from the start
+    with half the micro-batch and twice the accumulation (the same pairs per optimizer step),
+    down to one pair. Returns the result and the config that fitted. Under several processes an
+    out-of-memory error stops the run (the others could not follow a retry)."""
+    import torch
+
+    from captune.training import latest_checkpoint
+
+    cfg = run.cfg
+    last = latest_checkpoint(run.path("checkpoints"))
+    if last is not None:  # resume with the micro-batch the checkpoint was written with
+        st = json.loads((last / "state.json").read_text())
+        sizes = (st.get("batch_size", cfg.train.batch_size), st.get("grad_accum", cfg.train.grad_accum))
+        if sizes != (cfg.train.batch_size, cfg.train.grad_accum):
+            cfg = copy.deepcopy(cfg)
+            cfg.train.batch_size, cfg.train.grad_accum = sizes
+    initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    while True:
+        try:
+            return attempt(cfg), cfg
+        except torch.OutOfMemoryError:
+            t = cfg.train
+            if world().distributed:
+                raise
+            if t.batch_size < 2:
+                raise UserError(
+                    "GPU out of memory in phase train even with one pair per micro-batch; use "
+                    "model.quantization=4bit (or 8bit), a smaller model, or a GPU with more memory"
+                ) from None
+        # out of the except block: the failed attempt's frames (and their tensors) are released
+        smaller = copy.deepcopy(cfg)
+        smaller.train.batch_size, smaller.train.grad_accum = t.batch_size // 2, t.grad_accum * 2
+        run.log(
+            f"  GPU out of memory at train.batch_size={t.batch_size}; starting again with "
+            f"train.batch_size={smaller.train.batch_size} train.grad_accum={smaller.train.grad_accum} "
+            f"(the same {t.batch_size * t.grad_accum} pairs per step)"
+        )
+        cfg = smaller
+        shutil.rmtree(run.path("checkpoints"), ignore_errors=True)  # positions counted in old micro-batches
+        with torch.no_grad():
+            for k, v in model.named_parameters():
+                if k in initial:
+                    v.copy_(initial[k])
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _tuned_model(run: Run):
@@ -466,8 +525,11 @@ def run_phases(run: Run, phases: tuple[str, ...] = PHASES, *, force: bool = Fals
     run.overlap = "baseline" in phases and "train" in phases
     try:
         _run_phases(run, phases, force)
-    finally:
-        run.join()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            run.join()
+        raise
+    run.join()
 
 
 # Phases every process takes part in under a launcher; the main process alone does the others

@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,6 +138,11 @@ def _token_share(
 
     counts = [count(r, p) for r, p in enumerate(parts)]
     return dist_world.size * counts[dist_world.rank] / max(1, sum(counts))
+
+
+def _timed_call(fn: Callable, *args) -> tuple:
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def _eta(elapsed: float, done: int, left: int) -> str:
@@ -411,6 +417,7 @@ def train(
     def checkpoint(epoch: int, next_micro: int, epoch_start) -> None:
         if checkpoint_dir is None or not main:
             return
+        settle()  # a checkpoint holds the best adapter so far
         save_checkpoint(
             checkpoint_dir,
             step=step,
@@ -431,11 +438,21 @@ def train(
                 "best": result.best,
                 "history": result.history,
                 "stale": result.stale,
+                # the micro-batch in use (a fallback after running out of GPU memory may have halved
+                # it): positions above count micro-batches of this size
+                "batch_size": tcfg.batch_size,
+                "grad_accum": tcfg.grad_accum,
             },
         )
 
+    # A validation's CIDEr is scored on the CPU (and in Java) while the GPU trains on: the scoring
+    # runs in a thread, and the result is settled (logged, compared, the best adapter kept) when it
+    # is ready, before any checkpoint, and before an early stop or the end. Under several
+    # processes it is settled at once, so that every process takes the same decisions.
+    scoring = ThreadPoolExecutor(1, thread_name_prefix="captune-validation") if score_fn else None
+    pending: list[tuple[dict, dict, Future, dict]] = []
+
     def validate(epoch: int) -> None:
-        nonlocal best_value, best_state
         nonlocal val_feats
         if val_feats is None or not len(val_examples):
             return
@@ -449,19 +466,34 @@ def train(
         t0 = time.perf_counter()
         row["loss"] = validation_loss(model, tokenizer, val_feats, val_examples, cfg)
         times = {"loss": time.perf_counter() - t0}
+        state = _lora_state(model) if tcfg.select != "last" else {}
         if score_fn is not None and tcfg.select != "loss":
             t0 = time.perf_counter()
             caps = caption_features(model, tokenizer, val_feats, cfg.eval, cfg.model.prompt)
             times["captions"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            row["CIDEr"] = score_fn(caps, [e.captions for e in val_examples])
-            times["scoring"] = time.perf_counter() - t0
+            refs = [e.captions for e in val_examples]
+            pending.append((row, times, scoring.submit(_timed_call, score_fn, caps, refs), state))
+            if dist_world.distributed:
+                settle()
+        else:
+            conclude(row, times, state)
+        model.train()
+
+    def settle() -> None:
+        """Finish the validations whose scoring is under way (waiting for it)."""
+        while pending:
+            row, times, future, state = pending.pop(0)
+            row["CIDEr"], times["scoring"] = future.result()
+            conclude(row, times, state)
+
+    def conclude(row: dict, times: dict, state: dict) -> None:
+        nonlocal best_value, best_state
         row["seconds"] = {k: round(v, 3) for k, v in times.items()}
         record(row)
         result.history.append(row)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("loss", "CIDEr"))
         took = ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
-        bar.write(log, f"  validation after epoch {epoch} (step {step}): {shown} ({took})")
+        bar.write(log, f"  validation after epoch {row['epoch']} (step {row['step']}): {shown} ({took})")
         if tcfg.select == "last":
             return
         value = row["CIDEr"] if tcfg.select == "CIDEr" and "CIDEr" in row else -row["loss"]
@@ -471,11 +503,11 @@ def train(
             result.stale = 0
         if best_value is None or value > best_value:
             best_value = value
-            best_state = _lora_state(model)
-            result.best_step = step
+            best_state = state
+            result.best_step = row["step"]
             result.best = {k: v for k, v in row.items() if k not in ("type",)}
-        model.train()
 
+    deferred = False  # an epoch-end checkpoint waiting for its validation's score
     try:
         for epoch in range(first_epoch, epochs + 1):
             model.train()
@@ -570,13 +602,23 @@ def train(
                     on_step(step)
                 if step >= total_steps:
                     break
+                if pending and pending[0][2].done():  # the last validation is scored: settle it and
+                    settle()  # write the checkpoint that waited for it
+                    if deferred:
+                        checkpoint(epoch, m_idx + 1, epoch_start_state)
+                        deferred = False
                 if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and m_idx + 1 < len(micro):
                     checkpoint(epoch, m_idx + 1, epoch_start_state)
             if tcfg.validate_every and (epoch % tcfg.validate_every == 0 or step >= total_steps):
                 validate(epoch)
             skip_micro = 0
             epoch_rng = rng.getstate()
-            checkpoint(epoch + 1, 0, epoch_rng)
+            if step >= total_steps or tcfg.early_stop:
+                settle()
+            if pending:  # checkpoint once the scoring is done, during the next epoch
+                deferred = True
+            else:
+                checkpoint(epoch + 1, 0, epoch_rng)
             if step >= total_steps:
                 break
             if tcfg.early_stop and all_agree(result.stale >= tcfg.early_stop):
@@ -584,7 +626,10 @@ def train(
                 log(f"  early stop: {result.stale} validations without a better {tcfg.select}")
                 break
 
+        settle()
     finally:
+        if scoring is not None:
+            scoring.shutdown(wait=True)
         bar.close()
         trackers.close()
 
