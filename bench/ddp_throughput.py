@@ -1,6 +1,8 @@
-"""Training throughput of ``captune train`` on one GPU and on all GPUs of this machine (DDP via torchrun).
+"""Training throughput of ``captune train`` on one GPU and on all GPUs of this machine (DDP via torchrun),
+or a few FSDP steps on all GPUs (accelerate launch with configs/accelerate/fsdp.yaml).
 
     python bench/ddp_throughput.py --images 2000 --out ddp.json [--workdir DIR]
+    python bench/ddp_throughput.py --arch blip2-opt-6.7b --engine fsdp --images 256 --max-steps 8 --out fsdp.json
 
 Random blip2-opt-2.7b weights are saved in checkpoint format and synthetic COCO-size
 JPEGs (5 captions each) in a COCO folder; ``captune data`` prepares one run folder
@@ -8,7 +10,9 @@ per setting, then ``captune train`` runs with the coco5k recipe's training (bf16
 LoRA q/k r 8, packing) for one epoch with validation off. The per-GPU micro-batch is
 the same in both settings (128 pairs per GPU), so the global batch grows with the
 GPU count. samples/s is captune's own count (pairs / training-loop seconds) from
-RUN/adapter/training.json.
+RUN/adapter/training.json. With ``--engine fsdp`` only the all-GPU run is made, with
+validation at its end (which gathers the sharded language model), and each step's
+loss and peak GPU memory are reported from RUN/logs/train.jsonl.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--workdir", default="/tmp/captune-ddp")
     ap.add_argument("--out", default="ddp.json")
+    ap.add_argument("--arch", default="blip2-opt-2.7b")
+    ap.add_argument("--engine", choices=("ddp", "fsdp"), default="ddp")
+    ap.add_argument("--max-steps", type=int, default=0)
     args = ap.parse_args()
 
     import peft
@@ -43,7 +50,7 @@ def main() -> None:
     work = Path(args.workdir)
     model_dir, coco = work / "model", work / "coco"
     if not (model_dir / "config.json").is_file():
-        model, cfg = build_model("blip2-opt-2.7b", torch.bfloat16)
+        model, cfg = build_model(args.arch, torch.bfloat16)
         model.save_pretrained(model_dir, safe_serialization=True, max_shard_size="5GB")
         build_processor(cfg).save_pretrained(model_dir)
         del model
@@ -60,14 +67,18 @@ def main() -> None:
         (coco / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
 
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+    fsdp = args.engine == "fsdp"
     base = [
         f"model.name_or_path={model_dir}",
         f"data.source=coco:{coco / 'captions.json'}",
         f"data.num_images={args.images}",
         "train.epochs=1",
-        "train.validate_every=0",
-        "train.select=last",
+        f"train.validate_every={1 if fsdp else 0}",
+        # FSDP: validation loss at the end (the gathered language model), no captions: no Java needed
+        "train.select=loss" if fsdp else "train.select=last",
         "train.grad_accum=1",
+        f"train.max_steps={args.max_steps}",
+        "train.log_every=1" if fsdp else "train.log_every=20",
     ]
     result = {
         "what": __doc__.strip().splitlines()[0],
@@ -77,10 +88,12 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        "architecture": f"{args.arch} (random weights, built from config)",
+        "engine": args.engine,
         "command": "python bench/ddp_throughput.py " + " ".join(sys.argv[1:]),
         "runs": {},
     }
-    for n in sorted({1, gpus}):
+    for n in [gpus] if fsdp else sorted({1, gpus}):
         run = work / f"run-{n}gpu"
         overrides = [*base, f"train.batch_size={128 * n}"]
         cli = [sys.executable, "-m", "captune.cli"]
@@ -88,6 +101,10 @@ def main() -> None:
             [*cli, "data", str(run), "--recipe", "coco5k", *overrides], check=True, env=env, capture_output=True
         )
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "captune.cli"]
+        if fsdp:
+            config = ROOT / "configs" / "accelerate" / "fsdp.yaml"
+            launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+            launch += ["--num_processes", str(n), "-m", "captune.cli"]
         done = subprocess.run([*(launch if n > 1 else cli), "train", str(run)], env=env, capture_output=True, text=True)
         (work / f"train-{n}gpu.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
@@ -98,8 +115,14 @@ def main() -> None:
             "global_batch_pairs": 128 * n,
             "steps": doc["steps"],
             "samples_per_s": round(doc["samples_per_s"], 1),
-            "log_tail": done.stdout[-800:],
+            "log_tail": done.stdout[-1500:],
         }
+        if fsdp:
+            rows = [json.loads(line) for line in (run / "logs" / "train.jsonl").read_text().splitlines()]
+            keys = ("step", "loss", "gpu_mem_gb", "samples_per_s")
+            train_rows = [r for r in rows if r["type"] == "train"]
+            result["runs"][f"{n} GPU"]["steps_logged"] = [{k: r.get(k) for k in keys} for r in train_rows]
+            result["runs"][f"{n} GPU"]["validation"] = [r for r in rows if r["type"] == "validation"]
         print(n, "GPU:", result["runs"][f"{n} GPU"]["samples_per_s"], "samples/s", flush=True)
     one, many = result["runs"].get("1 GPU", {}), result["runs"].get(f"{gpus} GPU", {})
     if gpus > 1 and "samples_per_s" in one and "samples_per_s" in many:

@@ -172,3 +172,22 @@ def test_resume_with_another_world_size(tmp_path):
     assert not (run / "adapter").exists()
     assert main(["train", str(run)]) == 0  # one process picks up where two stopped
     _same_adapter(run, single)
+
+
+def test_fsdp_two_processes_give_the_single_process_run(tmp_path):
+    """accelerate launch with the shipped FSDP config (the language model sharded, gloo on the CPU):
+    the same adapter and fine-tuned captions as one process."""
+    run, single = _prepared(tmp_path, "fsdp", [])
+    assert main(["run", "demo", "--out", str(single), *SETTINGS]) == 0
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", "fsdp.yaml")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+        "--main_process_port", str(_port()), "-m", "captune.cli", "run", "demo", "--out", str(run), *SETTINGS,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP: the language model sharded over 2 processes" in done.stdout
+    _same_adapter(run, single)
+    ours = (run / "finetuned" / "predictions.jsonl").read_text()
+    assert ours == (single / "finetuned" / "predictions.jsonl").read_text()
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step-*"))

@@ -166,6 +166,9 @@ class TrainConfig:
     """With data.train_captions=all, run each image's prefix once for all its captions (OPT; exact)."""
     trackers: list[str] = field(default_factory=list)
     """Also log to these accelerate trackers (tensorboard, wandb, mlflow, ...); files go to RUN/logs."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Under several processes: DDP (a whole model per GPU) or FSDP (the language model sharded);
+    auto = what the accelerate launch config says (configs/accelerate/fsdp.yaml), else DDP."""
     progress: Literal["auto", "on", "off"] = "auto"
     """A progress bar (step, loss, lr, samples/s, ETA, GPU memory); auto = when stderr is a terminal."""
 

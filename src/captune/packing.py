@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from captune.batching import IGNORE, encode_texts, training_text
 from captune.features import unwrap
+from captune.sharding import is_sharded
 
 
 @dataclass
@@ -122,7 +123,10 @@ def packed_loss(model, features: torch.Tensor, batch: PackedBatch) -> torch.Tens
     hidden = hidden + F.embedding(positions + getattr(emb, "offset", 2), emb.weight).to(hidden.dtype)
     mask = _attention_mask(q, batch.mask)
     with sdpa_without_cudnn():
-        hidden = _layers(dec, hidden, mask, lm.config, model.training)
+        if is_sharded(dec.layers[0]):  # FSDP units gather their weights in their own forward
+            hidden = _layer_forwards(dec, hidden, mask)
+        else:
+            hidden = _layers(dec, hidden, mask, lm.config, model.training)
     text = hidden[:, q:].reshape(g, k, t, -1)[:, :, :-1].reshape(g * k * (t - 1), -1)
     text = text.index_select(0, batch.keep)
     if dec.final_layer_norm is not None:
@@ -131,6 +135,17 @@ def packed_loss(model, features: torch.Tensor, batch: PackedBatch) -> torch.Tens
         text = dec.project_out(text)
     logits = lm.lm_head(text).float()
     return F.cross_entropy(logits, batch.targets)
+
+
+def _layer_forwards(dec, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The decoder layers through their own ``forward`` (the same arithmetic as ``_layers``), with the
+    packed mask as an additive one, which both eager and SDPA attention take."""
+    additive = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
+    additive = additive.masked_fill(~mask, torch.finfo(hidden.dtype).min)
+    for layer in dec.layers:
+        out = layer(hidden, attention_mask=additive)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
 
 
 def _layers(dec, hidden: torch.Tensor, mask: torch.Tensor, config, training: bool) -> torch.Tensor:

@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -165,6 +166,9 @@ class Run:
         if self._loaded is None:
             from captune.modeling import load_model
 
+            gc.collect()  # a model dropped earlier (FSDP shards after training) gives its memory back
+            if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+                sys.modules["torch"].cuda.empty_cache()
             t0 = time.perf_counter()
             self._loaded = load_model(self.cfg.model)
             self.log(
@@ -391,12 +395,16 @@ def phase_train(run: Run, force: bool = False) -> None:
         )
 
     result, used = train_within_memory(run, model, attempt)
-    run._tuned = model
+    sharded = result.adapter_state is not None
+    if sharded:  # the loaded language model is FSDP shards now: later phases load the model again
+        run._loaded = run._tuned = None
+    else:
+        run._tuned = model
     if not world().is_main:
         return
     t0 = time.perf_counter()
     with staged_dir(run.path("adapter")) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": result.adapter_state} if sharded else {}))
         loaded.processor.save_pretrained(tmp)
         (tmp / "captune_config.yaml").write_text(used.to_yaml())
         (tmp / "training.json").write_text(

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
+from captune import sharding
 from captune.batching import encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
 from captune.config import Config
 from captune.data.prepare import Example
 from captune.distributed import all_agree, all_mean, world
+from captune.errors import UserError
 from captune.features import image_features, lm_loss, project_queries, unwrap
 from captune.generation import caption_features
 from captune.modeling import adapter_touches_vision
@@ -42,6 +44,8 @@ class TrainResult:
     seconds: float = 0.0
     stale: int = 0  # validations since the last improvement
     stopped_early: bool = False
+    # under FSDP: the trained parameters as whole tensors (the model's own are shards)
+    adapter_state: dict | None = None
 
 
 def encode_pairs(tokenizer, blip, captions: list[str], cfg: Config):
@@ -192,10 +196,17 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
 
 
 def _load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the trainable parameters; a whole tensor into an FSDP shard is cut to
+    that process's part (every process calls this)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in state.items():
-            params[k].copy_(v)
+            p = params[k]
+            if type(p).__name__ == "DTensor" and type(v).__name__ != "DTensor":
+                from torch.distributed.tensor import distribute_tensor
+
+                v = distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements)
+            p.copy_(v)
 
 
 class JsonlLog:
@@ -335,6 +346,16 @@ def train(
     )
 
     dist_world = world()
+    fsdp = dist_world.distributed and sharding.engine(tcfg.distributed) == "fsdp"
+    step_loss = _StepLoss(model, None)
+    if fsdp:
+        if vision_trains:
+            raise UserError(
+                "FSDP shards the language model, and lora.target_modules=qformer trains the Q-Former; "
+                "use DDP (train.distributed=ddp) for this preset"
+            )
+        sharding.shard_language_model(step_loss, blip)
+        log(f"  FSDP: the language model sharded over {dist_world.size} processes (checkpoints off)")
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=fused)
@@ -360,7 +381,7 @@ def train(
     running: list[float] = []
     first_epoch, skip_micro = 1, 0
     epoch_rng = rng.getstate()
-    resume_from = latest_checkpoint(checkpoint_dir)
+    resume_from = None if fsdp else latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
         from safetensors.torch import load_file
 
@@ -402,8 +423,8 @@ def train(
         def flat_fn(m, tok, feats, chunk, c):
             return flat_loss(m, tok, feats, chunk, c)[0]
 
-    step_loss = _StepLoss(model, packed_fn if packed else flat_fn)
-    if dist_world.distributed:
+    step_loss.fn = packed_fn if packed else flat_fn
+    if dist_world.distributed and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
@@ -415,7 +436,7 @@ def train(
         trackers.log(row)
 
     def checkpoint(epoch: int, next_micro: int, epoch_start) -> None:
-        if checkpoint_dir is None or not main:
+        if checkpoint_dir is None or not main or fsdp:
             return
         settle()  # a checkpoint holds the best adapter so far
         save_checkpoint(
@@ -453,9 +474,13 @@ def train(
     pending: list[tuple[dict, dict, Future, dict]] = []
 
     def validate(epoch: int) -> None:
-        nonlocal val_feats
         if val_feats is None or not len(val_examples):
             return
+        with sharding.gathered(step_loss) if fsdp else contextlib.nullcontext():
+            _validate(epoch)
+
+    def _validate(epoch: int) -> None:
+        nonlocal val_feats
         model.eval()
         if vision_trains:  # this step's Q-Former over the cached vision outputs
             with torch.no_grad():
@@ -528,7 +553,9 @@ def train(
                 # its share of the labelled tokens, so DDP's gradient average is the global token mean.
                 mine = shard(chunk, dist_world.rank, dist_world.size) if dist_world.distributed else chunk
                 sync = not dist_world.distributed or (m_idx + 1) % tcfg.grad_accum == 0 or m_idx == len(micro) - 1
-                with contextlib.nullcontext() if sync else step_loss.no_sync():
+                if fsdp:
+                    sharding.set_gradient_sync(step_loss, sync)
+                with contextlib.nullcontext() if sync or fsdp else step_loss.no_sync():
                     if packed:
                         batch = pack_captions(
                             tokenizer,
@@ -638,6 +665,8 @@ def train(
     else:
         _load_lora_state(model, best_state)
         log(f"  kept the adapter from step {result.best_step} (best validation {tcfg.select})")
+    if fsdp:
+        result.adapter_state = sharding.full_state(model)
     model.eval()
     result.steps = step
     result.seconds = time.perf_counter() - started

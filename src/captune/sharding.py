@@ -1,0 +1,103 @@
+"""Fully sharded training (PyTorch FSDP2) of the language model, for models one GPU cannot hold.
+
+Under ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` (or with
+``train.distributed=fsdp`` under torchrun) each decoder layer of the language model
+becomes its own FSDP unit and the rest of the language model (embeddings, final norm,
+head) one more, so each GPU holds 1/N of the language model's weights between uses
+and gathers a layer only while it computes. The vision tower and Q-Former are frozen
+and computed once before training (cached features), so they are left whole on each
+GPU and never communicated. LoRA gradients are reduce-scattered, i.e. averaged like
+DDP's, so captune's token weighting carries over unchanged.
+
+Validation and evaluation call layers' parts directly (the static-cache decoder), so
+they run inside ``gathered``: every unit is gathered for the duration, which needs the
+whole language model on each GPU for that time (13.4 GB for OPT-6.7B in bf16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from captune.errors import UserError
+
+
+def engine(choice: str) -> str:
+    """``ddp`` or ``fsdp``: the configured one, or with ``auto`` what accelerate's launch config says."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise UserError(
+            "DeepSpeed is not supported by captune's training loop; launch with "
+            "configs/accelerate/fsdp.yaml (sharded) or configs/accelerate/multi-gpu.yaml (DDP)"
+        )
+    if choice != "auto":
+        return choice
+    return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else "ddp"
+
+
+def shard_language_model(root: torch.nn.Module, blip) -> None:
+    """FSDP units: every decoder layer, then ``root`` (the training-loss module) holding the rest of
+    the language model; parameters outside the language model are left alone."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    lm = blip.language_model
+    layers = getattr(getattr(getattr(lm, "model", None), "decoder", None), "layers", None)
+    if layers is None:
+        raise UserError(
+            "FSDP in captune shards OPT-style language models; use DDP (configs/accelerate/multi-gpu.yaml) "
+            "for this model"
+        )
+    dtype = layers[0].fc1.weight.dtype
+    # LoRA weights are kept in fp32 by PEFT, the base in bf16: gathered in the base's dtype, with
+    # gradients reduced in fp32
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    inside = {id(p) for p in lm.parameters()}
+    fully_shard(root, mp_policy=policy, ignored_params={p for p in root.parameters() if id(p) not in inside})
+
+
+def units(module: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(layer: torch.nn.Module) -> bool:
+    """True while ``layer``'s weights are shards (not gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in layer.parameters())
+
+
+@contextlib.contextmanager
+def gathered(module: torch.nn.Module):
+    """Every FSDP unit in ``module`` gathered (plain parameters) until the block ends."""
+    found = units(module)
+    for unit in found:  # the root first: it initialises the others
+        unit.unshard()
+        unit.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for unit in found:
+            unit.set_reshard_after_forward(True)
+            unit.reshard()
+
+
+def set_gradient_sync(module: torch.nn.Module, sync: bool) -> None:
+    """Accumulate gradients locally (False) or reduce them at the next backward (True)."""
+    for unit in units(module):
+        unit.set_requires_gradient_sync(sync)
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters as whole tensors on every process (a collective: all must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+        for k, v in model.named_parameters()
+        if v.requires_grad
+    }
