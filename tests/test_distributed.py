@@ -191,3 +191,15 @@ def test_fsdp_two_processes_give_the_single_process_run(tmp_path):
     ours = (run / "finetuned" / "predictions.jsonl").read_text()
     assert ours == (single / "finetuned" / "predictions.jsonl").read_text()
     assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step-*"))
+
+
+def test_fsdp_launch_loads_whole_weights_on_every_process(monkeypatch):
+    """accelerate's FSDP config makes transformers load weights on process 0 only (the others get
+    none, for FSDP to broadcast); captune shards each process's own copy, so loading turns it off."""
+    from captune.config import ModelConfig
+    from captune.modeling import load_model
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    load_model(ModelConfig(device="cpu"))
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from captune import sharding
-from captune.batching import encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
+from captune.batching import IGNORE, encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
 from captune.config import Config
 from captune.data.prepare import Example
 from captune.distributed import all_agree, all_mean, world
@@ -108,23 +108,38 @@ def _quiet(message: str) -> None:
     pass
 
 
-def _labelled(tokenizer, blip, examples, items, packed: bool, cfg: Config) -> int:
-    """Labelled tokens of a micro-batch share, counted on the CPU."""
-    if packed:
-        batch = pack_captions(
-            tokenizer,
-            [examples[i].captions for i in items],
-            prompt=cfg.model.prompt,
-            max_text_tokens=cfg.train.max_text_tokens,
-        )
-        return int(batch.keep.numel())
-    text = encode_pairs(tokenizer, blip, [c for _, c in items], cfg)
-    return label_tokens(text.labels, is_encoder_decoder(blip))
+class LabelCounter:
+    """Labelled tokens of micro-batch shares, counted on the CPU and remembered per image (packed) or
+    per (image, caption) pair, so that each is tokenized once per run rather than in every step."""
+
+    def __init__(self, tokenizer, blip, examples, packed: bool, cfg: Config):
+        self.tokenizer, self.blip, self.examples, self.packed, self.cfg = tokenizer, blip, examples, packed, cfg
+        self.known: dict = {}
+
+    def __call__(self, items: list) -> int:
+        missing = [it for it in dict.fromkeys(items) if it not in self.known]
+        if missing:
+            self._count(missing)
+        return sum(self.known[it] for it in items)
+
+    def _count(self, items: list) -> None:
+        if self.packed:
+            batch = pack_captions(
+                self.tokenizer,
+                [self.examples[i].captions for i in items],
+                prompt=self.cfg.model.prompt,
+                max_text_tokens=self.cfg.train.max_text_tokens,
+            )
+            per_image = (batch.labels[:, :, 1:] != IGNORE).sum(dim=(1, 2))
+            self.known.update(zip(items, per_image.tolist(), strict=True))
+            return
+        text = encode_pairs(self.tokenizer, self.blip, [c for _, c in items], self.cfg)
+        seq2seq = is_encoder_decoder(self.blip)
+        for j, it in enumerate(items):
+            self.known[it] = label_tokens(text.labels[j : j + 1], seq2seq)
 
 
-def _token_share(
-    tokenizer, blip, chunk, dist_world, packed: bool, examples, cfg: Config, own: int | None = None
-) -> float:
+def _token_share(chunk, dist_world, counter: LabelCounter, own: int | None = None) -> float:
     """size x (this process's labelled tokens / the micro-batch's): 1.0 when alone. Every process
     counts every share on the CPU (no collective per step); ``own``, when known, is not recounted."""
     if not dist_world.distributed:
@@ -138,7 +153,7 @@ def _token_share(
             return 0
         if r == dist_world.rank and own is not None:
             return own
-        return _labelled(tokenizer, blip, examples, items, packed, cfg)
+        return counter(items)
 
     counts = [count(r, p) for r, p in enumerate(parts)]
     return dist_world.size * counts[dist_world.rank] / max(1, sum(counts))
@@ -424,6 +439,7 @@ def train(
             return flat_loss(m, tok, feats, chunk, c)[0]
 
     step_loss.fn = packed_fn if packed else flat_fn
+    counter = LabelCounter(tokenizer, blip, train_examples, packed, cfg)
     if dist_world.distributed and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -579,7 +595,7 @@ def train(
                             loss = step_loss(tokenizer, train_feats, mine, cfg)
                         n_pairs = len(chunk)
                         own = None  # counted in _token_share (the flat encoding happens in the loss)
-                    weight = _token_share(tokenizer, blip, chunk, dist_world, packed, train_examples, cfg, own)
+                    weight = _token_share(chunk, dist_world, counter, own)
                     scaled = loss * weight / tcfg.grad_accum
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 running.append(loss.detach())
