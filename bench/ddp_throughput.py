@@ -8,7 +8,7 @@ Random blip2-opt-2.7b weights are saved in checkpoint format and synthetic COCO-
 JPEGs (5 captions each) in a COCO folder; ``captune data`` prepares one run folder
 per setting, then ``captune train`` runs with the coco5k recipe's training (bf16,
 LoRA q/k r 8, packing) for one epoch with validation off. The per-GPU micro-batch is
-the same in both settings (128 pairs per GPU), so the global batch grows with the
+the same in both settings (``--per-gpu``, 256 pairs as in coco5k), so the global batch grows with the
 GPU count. samples/s is captune's own count (pairs / training-loop seconds) from
 RUN/adapter/training.json. With ``--engine fsdp`` only the all-GPU run is made, with
 validation at its end (which gathers the sharded language model), and each step's
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--arch", default="blip2-opt-2.7b")
     ap.add_argument("--engine", choices=("ddp", "fsdp"), default="ddp")
     ap.add_argument("--max-steps", type=int, default=0)
+    ap.add_argument("--per-gpu", type=int, default=256, help="pairs per GPU per micro-batch (coco5k: 256)")
     args = ap.parse_args()
 
     import peft
@@ -95,7 +96,7 @@ def main() -> None:
     }
     for n in [gpus] if fsdp else sorted({1, gpus}):
         run = work / f"run-{n}gpu"
-        overrides = [*base, f"train.batch_size={128 * n}"]
+        overrides = [*base, f"train.batch_size={args.per_gpu * n}"]
         cli = [sys.executable, "-m", "captune.cli"]
         subprocess.run(
             [*cli, "data", str(run), "--recipe", "coco5k", *overrides], check=True, env=env, capture_output=True
@@ -112,7 +113,7 @@ def main() -> None:
             continue
         doc = json.loads((run / "adapter" / "training.json").read_text())
         result["runs"][f"{n} GPU"] = {
-            "global_batch_pairs": 128 * n,
+            "global_batch_pairs": args.per_gpu * n,
             "steps": doc["steps"],
             "samples_per_s": round(doc["samples_per_s"], 1),
             "log_tail": done.stdout[-1500:],
