@@ -315,23 +315,17 @@ def test_qformer_preset_trains_through_cached_vision_outputs(tmp_path):
 
 
 def test_label_counter_equals_the_batch_count(tiny_model_dir):
-    """Per-image (packed) and per-pair (flat) counts, remembered, add up to a whole batch's count."""
+    """Per-pair counts, remembered, add up to a whole unpacked batch's count."""
     from captune.batching import label_tokens
     from captune.config import ModelConfig, load_config
-    from captune.data.prepare import Example
     from captune.modeling import load_model
-    from captune.packing import pack_captions
     from captune.training import LabelCounter, encode_pairs
 
     loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
     cfg = load_config("demo")
     tok, blip = loaded.processor.tokenizer, loaded.model
     caps = [["a red circle", "two small blue squares on the left edge"], ["one", "a b c d e f g h i j k l"]]
-    examples = [Example(image_id=str(i), image=b"", captions=c) for i, c in enumerate(caps)]
-    packed = LabelCounter(tok, blip, examples, True, cfg)
-    whole = pack_captions(tok, caps, prompt=cfg.model.prompt, max_text_tokens=cfg.train.max_text_tokens)
-    assert packed([0, 1]) == int(whole.keep.numel())
-    assert packed([1]) + packed([0]) == packed([0, 1]) and set(packed.known) == {0, 1}
     pairs = [(i, c) for i, cs in enumerate(caps) for c in cs]
-    flat = LabelCounter(tok, blip, examples, False, cfg)
+    flat = LabelCounter(tok, blip, cfg)
     assert flat(pairs) == label_tokens(encode_pairs(tok, blip, [c for _, c in pairs], cfg).labels, False)
+    assert flat(pairs[:2]) + flat(pairs[2:]) == flat(pairs) and set(flat.known) == set(pairs)

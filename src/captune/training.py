@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from captune import sharding
-from captune.batching import IGNORE, encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
+from captune.batching import encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
 from captune.config import Config
 from captune.data.prepare import Example
 from captune.distributed import all_agree, all_mean, world
@@ -109,54 +109,36 @@ def _quiet(message: str) -> None:
 
 
 class LabelCounter:
-    """Labelled tokens of micro-batch shares, counted on the CPU and remembered per image (packed) or
-    per (image, caption) pair, so that each is tokenized once per run rather than in every step."""
+    """Labelled tokens of (image, caption) pairs, counted on the CPU and remembered per pair, for a
+    process's own share of an unpacked micro-batch (the packed batch counts its own)."""
 
-    def __init__(self, tokenizer, blip, examples, packed: bool, cfg: Config):
-        self.tokenizer, self.blip, self.examples, self.packed, self.cfg = tokenizer, blip, examples, packed, cfg
+    def __init__(self, tokenizer, blip, cfg: Config):
+        self.tokenizer, self.blip, self.cfg = tokenizer, blip, cfg
         self.known: dict = {}
 
     def __call__(self, items: list) -> int:
         missing = [it for it in dict.fromkeys(items) if it not in self.known]
         if missing:
-            self._count(missing)
+            text = encode_pairs(self.tokenizer, self.blip, [c for _, c in missing], self.cfg)
+            seq2seq = is_encoder_decoder(self.blip)
+            for j, it in enumerate(missing):
+                self.known[it] = label_tokens(text.labels[j : j + 1], seq2seq)
         return sum(self.known[it] for it in items)
 
-    def _count(self, items: list) -> None:
-        if self.packed:
-            batch = pack_captions(
-                self.tokenizer,
-                [self.examples[i].captions for i in items],
-                prompt=self.cfg.model.prompt,
-                max_text_tokens=self.cfg.train.max_text_tokens,
-            )
-            per_image = (batch.labels[:, :, 1:] != IGNORE).sum(dim=(1, 2))
-            self.known.update(zip(items, per_image.tolist(), strict=True))
-            return
-        text = encode_pairs(self.tokenizer, self.blip, [c for _, c in items], self.cfg)
-        seq2seq = is_encoder_decoder(self.blip)
-        for j, it in enumerate(items):
-            self.known[it] = label_tokens(text.labels[j : j + 1], seq2seq)
 
+def _token_weight(own: int, dist_world, device: torch.device):
+    """size x (this process's labelled tokens / the whole micro-batch's): 1.0 when alone.
 
-def _token_share(chunk, dist_world, counter: LabelCounter, own: int | None = None) -> float:
-    """size x (this process's labelled tokens / the micro-batch's): 1.0 when alone. Every process
-    counts every share on the CPU (no collective per step); ``own``, when known, is not recounted."""
+    The total is summed over the processes by an all-reduce that stays on the device (no
+    wait for the GPU, and no process counts another's share), so DDP's (and FSDP's)
+    gradient average becomes the mean over every labelled token of the micro-batch."""
     if not dist_world.distributed:
         return 1.0
-    parts = [shard(chunk, r, dist_world.size) for r in range(dist_world.size)]
-    if len(chunk) < dist_world.size:  # a process without a real share repeats one item at weight 0
-        parts = [p if r < len(chunk) else [] for r, p in enumerate(parts)]
+    import torch.distributed as dist
 
-    def count(r: int, items: list) -> int:
-        if not items:
-            return 0
-        if r == dist_world.rank and own is not None:
-            return own
-        return counter(items)
-
-    counts = [count(r, p) for r, p in enumerate(parts)]
-    return dist_world.size * counts[dist_world.rank] / max(1, sum(counts))
+    total = torch.full((1,), float(own), device=device)
+    dist.all_reduce(total)
+    return dist_world.size * own / total.clamp(min=1.0)
 
 
 def _timed_call(fn: Callable, *args) -> tuple:
@@ -439,7 +421,7 @@ def train(
             return flat_loss(m, tok, feats, chunk, c)[0]
 
     step_loss.fn = packed_fn if packed else flat_fn
-    counter = LabelCounter(tokenizer, blip, train_examples, packed, cfg)
+    counter = LabelCounter(tokenizer, blip, cfg)
     if dist_world.distributed and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -594,8 +576,13 @@ def train(
                         else:
                             loss = step_loss(tokenizer, train_feats, mine, cfg)
                         n_pairs = len(chunk)
-                        own = None  # counted in _token_share (the flat encoding happens in the loss)
-                    weight = _token_share(chunk, dist_world, counter, own)
+                        own = None  # counted below (the flat encoding happens in the loss)
+                    weight = 1.0
+                    if dist_world.distributed:
+                        own = counter(mine) if own is None else own
+                        if dist_world.rank >= len(chunk):
+                            own = 0  # no real share: one item repeated at weight 0
+                        weight = _token_weight(own, dist_world, device)
                     scaled = loss * weight / tcfg.grad_accum
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 running.append(loss.detach())
