@@ -1,5 +1,6 @@
 """Several processes on the CPU (gloo): the same adapter as one process, a two-node launch, clear errors."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,6 +47,20 @@ def _same_adapter(a, b, atol=1e-4):
     assert x.keys() == y.keys()
     for k in x:
         assert torch.allclose(x[k], y[k], atol=atol), (k, (x[k] - y[k]).abs().max())
+
+
+def _kill_tree(proc) -> None:
+    """SIGKILL a launcher and every process under it (torchrun starts its workers in sessions of
+    their own, so killing the launcher's process group leaves them running)."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    family = [*parent.children(recursive=True), parent]
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(family, timeout=60)
+    proc.wait()
 
 
 def _lines(path) -> int:
@@ -151,7 +166,6 @@ def test_processes_that_do_not_form_one_group_are_stopped(monkeypatch):
 
 def test_resume_with_another_world_size(tmp_path):
     """Killed while training with 2 processes, resumed with 1: the adapter of an uninterrupted run."""
-    import signal
     import time
 
     extra = ["train.epochs=3", "train.checkpoint_every=2"]
@@ -167,8 +181,7 @@ def test_resume_with_another_world_size(tmp_path):
     while not list((run / "checkpoints").glob("step-*/state.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_tree(proc)
     assert not (run / "adapter").exists()
     assert main(["train", str(run)]) == 0  # one process picks up where two stopped
     _same_adapter(run, single)
@@ -190,7 +203,10 @@ def test_fsdp_two_processes_give_the_single_process_run(tmp_path):
     _same_adapter(run, single)
     ours = (run / "finetuned" / "predictions.jsonl").read_text()
     assert ours == (single / "finetuned" / "predictions.jsonl").read_text()
-    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step-*"))
+    # checkpoints hold whole tensors, the shapes of the single-process run's
+    ours = load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
+    theirs = load_file(str(sorted((single / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
 
 
 def test_fsdp_launch_loads_whole_weights_on_every_process(monkeypatch):
@@ -203,3 +219,33 @@ def test_fsdp_launch_loads_whole_weights_on_every_process(monkeypatch):
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
     load_model(ModelConfig(device="cpu"))
     assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
+
+
+def test_fsdp_run_killed_then_resumed_with_fsdp(tmp_path):
+    """Checkpoints under FSDP hold whole tensors: a sharded run killed mid-training and launched
+    again (sharded) resumes and ends with the uninterrupted single-process adapter."""
+    import time
+
+    extra = ["train.epochs=3", "train.checkpoint_every=2"]
+    run, single = _prepared(tmp_path, "fsdp-resume", extra)
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", "fsdp.yaml")
+
+    def launch():
+        return [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+            "--main_process_port", str(_port()), "-m", "captune.cli", "train", str(run),
+        ]  # fmt: skip
+
+    proc = subprocess.Popen(
+        launch(), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while not list((run / "checkpoints").glob("step-*/state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.02)
+    _kill_tree(proc)
+    assert not (run / "adapter").exists()
+    done = subprocess.run(launch(), env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from step-" in done.stdout
+    _same_adapter(run, single)

@@ -6,7 +6,8 @@ becomes its own FSDP unit and the rest of the language model (embeddings, final 
 head) one more, so each GPU holds 1/N of the language model's weights between uses
 and gathers a layer only while it computes. The vision tower and Q-Former are frozen
 and computed once before training (cached features), so they are left whole on each
-GPU and never communicated. LoRA gradients are reduce-scattered, i.e. averaged like
+GPU and never communicated. Checkpoints hold whole tensors (gathered from the shards),
+so a run resumes under any number of processes, sharded or not. LoRA gradients are reduce-scattered, i.e. averaged like
 DDP's, so captune's token weighting carries over unchanged.
 
 Validation and evaluation call layers' parts directly (the static-cache decoder), so
@@ -101,3 +102,32 @@ def full_state(model) -> dict[str, torch.Tensor]:
         for k, v in model.named_parameters()
         if v.requires_grad
     }
+
+
+def whole(state: dict) -> dict:
+    """``state`` with every FSDP shard replaced by the whole tensor (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+def whole_optimizer_state(optimizer) -> dict:
+    """The optimizer's state dict with whole tensors, loadable under any number of processes."""
+    doc = optimizer.state_dict()
+    doc["state"] = {i: whole(st) for i, st in doc["state"].items()}
+    return doc
+
+
+def shard_optimizer_state(optimizer) -> None:
+    """After loading whole tensors into the optimizer of sharded parameters: cut each parameter's
+    state to its process's shard, as the optimizer would have made it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            st = optimizer.state.get(p, {})
+            for k, v in list(st.items()):
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and tuple(v.shape) == tuple(p.shape):
+                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)

@@ -231,23 +231,30 @@ def latest_checkpoint(root: Path | None) -> Path | None:
 
 
 def save_checkpoint(
-    root: Path, *, step: int, model, best_state: dict, optimizer, scheduler, scaler, state: dict, keep: int
+    root: Path,
+    *,
+    step: int,
+    trainable: dict,
+    best_state: dict,
+    optimizer_state: dict,
+    scheduler,
+    scaler,
+    state: dict,
+    keep: int,
 ) -> Path:
-    """Adapter, best adapter, optimizer, scheduler, RNG and loop position; written atomically."""
+    """Adapter, best adapter, optimizer, scheduler, RNG and loop position; written atomically. Tensors
+    are whole (not FSDP shards), so any number of processes can resume from it."""
     from safetensors.torch import save_file
 
     from captune.atomic import staged_dir
 
     target = root / f"step-{step:08d}"
     with staged_dir(target) as tmp:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in _lora_state(model).items()},
-            str(tmp / "trainable.safetensors"),
-        )
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, str(tmp / "best.safetensors"))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None,
                 "torch_rng": torch.get_rng_state(),
@@ -352,7 +359,7 @@ def train(
                 "use DDP (train.distributed=ddp) for this preset"
             )
         sharding.shard_language_model(step_loss, blip)
-        log(f"  FSDP: the language model sharded over {dist_world.size} processes (checkpoints off)")
+        log(f"  FSDP: the language model sharded over {dist_world.size} processes")
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=fused)
@@ -378,7 +385,7 @@ def train(
     running: list[float] = []
     first_epoch, skip_micro = 1, 0
     epoch_rng = rng.getstate()
-    resume_from = None if fsdp else latest_checkpoint(checkpoint_dir)
+    resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
         from safetensors.torch import load_file
 
@@ -387,6 +394,8 @@ def train(
         best_state = load_file(str(resume_from / "best.safetensors"), device=str(device))
         extra = torch.load(resume_from / "optimizer.pt", weights_only=True, map_location=device)
         optimizer.load_state_dict(extra["optimizer"])
+        if fsdp:
+            sharding.shard_optimizer_state(optimizer)
         scheduler.load_state_dict(extra["scheduler"])
         if scaler and extra["scaler"]:
             scaler.load_state_dict(extra["scaler"])
@@ -434,15 +443,23 @@ def train(
         trackers.log(row)
 
     def checkpoint(epoch: int, next_micro: int, epoch_start) -> None:
-        if checkpoint_dir is None or not main or fsdp:
+        if checkpoint_dir is None:
             return
         settle()  # a checkpoint holds the best adapter so far
+        if fsdp:  # whole tensors from the shards: every process takes part
+            trainable = sharding.full_state(model)
+            best = sharding.whole(best_state)
+            optimizer_state = sharding.whole_optimizer_state(optimizer)
+        if not main:
+            return
+        if not fsdp:
+            trainable, best, optimizer_state = _lora_state(model), best_state, optimizer.state_dict()
         save_checkpoint(
             checkpoint_dir,
             step=step,
-            model=model,
-            best_state=best_state,
-            optimizer=optimizer,
+            trainable=trainable,
+            best_state=best,
+            optimizer_state=optimizer_state,
             scheduler=scheduler,
             scaler=scaler,
             keep=tcfg.keep_checkpoints,
