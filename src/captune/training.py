@@ -435,7 +435,8 @@ def train(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        step_loss = DDP(step_loss, device_ids=ids)
+        # the model's buffers are constants (position ids): no broadcast from process 0 each step
+        step_loss = DDP(step_loss, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
     first_step = step
 
     def record(row: dict) -> None:
