@@ -63,6 +63,21 @@ def _kill_tree(proc) -> None:
     proc.wait()
 
 
+def _killed_at_first_checkpoint(cmd: list[str], run) -> None:
+    """Start a launch and SIGKILL all of it once its first checkpoint is complete."""
+    import time
+
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while not list((run / "checkpoints").glob("step-*/state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.02)
+    _kill_tree(proc)
+    assert not (run / "adapter").exists()
+
+
 def _lines(path) -> int:
     return len(path.read_text().splitlines())
 
@@ -166,23 +181,13 @@ def test_processes_that_do_not_form_one_group_are_stopped(monkeypatch):
 
 def test_resume_with_another_world_size(tmp_path):
     """Killed while training with 2 processes, resumed with 1: the adapter of an uninterrupted run."""
-    import time
-
     extra = ["train.epochs=3", "train.checkpoint_every=2"]
     run, single = _prepared(tmp_path, "resume", extra)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
         "-m", "captune.cli", "train", str(run),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 240
-    while not list((run / "checkpoints").glob("step-*/state.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.02)
-    _kill_tree(proc)
-    assert not (run / "adapter").exists()
+    _killed_at_first_checkpoint(cmd, run)
     assert main(["train", str(run)]) == 0  # one process picks up where two stopped
     _same_adapter(run, single)
 
@@ -224,8 +229,6 @@ def test_fsdp_launch_loads_whole_weights_on_every_process(monkeypatch):
 def test_fsdp_run_killed_then_resumed_with_fsdp(tmp_path):
     """Checkpoints under FSDP hold whole tensors: a sharded run killed mid-training and launched
     again (sharded) resumes and ends with the uninterrupted single-process adapter."""
-    import time
-
     extra = ["train.epochs=3", "train.checkpoint_every=2"]
     run, single = _prepared(tmp_path, "fsdp-resume", extra)
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", "fsdp.yaml")
@@ -236,15 +239,7 @@ def test_fsdp_run_killed_then_resumed_with_fsdp(tmp_path):
             "--main_process_port", str(_port()), "-m", "captune.cli", "train", str(run),
         ]  # fmt: skip
 
-    proc = subprocess.Popen(
-        launch(), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 240
-    while not list((run / "checkpoints").glob("step-*/state.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.02)
-    _kill_tree(proc)
-    assert not (run / "adapter").exists()
+    _killed_at_first_checkpoint(launch(), run)
     done = subprocess.run(launch(), env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from step-" in done.stdout
