@@ -357,7 +357,9 @@ def warm_bytecode(env: dict, prefix: Path) -> str:
         return "the environment's own .pyc files"
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPYCACHEPREFIX"] = str(prefix)
-    subprocess.run([sys.executable, "-c", _JOB_IMPORTS], env=env, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", _JOB_IMPORTS], env=env, capture_output=True, text=True)
+    if done.returncode != 0:  # the job still runs; the figure then includes compiling
+        return f"not written: importing the job's modules failed ({(done.stderr or '').strip()[-300:]})"
     return f"written to {prefix} by one process importing the job's modules (PYTHONDONTWRITEBYTECODE was set)"
 
 

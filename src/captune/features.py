@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -298,13 +297,7 @@ def save_features(path: Path, feats: torch.Tensor) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".features.", dir=path.parent)
     os.close(fd)
     try:
-        try:
-            save_file({"features": feats.contiguous().cpu()}, tmp)
-        except Exception as exc:  # safetensors reports I/O failures as its own error type
-            code = re.search(r"os error (\d+)", str(exc))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        save_file({"features": feats.contiguous().cpu()}, tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

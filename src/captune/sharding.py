@@ -93,17 +93,6 @@ def set_gradient_sync(module: torch.nn.Module, sync: bool) -> None:
         unit.set_requires_gradient_sync(sync)
 
 
-def full_state(model) -> dict[str, torch.Tensor]:
-    """The trainable parameters as whole tensors on every process (a collective: all must call it)."""
-    from torch.distributed.tensor import DTensor
-
-    return {
-        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-        for k, v in model.named_parameters()
-        if v.requires_grad
-    }
-
-
 def whole(state: dict) -> dict:
     """``state`` with every FSDP shard replaced by the whole tensor (a collective)."""
     from torch.distributed.tensor import DTensor
@@ -118,16 +107,22 @@ def whole_optimizer_state(optimizer) -> dict:
     return doc
 
 
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) cut to this process's shard when ``param`` is an FSDP shard, else
+    as it is (a collective for shards: every process calls it)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor) or isinstance(value, DTensor):
+        return value
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+
+
 def shard_optimizer_state(optimizer) -> None:
     """After loading whole tensors into the optimizer of sharded parameters: cut each parameter's
     state to its process's shard, as the optimizer would have made it."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if not isinstance(p, DTensor):
-                continue
             st = optimizer.state.get(p, {})
             for k, v in list(st.items()):
-                if torch.is_tensor(v) and not isinstance(v, DTensor) and tuple(v.shape) == tuple(p.shape):
-                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape):
+                    st[k] = like(p, v)

@@ -198,12 +198,7 @@ def _load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in state.items():
-            p = params[k]
-            if type(p).__name__ == "DTensor" and type(v).__name__ != "DTensor":
-                from torch.distributed.tensor import distribute_tensor
-
-                v = distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements)
-            p.copy_(v)
+            params[k].copy_(sharding.like(params[k], v.to(params[k].dtype)))
 
 
 class JsonlLog:
@@ -448,7 +443,7 @@ def train(
             return
         settle()  # a checkpoint holds the best adapter so far
         if fsdp:  # whole tensors from the shards: every process takes part
-            trainable = sharding.full_state(model)
+            trainable = sharding.whole(_lora_state(model))
             best = sharding.whole(best_state)
             optimizer_state = sharding.whole_optimizer_state(optimizer)
         if not main:
@@ -687,7 +682,7 @@ def train(
         _load_lora_state(model, best_state)
         log(f"  kept the adapter from step {result.best_step} (best validation {tcfg.select})")
     if fsdp:
-        result.adapter_state = sharding.full_state(model)
+        result.adapter_state = sharding.whole(_lora_state(model))
     model.eval()
     result.steps = step
     result.seconds = time.perf_counter() - started
