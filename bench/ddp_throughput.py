@@ -8,9 +8,11 @@ Random blip2-opt-2.7b weights are saved in checkpoint format and synthetic COCO-
 JPEGs (5 captions each) in a COCO folder; ``captune data`` prepares one run folder
 per setting, then ``captune train`` runs with the coco5k recipe's training (bf16,
 LoRA q/k r 8, packing) for one epoch with validation off. The per-GPU micro-batch is
-the same in both settings (``--per-gpu``, 256 pairs as in coco5k), so the global batch grows with the
-GPU count. samples/s is captune's own count (pairs / training-loop seconds) from
-RUN/adapter/training.json. With ``--engine fsdp`` only the all-GPU run is made, with
+the same in both settings (``--per-gpu``, 256 pairs as in coco5k), so the global batch
+grows with the GPU count. samples/s is captune's own count (pairs / training-loop
+seconds) from RUN/adapter/training.json; the steady pace leaves out the steps before
+the first log line (first kernels and shapes), which weigh more in the shorter
+many-GPU run. With ``--engine fsdp`` only the all-GPU run is made, with
 validation at its end (which gathers the sharded language model), and each step's
 loss and peak GPU memory are reported from RUN/logs/train.jsonl.
 """
@@ -21,6 +23,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +43,11 @@ def main() -> None:
     ap.add_argument("--engine", choices=("ddp", "fsdp"), default="ddp")
     ap.add_argument("--max-steps", type=int, default=0)
     ap.add_argument("--per-gpu", type=int, default=256, help="pairs per GPU per micro-batch (coco5k: 256)")
+    ap.add_argument(
+        "--profile",
+        metavar="PREFIX",
+        help="after the timed runs, run each setting again under py-spy (every process sampled): PREFIX-NGPU.txt",
+    )
     args = ap.parse_args()
 
     import peft
@@ -79,7 +87,7 @@ def main() -> None:
         "train.select=loss" if fsdp else "train.select=last",
         "train.grad_accum=1",
         f"train.max_steps={args.max_steps}",
-        "train.log_every=1" if fsdp else "train.log_every=20",
+        "train.log_every=1" if fsdp else "train.log_every=10",
     ]
     result = {
         "what": __doc__.strip().splitlines()[0],
@@ -94,8 +102,10 @@ def main() -> None:
         "command": "python bench/ddp_throughput.py " + " ".join(sys.argv[1:]),
         "runs": {},
     }
-    for n in [gpus] if fsdp else sorted({1, gpus}):
-        run = work / f"run-{n}gpu"
+    settings = [gpus] if fsdp else sorted({1, gpus})
+
+    def train(n: int, run: Path, wrap: list[str]) -> subprocess.CompletedProcess:
+        shutil.rmtree(run, ignore_errors=True)  # a fresh run: an old one would resume or refuse
         overrides = [*base, f"train.batch_size={args.per_gpu * n}"]
         cli = [sys.executable, "-m", "captune.cli"]
         subprocess.run(
@@ -106,7 +116,12 @@ def main() -> None:
             config = ROOT / "configs" / "accelerate" / "fsdp.yaml"
             launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
             launch += ["--num_processes", str(n), "-m", "captune.cli"]
-        done = subprocess.run([*(launch if n > 1 else cli), "train", str(run)], env=env, capture_output=True, text=True)
+        command = [*wrap, *(launch if n > 1 else cli), "train", str(run)]
+        return subprocess.run(command, env=env, capture_output=True, text=True)
+
+    for n in settings:
+        run = work / f"run-{n}gpu"
+        done = train(n, run, [])
         (work / f"train-{n}gpu.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
             result["runs"][f"{n} GPU"] = {"error": (done.stderr or done.stdout)[-2000:]}
@@ -118,16 +133,31 @@ def main() -> None:
             "samples_per_s": round(doc["samples_per_s"], 1),
             "log_tail": done.stdout[-1500:],
         }
+        rows = [json.loads(line) for line in (run / "logs" / "train.jsonl").read_text().splitlines()]
+        train_rows = [r for r in rows if r["type"] == "train"]
+        if len(train_rows) >= 2:  # past the first logged steps (first kernels, first shapes): the steady pace
+            first, last = train_rows[0], train_rows[-1]
+            pairs = last["samples_per_s"] * last["elapsed_s"] - first["samples_per_s"] * first["elapsed_s"]
+            result["runs"][f"{n} GPU"]["steady_samples_per_s"] = round(
+                pairs / (last["elapsed_s"] - first["elapsed_s"]), 1
+            )
+            result["runs"][f"{n} GPU"]["steady_from_step"] = first["step"]
         if fsdp:
-            rows = [json.loads(line) for line in (run / "logs" / "train.jsonl").read_text().splitlines()]
             keys = ("step", "loss", "gpu_mem_gb", "samples_per_s")
-            train_rows = [r for r in rows if r["type"] == "train"]
             result["runs"][f"{n} GPU"]["steps_logged"] = [{k: r.get(k) for k in keys} for r in train_rows]
             result["runs"][f"{n} GPU"]["validation"] = [r for r in rows if r["type"] == "validation"]
         print(n, "GPU:", result["runs"][f"{n} GPU"]["samples_per_s"], "samples/s", flush=True)
+    if args.profile:
+        for n in settings:
+            out = f"{args.profile}-{n}gpu.txt"
+            spy = ["py-spy", "record", "--subprocesses", "--nonblocking", "--format", "raw", "-r", "100", "-o", out]
+            done = train(n, work / f"run-{n}gpu-profile", [*spy, "--"])
+            result["runs"].setdefault(f"{n} GPU", {})["profile"] = out if done.returncode == 0 else done.stderr[-2000:]
     one, many = result["runs"].get("1 GPU", {}), result["runs"].get(f"{gpus} GPU", {})
     if gpus > 1 and "samples_per_s" in one and "samples_per_s" in many:
         result["speedup"] = round(many["samples_per_s"] / one["samples_per_s"], 2)
+        if "steady_samples_per_s" in one and "steady_samples_per_s" in many:
+            result["steady_speedup"] = round(many["steady_samples_per_s"] / one["steady_samples_per_s"], 2)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
 

@@ -107,6 +107,30 @@ def test_two_processes_give_the_single_process_run(tmp_path):
     assert (run / "report" / "index.html").is_file()
 
 
+def _gather_in_process(rank: int, port: int, total: int, out) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    from captune.distributed import gather_strided
+
+    rows = torch.arange(total * 3, dtype=torch.float32).view(total, 3)
+    whole = gather_strided(rows[rank::2].clone(), total)
+    torch.save(whole, out / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("total", [5, 6, 1])
+def test_stride_split_features_are_gathered_in_order(tmp_path, total):
+    """Each process computes every second image's features; one all-gather gives every process all
+    of them in the images' order, shares of unequal size (5 images) and an empty share (1) included."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_in_process, args=(_port(), total, tmp_path), nprocs=2)
+    expected = torch.arange(total * 3, dtype=torch.float32).view(total, 3)
+    for rank in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+
+
 def test_two_node_launch_on_localhost(tmp_path):
     """Two torchrun node ranks on this machine (unpacked training: one caption per image)."""
     run, single = _prepared(tmp_path, "nodes", ["data.train_captions=first"])

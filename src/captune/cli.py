@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from captune import __version__
+from captune.distributed import close
 from captune.errors import UserError
 
 PHASE_COMMANDS = {
@@ -487,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if extra:
             args.overrides = list(args.overrides or []) + extra
-        return args.func(args)
+        code = args.func(args)
+        close()
+        return code
     except UserError as exc:
         print(f"captune: error: {exc}", file=sys.stderr)
         return exc.exit_code

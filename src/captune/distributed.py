@@ -54,8 +54,11 @@ def world() -> World:
     import torch
     from accelerate import PartialState
 
+    gpu = torch.cuda.is_available()
+    # NCCL bound to this process's GPU from the start (torch otherwise guesses it from the rank, and warns)
+    bound = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))} if gpu else {}
     try:
-        state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=30))
+        state = PartialState(cpu=not gpu, timeout=timedelta(minutes=30), **bound)
     except (ValueError, RuntimeError) as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -70,6 +73,17 @@ def world() -> World:
         )
     _WORLD = World(size=state.num_processes, rank=state.process_index, local_rank=state.local_process_index)
     return _WORLD
+
+
+def close() -> None:
+    """Leave the process group at the end of a command that went well (torch warns of leaked
+    resources otherwise). After an error the processes just exit: a peer may never arrive."""
+    if _WORLD is None or not _WORLD.distributed:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -99,3 +113,22 @@ def all_agree(flag: bool) -> bool:
     if not w.distributed:
         return flag
     return all_mean(1.0 if flag else 0.0) == 1.0
+
+
+def gather_strided(part, total: int):
+    """The whole of a stride-split tensor on every process: process r holds rows r, r + size,
+    r + 2 size, ... of ``total``; returns all ``total`` rows in order, on ``part``'s device, through
+    one all-gather (NCCL between GPUs, gloo on CPUs) rather than through files."""
+    import torch
+    import torch.distributed as dist
+
+    w = world()
+    if not w.distributed:
+        return part
+    per = -(-total // w.size)  # rows of the largest share; smaller shares are padded to it
+    padded = part.new_zeros((per, *part.shape[1:]))
+    padded[: part.size(0)] = part
+    pieces = [torch.empty_like(padded) for _ in range(w.size)]
+    dist.all_gather(pieces, padded.contiguous())
+    # row j of share r is row j * size + r: interleave, then drop the padding (it sorts last)
+    return torch.stack(pieces, dim=1).reshape(per * w.size, *part.shape[1:])[:total]

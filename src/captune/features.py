@@ -232,7 +232,7 @@ class FeatureStore:
         self.root = Path(root) / fingerprint
         self.hits = 0
         self.misses = 0
-        self._writing: dict[Path, tuple[threading.Thread, torch.Tensor]] = {}
+        self._writing: dict[Path, tuple[threading.Thread | None, torch.Tensor]] = {}
         self._errors: list[BaseException] = []
 
     def path_for(self, images: Sequence[bytes]) -> Path:
@@ -242,24 +242,50 @@ class FeatureStore:
         return self.root / f"{h.hexdigest()[:24]}.safetensors"
 
     def get(
-        self, model, processor, images: Sequence[bytes], *, batch_size: int = 64, device: torch.device | None = None
+        self,
+        model,
+        processor,
+        images: Sequence[bytes],
+        *,
+        batch_size: int = 64,
+        device: torch.device | None = None,
+        world=None,
     ) -> torch.Tensor:
+        """The features of ``images``, from the cache or computed. Under several processes
+        (``world``, a ``captune.distributed.World``) every process must call it with the same
+        images: each computes every size-th image, one all-gather gives all of them the whole
+        set, and the main process writes the file."""
         from safetensors.torch import load_file
 
         blip = unwrap(model)
         device = device or next(blip.parameters()).device
+        many = world is not None and world.distributed
         path = self.path_for(images)
-        if path in self._writing:
+        known = path in self._writing
+        hit = known or path.is_file()
+        if many:
+            from captune.distributed import all_agree
+
+            hit = all_agree(hit)  # one decision: a process that computes alone would wait for the others forever
+        if hit:
             self.hits += 1
-            return self._writing[path][1].to(device)
-        if path.is_file():
-            self.hits += 1
+            if known:
+                return self._writing[path][1].to(device)
             return load_file(str(path), device=str(device))["features"]
         self.misses += 1
-        feats = image_features(model, processor, images, batch_size=batch_size, device=device)
-        writer = threading.Thread(target=self._write, args=(path, feats), name="captune-features-write")
-        self._writing[path] = (writer, feats)
-        writer.start()
+        if many:
+            from captune.distributed import gather_strided
+
+            mine = [images[i] for i in range(world.rank, len(images), world.size)]
+            part = image_features(model, processor, mine, batch_size=batch_size, device=device)
+            feats = gather_strided(part, len(images))
+        else:
+            feats = image_features(model, processor, images, batch_size=batch_size, device=device)
+        writer = None
+        if not many or world.is_main:
+            writer = threading.Thread(target=self._write, args=(path, feats), name="captune-features-write")
+            writer.start()
+        self._writing[path] = (writer, feats)  # the other processes keep theirs in memory until flush
         return feats
 
     def _write(self, path: Path, feats: torch.Tensor) -> None:
@@ -273,7 +299,8 @@ class FeatureStore:
         write error (a full disk, say)."""
         while self._writing:
             _, (writer, _) = self._writing.popitem()
-            writer.join()
+            if writer is not None:
+                writer.join()
         if self._errors:
             error, self._errors = self._errors[0], []
             raise error

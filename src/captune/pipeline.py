@@ -131,36 +131,7 @@ class Run:
             key = model_fingerprint(loaded.model, loaded.processor, loaded.source)
             self._store = FeatureStore(self.path("features"), key)
         bs, device = self.cfg.eval.batch_size, loaded.device
-        w = world()
-        if not w.distributed:
-            return self._store.get(loaded.model, loaded.processor, images, batch_size=bs, device=device)
-        return self._sharded_features(loaded, images, w)
-
-    def _sharded_features(self, loaded, images: list[bytes], w):
-        """Under several processes each computes every size-th image; the main one assembles and stores."""
-        from safetensors.torch import load_file
-
-        from captune.features import image_features, save_features
-
-        store, device = self._store, loaded.device
-        path = store.path_for(images)
-        if not all_agree(path.is_file()):
-            part = path.with_name(f".{path.stem}.part{w.rank}-of-{w.size}")
-            mine = [images[i] for i in range(w.rank, len(images), w.size)]
-            feats = image_features(
-                loaded.model, loaded.processor, mine, batch_size=self.cfg.eval.batch_size, device=device
-            )
-            save_features(part, feats)
-            barrier()
-            if w.is_main:
-                parts = [path.with_name(f".{path.stem}.part{r}-of-{w.size}") for r in range(w.size)]
-                shards = [load_file(str(f))["features"] for f in parts]
-                full = torch_interleave(shards, len(images))
-                save_features(path, full)
-                for f in parts:
-                    f.unlink(missing_ok=True)
-            barrier()
-        return load_file(str(path), device=str(device))["features"]
+        return self._store.get(loaded.model, loaded.processor, images, batch_size=bs, device=device, world=world())
 
     def base(self):
         if self._loaded is None:
@@ -184,16 +155,6 @@ def describe_device() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
-
-
-def torch_interleave(shards: list, total: int):
-    """Undo a stride split: shard r holds items r, r + size, ...; returns them in order."""
-    import torch
-
-    out = torch.empty((total, *shards[0].shape[1:]), dtype=shards[0].dtype)
-    for r, part in enumerate(shards):
-        out[r :: len(shards)] = part
-    return out
 
 
 # ------------------------------------------------------------------ preflight
