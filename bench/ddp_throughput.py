@@ -1,8 +1,10 @@
 """Training throughput of ``captune train`` on one GPU and on all GPUs of this machine (DDP via torchrun),
-or a few FSDP steps on all GPUs (accelerate launch with configs/accelerate/fsdp.yaml).
+or a few sharded steps on all GPUs (accelerate launch with configs/accelerate/fsdp.yaml or
+deepspeed-zero3.yaml), or DeepSpeed ZeRO-2 against one GPU (deepspeed-zero2.yaml).
 
     python bench/ddp_throughput.py --images 2000 --out ddp.json [--workdir DIR]
     python bench/ddp_throughput.py --arch blip2-opt-6.7b --engine fsdp --images 256 --max-steps 8 --out fsdp.json
+    python bench/ddp_throughput.py --arch blip2-opt-6.7b --engine zero3 --images 256 --max-steps 8 --out z3.json
 
 Random blip2-opt-2.7b weights are saved in checkpoint format and synthetic COCO-size
 JPEGs (5 captions each) in a COCO folder; ``captune data`` prepares one run folder
@@ -12,7 +14,7 @@ the same in both settings (``--per-gpu``, 256 pairs as in coco5k), so the global
 grows with the GPU count. samples/s is captune's own count (pairs / training-loop
 seconds) from RUN/adapter/training.json; the steady pace leaves out the steps before
 the first log line (first kernels and shapes), which weigh more in the shorter
-many-GPU run. With ``--engine fsdp`` only the all-GPU run is made, with
+many-GPU run. With ``--engine fsdp`` or ``zero3`` only the all-GPU run is made, with
 validation at its end (which gathers the sharded language model), and each step's
 loss and peak GPU memory are reported from RUN/logs/train.jsonl.
 """
@@ -40,7 +42,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/captune-ddp")
     ap.add_argument("--out", default="ddp.json")
     ap.add_argument("--arch", default="blip2-opt-2.7b")
-    ap.add_argument("--engine", choices=("ddp", "fsdp"), default="ddp")
+    ap.add_argument("--engine", choices=("ddp", "fsdp", "zero2", "zero3"), default="ddp")
     ap.add_argument("--max-steps", type=int, default=0)
     ap.add_argument("--per-gpu", type=int, default=256, help="pairs per GPU per micro-batch (coco5k: 256)")
     ap.add_argument(
@@ -57,7 +59,7 @@ def main() -> None:
 
     gpus = torch.cuda.device_count()
     work = Path(args.workdir)
-    model_dir, coco = work / "model", work / "coco"
+    model_dir, coco = work / f"model-{args.arch}", work / f"coco-{args.images}"  # reused by later runs
     if not (model_dir / "config.json").is_file():
         model, cfg = build_model(args.arch, torch.bfloat16)
         model.save_pretrained(model_dir, safe_serialization=True, max_shard_size="5GB")
@@ -76,7 +78,7 @@ def main() -> None:
         (coco / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
 
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
-    fsdp = args.engine == "fsdp"
+    fsdp = args.engine in ("fsdp", "zero3")  # the model sharded: the all-GPU run only, with validation
     base = [
         f"model.name_or_path={model_dir}",
         f"data.source=coco:{coco / 'captions.json'}",
@@ -102,6 +104,10 @@ def main() -> None:
         "command": "python bench/ddp_throughput.py " + " ".join(sys.argv[1:]),
         "runs": {},
     }
+    if args.engine.startswith("zero"):
+        import deepspeed
+
+        result["deepspeed"] = deepspeed.__version__
     settings = [gpus] if fsdp else sorted({1, gpus})
 
     def train(n: int, run: Path, wrap: list[str]) -> subprocess.CompletedProcess:
@@ -112,8 +118,9 @@ def main() -> None:
             [*cli, "data", str(run), "--recipe", "coco5k", *overrides], check=True, env=env, capture_output=True
         )
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "captune.cli"]
-        if fsdp:
-            config = ROOT / "configs" / "accelerate" / "fsdp.yaml"
+        if args.engine != "ddp":
+            name = "fsdp" if args.engine == "fsdp" else f"deepspeed-{args.engine}"
+            config = ROOT / "configs" / "accelerate" / f"{name}.yaml"
             launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
             launch += ["--num_processes", str(n), "-m", "captune.cli"]
         command = [*wrap, *(launch if n > 1 else cli), "train", str(run)]

@@ -268,3 +268,86 @@ def test_fsdp_run_killed_then_resumed_with_fsdp(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from step-" in done.stdout
     _same_adapter(run, single)
+
+
+def _deepspeed_launch(stage: int, *args: str) -> list[str]:
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", f"deepspeed-zero{stage}.yaml")
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+        "--main_process_port", str(_port()), "-m", "captune.cli", *args,
+    ]  # fmt: skip
+
+
+def test_deepspeed_zero2_two_processes_give_the_single_process_adapter(tmp_path):
+    """accelerate launch with the shipped ZeRO-2 config (gloo on the CPU): the single-process adapter."""
+    run, single = _prepared(tmp_path, "zero2", [])
+    done = subprocess.run(_deepspeed_launch(2, "train", str(run)), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DeepSpeed ZeRO-2 over 2 processes" in done.stdout
+    _same_adapter(run, single)
+
+
+def test_deepspeed_zero3_run_gives_the_single_process_run(tmp_path):
+    """The shipped ZeRO-3 config, every phase: every weight partitioned while training, validation
+    on the gathered model, evaluation after it on the model loaded again: the single-process
+    adapter and fine-tuned captions."""
+    run, single = _prepared(tmp_path, "zero3", [])
+    assert main(["run", "demo", "--out", str(single), *SETTINGS]) == 0
+    cmd = _deepspeed_launch(3, "run", "demo", "--out", str(run), *SETTINGS)
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DeepSpeed ZeRO-3 over 2 processes" in done.stdout
+    _same_adapter(run, single)
+    ours = (run / "finetuned" / "predictions.jsonl").read_text()
+    assert ours == (single / "finetuned" / "predictions.jsonl").read_text()
+
+
+def _optimizer_shapes(run) -> dict:
+    doc = torch.load(sorted((run / "checkpoints").glob("step-*"))[0] / "optimizer.pt", weights_only=True)
+    return {i: {k: tuple(v.shape) for k, v in st.items()} for i, st in doc["optimizer"]["state"].items()}
+
+
+def test_deepspeed_zero3_run_killed_then_resumed(tmp_path):
+    """A ZeRO-3 checkpoint holds whole tensors (the adapter and AdamW's state gathered from the
+    partitions, in torch's format): killed mid-training and launched again, the run loads them back
+    into the partitions and ends with the uninterrupted single-process adapter."""
+    extra = ["train.epochs=3", "train.checkpoint_every=2"]
+    run, single = _prepared(tmp_path, "zero-resume", extra)
+    _killed_at_first_checkpoint(_deepspeed_launch(3, "train", str(run)), run)
+    assert _optimizer_shapes(run) == _optimizer_shapes(single)  # what a single process writes
+    done = subprocess.run(_deepspeed_launch(3, "train", str(run)), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from step-" in done.stdout
+    _same_adapter(run, single)
+
+
+def test_deepspeed_launch_settings_captune_cannot_honour_are_one_line(monkeypatch):
+    from captune import sharding
+    from captune.errors import UserError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert sharding.engine("auto") == "zero3"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu")
+    with pytest.raises(UserError, match="offload"):
+        sharding.engine("auto")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    with pytest.raises(UserError, match="stage 2 or 3"):
+        sharding.engine("auto")
+
+
+def test_engines_refuse_what_they_cannot_train_in_one_line():
+    """The qformer preset reads the Q-Former's query tokens directly, which FSDP and ZeRO-3 shard;
+    DeepSpeed is not run on fp16 weights (captune's loss scaling is torch's): one line each."""
+    from captune import sharding
+    from captune.errors import UserError
+
+    for kind in ("fsdp", "zero3"):
+        with pytest.raises(UserError, match=r"use DDP \(train.distributed=ddp\)"):
+            sharding.check_engine(kind, vision_trains=True, dtype=torch.bfloat16)
+    for kind in ("ddp", "zero2", "single"):
+        sharding.check_engine(kind, vision_trains=True, dtype=torch.bfloat16)
+    with pytest.raises(UserError, match="model.dtype=bfloat16"):
+        sharding.check_engine("zero2", vision_trains=False, dtype=torch.float16)
+    sharding.check_engine("ddp", vision_trains=False, dtype=torch.float16)

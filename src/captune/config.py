@@ -166,9 +166,10 @@ class TrainConfig:
     """With data.train_captions=all, run each image's prefix once for all its captions (OPT; exact)."""
     trackers: list[str] = field(default_factory=list)
     """Also log to these accelerate trackers (tensorboard, wandb, mlflow, ...); files go to RUN/logs."""
-    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
-    """Under several processes: DDP (a whole model per GPU) or FSDP (the language model sharded);
-    auto = what the accelerate launch config says (configs/accelerate/fsdp.yaml), else DDP."""
+    distributed: Literal["auto", "ddp", "fsdp", "zero2", "zero3"] = "auto"
+    """Under several processes: DDP (a whole model per GPU), FSDP (the language model sharded), or
+    DeepSpeed ZeRO-2 (optimizer state and gradients partitioned) / ZeRO-3 (every weight partitioned);
+    auto = what the accelerate launch config says (configs/accelerate/*.yaml), else DDP."""
     progress: Literal["auto", "on", "off"] = "auto"
     """A progress bar (step, loss, lr, samples/s, ETA, GPU memory); auto = when stderr is a terminal."""
 

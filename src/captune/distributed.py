@@ -56,7 +56,9 @@ def world() -> World:
 
     gpu = torch.cuda.is_available()
     # NCCL bound to this process's GPU from the start (torch otherwise guesses it from the rank, and warns)
-    bound = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))} if gpu else {}
+    # (DeepSpeed forms its group itself, without that argument)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    bound = {} if not gpu or deepspeed else {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))}
     try:
         state = PartialState(cpu=not gpu, timeout=timedelta(minutes=30), **bound)
     except (ValueError, RuntimeError) as exc:
@@ -132,3 +134,21 @@ def gather_strided(part, total: int):
     dist.all_gather(pieces, padded.contiguous())
     # row j of share r is row j * size + r: interleave, then drop the padding (it sorts last)
     return torch.stack(pieces, dim=1).reshape(per * w.size, *part.shape[1:])[:total]
+
+
+def gather_strided_objects(part: list, total: int) -> list:
+    """The stride-split list (process r holds items r, r + size, ...) whole and in order on the main
+    process, through one gather of Python objects; the other processes get []."""
+    w = world()
+    if not w.distributed:
+        return part
+    import torch.distributed as dist
+
+    shares: list = [None] * w.size if w.is_main else []
+    dist.gather_object(part, shares if w.is_main else None, dst=0)
+    if not w.is_main:
+        return []
+    whole: list = [None] * total
+    for r, share in enumerate(shares):
+        whole[r :: w.size] = share
+    return whole

@@ -24,7 +24,7 @@ from captune.atomic import staged_dir, write_atomic
 from captune.config import Config, config_from_dict, load_yaml
 from captune.data.prepare import load_split, prepare
 from captune.data.sources import parse_source
-from captune.distributed import all_agree, barrier, world
+from captune.distributed import all_agree, barrier, gather_strided_objects, world
 from captune.errors import UserError
 
 PHASES = ("data", "baseline", "train", "finetuned", "compare", "report")
@@ -238,7 +238,7 @@ def evaluate(run: Run, model, processor, out_name: str) -> None:
     if w.distributed:  # each process captions every size-th image; the main one gathers them once
         mine = list(range(w.rank, len(examples), w.size))
         part = caption_features(model, processor.tokenizer, feats[mine], run.cfg.eval, run.cfg.model.prompt)
-        captions = _gather_captions(run, out_name, part, len(examples), w)
+        captions = gather_strided_objects(part, len(examples))
         if not w.is_main:
             return
     else:
@@ -256,22 +256,6 @@ def evaluate(run: Run, model, processor, out_name: str) -> None:
         run.log(f"  {out_name}: scoring in the background")
         return
     _score_and_write(run, examples, captions, out_name, gen_s)
-
-
-def _gather_captions(run: Run, out_name: str, part: list[str], total: int, w) -> list[str]:
-    """Every process's captions, in example order, on the main process (the others get [])."""
-    path = run.path(f".{out_name}.captions.part{w.rank}-of-{w.size}.json")
-    write_atomic(path, json.dumps(part))
-    barrier()
-    captions: list[str] = []
-    if w.is_main:
-        captions = [""] * total
-        for r in range(w.size):
-            f = run.path(f".{out_name}.captions.part{r}-of-{w.size}.json")
-            for i, c in zip(range(r, total, w.size), json.loads(f.read_text()), strict=True):
-                captions[i] = c
-            f.unlink()
-    return captions
 
 
 def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen_s: float) -> float:

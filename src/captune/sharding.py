@@ -26,15 +26,28 @@ from captune.errors import UserError
 
 
 def engine(choice: str) -> str:
-    """``ddp`` or ``fsdp``: the configured one, or with ``auto`` what accelerate's launch config says."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        raise UserError(
-            "DeepSpeed is not supported by captune's training loop; launch with "
-            "configs/accelerate/fsdp.yaml (sharded) or configs/accelerate/multi-gpu.yaml (DDP)"
-        )
+    """``ddp``, ``fsdp``, ``zero2`` or ``zero3``: the configured one, or with ``auto`` what accelerate's
+    launch config says (FSDP, DeepSpeed and its ZeRO stage), else DDP."""
+    from captune.zero import launched_stage
+
+    stage = launched_stage()
     if choice != "auto":
         return choice
+    if stage is not None:
+        return f"zero{stage}"
     return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else "ddp"
+
+
+def check_engine(kind: str, *, vision_trains: bool, dtype: torch.dtype) -> None:
+    """One line for what an engine cannot train: a trained Q-Former (its query tokens are read
+    directly, which FSDP and ZeRO-3 shard) and, under DeepSpeed, fp16 weights."""
+    if vision_trains and kind in ("fsdp", "zero3"):
+        raise UserError(
+            f"{'FSDP' if kind == 'fsdp' else 'ZeRO-3'} shards the model's weights, and lora.target_modules=qformer "
+            "trains the Q-Former, whose query tokens it reads directly; use DDP (train.distributed=ddp) for this preset"
+        )
+    if kind in ("zero2", "zero3") and dtype == torch.float16:
+        raise UserError("captune runs DeepSpeed on bf16 or fp32 models; set model.dtype=bfloat16")
 
 
 def shard_language_model(root: torch.nn.Module, blip) -> None:

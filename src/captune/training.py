@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from captune import sharding
+from captune import sharding, zero
 from captune.batching import encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
 from captune.config import Config
 from captune.data.prepare import Example
 from captune.distributed import all_agree, all_mean, world
-from captune.errors import UserError
 from captune.features import image_features, lm_loss, project_queries, unwrap
 from captune.generation import caption_features
 from captune.modeling import adapter_touches_vision
@@ -345,14 +345,12 @@ def train(
     )
 
     dist_world = world()
-    fsdp = dist_world.distributed and sharding.engine(tcfg.distributed) == "fsdp"
+    kind = sharding.engine(tcfg.distributed) if dist_world.distributed else "single"
+    fsdp = kind == "fsdp"
+    zero_stage = {"zero2": 2, "zero3": 3}.get(kind)
+    sharding.check_engine(kind, vision_trains=vision_trains, dtype=blip.dtype)
     step_loss = _StepLoss(model, None)
     if fsdp:
-        if vision_trains:
-            raise UserError(
-                "FSDP shards the language model, and lora.target_modules=qformer trains the Q-Former; "
-                "use DDP (train.distributed=ddp) for this preset"
-            )
         sharding.shard_language_model(step_loss, blip)
         log(f"  FSDP: the language model sharded over {dist_world.size} processes")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -381,6 +379,7 @@ def train(
     first_epoch, skip_micro = 1, 0
     epoch_rng = rng.getstate()
     resume_from = latest_checkpoint(checkpoint_dir)
+    resumed_optimizer = None
     if resume_from is not None:
         from safetensors.torch import load_file
 
@@ -388,7 +387,10 @@ def train(
         _load_lora_state(model, load_file(str(resume_from / "trainable.safetensors"), device=str(device)))
         best_state = load_file(str(resume_from / "best.safetensors"), device=str(device))
         extra = torch.load(resume_from / "optimizer.pt", weights_only=True, map_location=device)
-        optimizer.load_state_dict(extra["optimizer"])
+        if zero_stage:  # loaded into the partitions once DeepSpeed has made them
+            resumed_optimizer = extra["optimizer"]
+        else:
+            optimizer.load_state_dict(extra["optimizer"])
         if fsdp:
             sharding.shard_optimizer_state(optimizer)
         scheduler.load_state_dict(extra["scheduler"])
@@ -426,12 +428,23 @@ def train(
 
     step_loss.fn = packed_fn if packed else flat_fn
     counter = LabelCounter(tokenizer, blip, cfg)
-    if dist_world.distributed and not fsdp:
+    if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
         # the model's buffers are constants (position ids): no broadcast from process 0 each step
-        step_loss = DDP(step_loss, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+        # (torch 2.13 renames the flag and warns; the new one would still sync at start)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            step_loss = DDP(step_loss, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+    if zero_stage:
+        # the packed step reads the position table directly (not through its module's forward)
+        dec = getattr(getattr(blip.language_model, "model", None), "decoder", None)
+        external = [dec.embed_positions.weight] if packed and dec is not None else []
+        step_loss = zero.wrap(step_loss, optimizer, tcfg, dist_world.size, zero_stage, external)
+        if resumed_optimizer is not None:
+            zero.load_optimizer_state(step_loss, params, resumed_optimizer)
+        log(f"  DeepSpeed ZeRO-{zero_stage} over {dist_world.size} processes")
     first_step = step
 
     def record(row: dict) -> None:
@@ -446,9 +459,12 @@ def train(
             trainable = sharding.whole(_lora_state(model))
             best = sharding.whole(best_state)
             optimizer_state = sharding.whole_optimizer_state(optimizer)
+        elif zero_stage:  # whole tensors from DeepSpeed's partitions: every process takes part
+            trainable, best = zero.trainable_state(model), best_state
+            optimizer_state = zero.whole_optimizer_state(step_loss, params)
         if not main:
             return
-        if not fsdp:
+        if not (fsdp or zero_stage):
             trainable, best, optimizer_state = _lora_state(model), best_state, optimizer.state_dict()
         save_checkpoint(
             checkpoint_dir,
@@ -487,7 +503,11 @@ def train(
     def validate(epoch: int) -> None:
         if val_feats is None or not len(val_examples):
             return
-        with sharding.gathered(step_loss) if fsdp else contextlib.nullcontext():
+        if fsdp:
+            whole = sharding.gathered(step_loss)
+        else:
+            whole = zero.gathered(step_loss) if zero_stage else contextlib.nullcontext()
+        with whole:
             _validate(epoch)
 
     def _validate(epoch: int) -> None:
@@ -566,7 +586,9 @@ def train(
                 sync = not dist_world.distributed or (m_idx + 1) % tcfg.grad_accum == 0 or m_idx == len(micro) - 1
                 if fsdp:
                     sharding.set_gradient_sync(step_loss, sync)
-                with contextlib.nullcontext() if sync or fsdp else step_loss.no_sync():
+                if zero_stage:  # DeepSpeed reduces the gradients at captune's boundaries
+                    step_loss.set_gradient_accumulation_boundary(sync)
+                with contextlib.nullcontext() if sync or fsdp or zero_stage else step_loss.no_sync():
                     if packed:
                         batch = pack_captions(
                             tokenizer,
@@ -597,23 +619,29 @@ def train(
                             own = 0  # no real share: one item repeated at weight 0
                         weight = _token_weight(own, dist_world, device)
                     scaled = loss * weight / tcfg.grad_accum
-                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    if zero_stage:
+                        step_loss.backward(scaled, scale_wrt_gas=False)
+                    else:
+                        (scaler.scale(scaled) if scaler else scaled).backward()
                 running.append(loss.detach())
                 seen += n_pairs
                 last_micro = m_idx == len(micro) - 1
                 if (m_idx + 1) % tcfg.grad_accum and not last_micro:
                     continue
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if tcfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
+                if zero_stage:  # clips (train.max_grad_norm), steps AdamW, clears the gradients
+                    step_loss.step()
                 else:
-                    optimizer.step()
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    if tcfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if step % tcfg.log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - t_loop
@@ -679,10 +707,15 @@ def train(
     if tcfg.select == "last" or best_value is None:
         result.best_step = step
     else:
-        _load_lora_state(model, best_state)
+        if zero_stage:
+            zero.load_trainable_state(model, best_state)
+        else:
+            _load_lora_state(model, best_state)
         log(f"  kept the adapter from step {result.best_step} (best validation {tcfg.select})")
     if fsdp:
         result.adapter_state = sharding.whole(_lora_state(model))
+    elif zero_stage == 3:  # the loaded model is partitions now: later phases load it again
+        result.adapter_state = zero.trainable_state(model)
     model.eval()
     result.steps = step
     result.seconds = time.perf_counter() - started
