@@ -339,7 +339,8 @@ def test_deepspeed_launch_settings_captune_cannot_honour_are_one_line(monkeypatc
 
 def test_engines_refuse_what_they_cannot_train_in_one_line():
     """The qformer preset reads the Q-Former's query tokens directly, which FSDP and ZeRO-3 shard;
-    DeepSpeed is not run on fp16 weights (captune's loss scaling is torch's): one line each."""
+    quantized weights train under DDP only; DeepSpeed is not run on fp16 weights (captune's loss
+    scaling is torch's): one line each."""
     from captune import sharding
     from captune.errors import UserError
 
@@ -351,3 +352,7 @@ def test_engines_refuse_what_they_cannot_train_in_one_line():
     with pytest.raises(UserError, match="model.dtype=bfloat16"):
         sharding.check_engine("zero2", vision_trains=False, dtype=torch.float16)
     sharding.check_engine("ddp", vision_trains=False, dtype=torch.float16)
+    for kind in ("fsdp", "zero2", "zero3"):  # QLoRA's 4-bit weights are not shardable parameters
+        with pytest.raises(UserError, match="DDP only"):
+            sharding.check_engine(kind, vision_trains=False, dtype=torch.bfloat16, quantized=True)
+    sharding.check_engine("ddp", vision_trains=False, dtype=torch.bfloat16, quantized=True)

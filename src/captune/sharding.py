@@ -38,9 +38,15 @@ def engine(choice: str) -> str:
     return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else "ddp"
 
 
-def check_engine(kind: str, *, vision_trains: bool, dtype: torch.dtype) -> None:
+def check_engine(kind: str, *, vision_trains: bool, dtype: torch.dtype, quantized: bool = False) -> None:
     """One line for what an engine cannot train: a trained Q-Former (its query tokens are read
-    directly, which FSDP and ZeRO-3 shard) and, under DeepSpeed, fp16 weights."""
+    directly, which FSDP and ZeRO-3 shard), quantized weights outside DDP, and, under DeepSpeed,
+    fp16 weights."""
+    if quantized and kind in ("fsdp", "zero2", "zero3"):
+        raise UserError(
+            "a quantized model (model.quantization) trains under DDP only in captune; launch with "
+            "configs/accelerate/multi-gpu.yaml or torchrun, or shard the bf16 model with fsdp.yaml"
+        )
     if vision_trains and kind in ("fsdp", "zero3"):
         raise UserError(
             f"{'FSDP' if kind == 'fsdp' else 'ZeRO-3'} shards the model's weights, and lora.target_modules=qformer "

@@ -348,7 +348,9 @@ def train(
     kind = sharding.engine(tcfg.distributed) if dist_world.distributed else "single"
     fsdp = kind == "fsdp"
     zero_stage = {"zero2": 2, "zero3": 3}.get(kind)
-    sharding.check_engine(kind, vision_trains=vision_trains, dtype=blip.dtype)
+    sharding.check_engine(
+        kind, vision_trains=vision_trains, dtype=blip.dtype, quantized=cfg.model.quantization != "none"
+    )
     step_loss = _StepLoss(model, None)
     if fsdp:
         sharding.shard_language_model(step_loss, blip)
