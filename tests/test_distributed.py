@@ -250,6 +250,7 @@ def test_fsdp_launch_loads_whole_weights_on_every_process(monkeypatch):
     assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
 
 
+@pytest.mark.slow  # CI runs it (.ci/run, -m slow)
 def test_fsdp_run_killed_then_resumed_with_fsdp(tmp_path):
     """Checkpoints under FSDP hold whole tensors: a sharded run killed mid-training and launched
     again (sharded) resumes and ends with the uninterrupted single-process adapter."""
@@ -278,6 +279,7 @@ def _deepspeed_launch(stage: int, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # CI runs it (.ci/run, -m slow)
 def test_deepspeed_zero2_two_processes_give_the_single_process_adapter(tmp_path):
     """accelerate launch with the shipped ZeRO-2 config (gloo on the CPU): the single-process adapter."""
     run, single = _prepared(tmp_path, "zero2", [])
@@ -307,6 +309,7 @@ def _optimizer_shapes(run) -> dict:
     return {i: {k: tuple(v.shape) for k, v in st.items()} for i, st in doc["optimizer"]["state"].items()}
 
 
+@pytest.mark.slow  # CI runs it (.ci/run, -m slow)
 def test_deepspeed_zero3_run_killed_then_resumed(tmp_path):
     """A ZeRO-3 checkpoint holds whole tensors (the adapter and AdamW's state gathered from the
     partitions, in torch's format): killed mid-training and launched again, the run loads them back
