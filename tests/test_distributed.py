@@ -49,6 +49,17 @@ def _same_adapter(a, b, atol=1e-4):
         assert torch.allclose(x[k], y[k], atol=atol), (k, (x[k] - y[k]).abs().max())
 
 
+def _ran_like_one_process(cmd: list[str], run, single, says: str) -> None:
+    """A two-process `captune run` launch that says ``says`` and gives the single-process run's
+    adapter and fine-tuned captions."""
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert says in done.stdout
+    _same_adapter(run, single)
+    ours = (run / "finetuned" / "predictions.jsonl").read_text()
+    assert ours == (single / "finetuned" / "predictions.jsonl").read_text()
+
+
 def _kill_tree(proc) -> None:
     """SIGKILL a launcher and every process under it (torchrun starts its workers in sessions of
     their own, so killing the launcher's process group leaves them running)."""
@@ -226,12 +237,7 @@ def test_fsdp_two_processes_give_the_single_process_run(tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
         "--main_process_port", str(_port()), "-m", "captune.cli", "run", "demo", "--out", str(run), *SETTINGS,
     ]  # fmt: skip
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "FSDP: the language model sharded over 2 processes" in done.stdout
-    _same_adapter(run, single)
-    ours = (run / "finetuned" / "predictions.jsonl").read_text()
-    assert ours == (single / "finetuned" / "predictions.jsonl").read_text()
+    _ran_like_one_process(cmd, run, single, "FSDP: the language model sharded over 2 processes")
     # checkpoints hold whole tensors, the shapes of the single-process run's
     ours = load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
     theirs = load_file(str(sorted((single / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
@@ -296,12 +302,7 @@ def test_deepspeed_zero3_run_gives_the_single_process_run(tmp_path):
     run, single = _prepared(tmp_path, "zero3", [])
     assert main(["run", "demo", "--out", str(single), *SETTINGS]) == 0
     cmd = _deepspeed_launch(3, "run", "demo", "--out", str(run), *SETTINGS)
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "DeepSpeed ZeRO-3 over 2 processes" in done.stdout
-    _same_adapter(run, single)
-    ours = (run / "finetuned" / "predictions.jsonl").read_text()
-    assert ours == (single / "finetuned" / "predictions.jsonl").read_text()
+    _ran_like_one_process(cmd, run, single, "DeepSpeed ZeRO-3 over 2 processes")
 
 
 def _optimizer_shapes(run) -> dict:
