@@ -286,13 +286,13 @@ def _deepspeed_launch(stage: int, *args: str) -> list[str]:
 
 
 @pytest.mark.slow  # CI runs it (.ci/run, -m slow)
-def test_deepspeed_zero2_two_processes_give_the_single_process_adapter(tmp_path):
-    """accelerate launch with the shipped ZeRO-2 config (gloo on the CPU): the single-process adapter."""
+def test_deepspeed_zero2_run_gives_the_single_process_run(tmp_path):
+    """accelerate launch with the shipped ZeRO-2 config (gloo on the CPU), every phase: the
+    single-process adapter and fine-tuned captions (evaluation runs on the model DeepSpeed trained)."""
     run, single = _prepared(tmp_path, "zero2", [])
-    done = subprocess.run(_deepspeed_launch(2, "train", str(run)), env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "DeepSpeed ZeRO-2 over 2 processes" in done.stdout
-    _same_adapter(run, single)
+    assert main(["run", "demo", "--out", str(single), *SETTINGS]) == 0
+    cmd = _deepspeed_launch(2, "run", "demo", "--out", str(run), *SETTINGS)
+    _ran_like_one_process(cmd, run, single, "DeepSpeed ZeRO-2 over 2 processes")
 
 
 def test_deepspeed_zero3_run_gives_the_single_process_run(tmp_path):
