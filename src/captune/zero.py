@@ -91,10 +91,12 @@ def wrap(module: torch.nn.Module, optimizer, train_cfg, world_size: int, stage: 
     return engine
 
 
-def _gathered_params(params):
+def _gathered_params(params, modifier_rank: int | None = None):
+    """ZeRO-3's partitioned ones among ``params`` whole for a block (a no-op for other parameters);
+    with ``modifier_rank``, that process's values are partitioned back on leaving."""
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
-    return GatheredParameters([p for p in params if hasattr(p, "ds_id")])
+    return GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=modifier_rank)
 
 
 @contextlib.contextmanager
@@ -126,11 +128,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
     """Copy whole tensors into the trainable weights, ZeRO-3 partitions included (a collective)."""
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
     params = dict(model.named_parameters())
-    targets = [params[k] for k in state]
-    with GatheredParameters([p for p in targets if hasattr(p, "ds_id")], modifier_rank=0), torch.no_grad():
+    with _gathered_params([params[k] for k in state], modifier_rank=0), torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v.to(params[k].device, params[k].dtype))
 
