@@ -29,9 +29,9 @@ def caption(rng: random.Random) -> str:
 
 
 def main() -> None:
-    from captune.compare import compare
-    from captune.metrics import score_captions
-    from captune.seed_metrics import seed_compatible
+    from captune.evaluation.compare import compare
+    from captune.evaluation.metrics import score_captions
+    from captune.evaluation.seed_metrics import seed_compatible
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=5000)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from captune.batching import IGNORE, encode_texts, training_text
 from captune.demo.base_model import build_tokenizer
+from captune.ops.batching import IGNORE, encode_texts, training_text
 
 Q = 4
 IMG = 3
@@ -78,7 +78,7 @@ def test_seq2seq_labels_are_caption_and_eos_only(tiny_t5_dir, prompt):
     """Encoder: image tokens + prompt exactly as Blip2Processor lays them out; decoder labels: caption + EOS."""
     from transformers import Blip2Processor
 
-    from captune.batching import encode_seq2seq, label_tokens
+    from captune.ops.batching import encode_seq2seq, label_tokens
 
     proc = Blip2Processor.from_pretrained(tiny_t5_dir)
     tok = proc.tokenizer
@@ -104,7 +104,7 @@ def test_seq2seq_labels_are_caption_and_eos_only(tiny_t5_dir, prompt):
 def test_seq2seq_truncation_keeps_eos(tiny_t5_dir):
     from transformers import Blip2Processor
 
-    from captune.batching import encode_seq2seq
+    from captune.ops.batching import encode_seq2seq
 
     proc = Blip2Processor.from_pretrained(tiny_t5_dir)
     tok = proc.tokenizer
@@ -118,11 +118,12 @@ def test_seq2seq_cached_feature_loss_equals_full_model(tiny_t5_dir):
 
     from PIL import Image
 
-    from captune.batching import encode_seq2seq
     from captune.config import ModelConfig
     from captune.demo import world
-    from captune.features import image_features, lm_loss
-    from captune.modeling import load_model
+    from captune.model.load import load_model
+    from captune.ops.batching import encode_seq2seq
+    from captune.ops.features import image_features
+    from captune.ops.lm import lm_loss
 
     loaded = load_model(ModelConfig(name_or_path=str(tiny_t5_dir), device="cpu"))
     blip, proc = loaded.model, loaded.processor

@@ -80,8 +80,8 @@ def test_score_with_separate_references(tmp_path, capsys):
 def test_eval_prompt_is_removed_from_captions():
     from captune.config import EvalConfig, ModelConfig
     from captune.demo import world
-    from captune.generation import caption_images
-    from captune.modeling import load_model
+    from captune.model.load import load_model
+    from captune.ops.generation import caption_images
 
     loaded = load_model(ModelConfig(device="cpu"))
     images = [it["image"] for it in world.make_items("plain", 4, seed=3)]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from captune.compare import bootstrap, compare, markdown_table
+from captune.evaluation.compare import bootstrap, compare, markdown_table
 
 
 def _doc(values, stats=None):
@@ -42,7 +42,7 @@ def test_bootstrap_is_seeded():
 
 
 def test_exact_bleu_interval_contains_point_estimate():
-    from captune.metrics import corpus_bleu_from_stats
+    from captune.evaluation.metrics import corpus_bleu_from_stats
 
     rng = np.random.default_rng(2)
     stats_b = [[10, 11, 10, 9, 8, 7, int(rng.integers(4, 9)), 4, 2, 1] for _ in range(200)]

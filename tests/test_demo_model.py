@@ -7,7 +7,7 @@ import torch
 
 from captune.demo import world
 from captune.demo.base_model import DemoBuildSpec, build_demo_model
-from captune.modeling import BUILTIN_DEMO, demo_model_dir, resolve_model_path
+from captune.model.load import BUILTIN_DEMO, demo_model_dir, resolve_model_path
 
 
 def test_shipped_model_is_small_and_loads_with_from_pretrained():

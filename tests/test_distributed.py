@@ -248,7 +248,7 @@ def test_fsdp_launch_loads_whole_weights_on_every_process(monkeypatch):
     """accelerate's FSDP config makes transformers load weights on process 0 only (the others get
     none, for FSDP to broadcast); captune shards each process's own copy, so loading turns it off."""
     from captune.config import ModelConfig
-    from captune.modeling import load_model
+    from captune.model.load import load_model
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")

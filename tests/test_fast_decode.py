@@ -7,9 +7,9 @@ import torch
 
 from captune.config import EvalConfig, ModelConfig
 from captune.demo import world
-from captune.features import image_features
-from captune.generation import caption_features
-from captune.modeling import load_model
+from captune.model.load import load_model
+from captune.ops.features import image_features
+from captune.ops.generation import caption_features
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_fast_greedy_equals_generate(demo, prompt, min_new, n):
 
 def test_fast_greedy_with_lora(demo):
     from captune.config import LoraConfig
-    from captune.modeling import attach_lora
+    from captune.model.lora import attach_lora
 
     loaded, feats = demo
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def test_fast_greedy_with_lora(demo):
 
 def test_greedy_captioning_takes_the_fast_path(demo, monkeypatch):
     """caption_features must route greedy OPT decoding through GreedyOPT (and beams through generate)."""
-    from captune import fast_decode
+    from captune.ops import fast_decode
 
     loaded, feats = demo
     calls = []

@@ -4,8 +4,9 @@ import torch
 
 from captune.config import ModelConfig
 from captune.demo import world
-from captune.features import FeatureStore, image_features, model_fingerprint
-from captune.modeling import load_model
+from captune.model.load import load_model
+from captune.ops.features import image_features
+from captune.run.feature_cache import FeatureStore, model_fingerprint
 
 
 def _images(seed, n=3):

@@ -2,8 +2,9 @@
 
 import torch
 
-from captune.batching import encode_texts, generation_prompt, training_text
-from captune.features import generate_from_features, image_features, lm_loss, pixel_values
+from captune.ops.batching import encode_texts, generation_prompt, training_text
+from captune.ops.features import image_features, pixel_values
+from captune.ops.lm import generate_from_features, lm_loss
 from tests.conftest import jpeg_bytes
 
 

@@ -13,7 +13,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_decode_attention_kernel_matches_sdpa(length, pos):
     import torch.nn.functional as F
 
-    from captune.decode_attention import decode_attention
+    from captune.ops.decode_attention import decode_attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(64, 8, 1, 80, device="cuda", dtype=torch.bfloat16, generator=g) * 80**-0.5
@@ -33,9 +33,9 @@ def test_fast_captions_match_generate_on_gpu():
 
     from captune.config import EvalConfig, ModelConfig
     from captune.demo import world
-    from captune.features import image_features
-    from captune.generation import caption_features
-    from captune.modeling import load_model
+    from captune.model.load import load_model
+    from captune.ops.features import image_features
+    from captune.ops.generation import caption_features
 
     loaded = load_model(ModelConfig(device="cuda", dtype="bf16"))
     images = [it["image"] for it in world.make_items("plain", 64, seed=4)]
@@ -54,10 +54,10 @@ def test_gpu_jpeg_decode_features_close_to_cpu_path():
     import torch.nn.functional as F
     from PIL import Image
 
-    from captune import features as feat_mod
     from captune.config import ModelConfig
     from captune.demo import world
-    from captune.modeling import load_model
+    from captune.model.load import load_model
+    from captune.ops import features as feat_mod
 
     loaded = load_model(ModelConfig(device="cuda", dtype="bf16"))
     jpegs = []

@@ -86,7 +86,8 @@ def record(row: dict) -> None:
 
 def smoke(folder, arch: str, precision: str, steps: int = 200) -> dict:
     from captune.config import Config
-    from captune.modeling import attach_lora, count_parameters, load_model
+    from captune.model.load import load_model
+    from captune.model.lora import attach_lora, count_parameters
     from captune.training import train
 
     torch.cuda.empty_cache()
@@ -156,9 +157,10 @@ def test_flan_t5_xl_bf16(checkpoints):
 def test_coco5k_recipe_fits_24gb(checkpoints):
     """The coco5k recipe's batch sizes (training, packed, and captioning) on blip2-opt-2.7b stay under 24 GB."""
     from captune.config import load_config
-    from captune.features import image_features
-    from captune.generation import caption_features
-    from captune.modeling import attach_lora, load_model
+    from captune.model.load import load_model
+    from captune.model.lora import attach_lora
+    from captune.ops.features import image_features
+    from captune.ops.generation import caption_features
     from captune.training import train
 
     folder = checkpoints("blip2-opt-2.7b")

@@ -170,7 +170,7 @@ def test_gpu_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path):
 def test_pickle_only_checkpoints_are_refused(tmp_path, tiny_model_dir):
     import shutil
 
-    from captune.modeling import resolve_model_path
+    from captune.model.load import resolve_model_path
 
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, folder)

@@ -9,7 +9,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from captune.metrics import OFFICIAL
+from captune.evaluation.metrics import OFFICIAL
 
 ARGS = [
     "data.num_images=60",

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from captune.metrics import score_captions
+from captune.evaluation.metrics import score_captions
 
 WORDS = "a an the dog cat man woman red blue small large sits on near table street park with two".split()
 
@@ -65,7 +65,7 @@ def test_more_references_raise_cider():
 
 
 def test_missing_java_is_one_clear_error(monkeypatch):
-    import captune.metrics as m
+    import captune.evaluation.metrics as m
     from captune.errors import UserError
 
     m.java_executable.cache_clear()
@@ -80,7 +80,7 @@ def test_missing_java_is_one_clear_error(monkeypatch):
 def test_bleu_statistics_reproduce_corpus_bleu(caption_set):
     import numpy as np
 
-    from captune.metrics import corpus_bleu_from_stats
+    from captune.evaluation.metrics import corpus_bleu_from_stats
 
     preds, refs = caption_set
     s = score_captions(preds, refs, metrics=("BLEU-4",))
@@ -132,7 +132,7 @@ def test_concurrent_scoring_processes_agree(tmp_path, caption_set):
 
 
 def test_13a_tokenizer():
-    from captune.seed_metrics import tokenize_13a
+    from captune.evaluation.seed_metrics import tokenize_13a
 
     assert tokenize_13a("A dog, sitting (on) a couch.") == [
         "A",
@@ -155,7 +155,7 @@ def test_seed_bleu_equals_reference_formula(caption_set, order):
     """HF evaluate's bleu on one reference equals NLTK's unsmoothed corpus BLEU on the same tokens."""
     from nltk.translate.bleu_score import corpus_bleu
 
-    from captune.seed_metrics import hf_bleu, tokenize_13a
+    from captune.evaluation.seed_metrics import hf_bleu, tokenize_13a
 
     preds, refs = caption_set
     # NLTK counts one possible n-gram for a hypothesis shorter than n; the NMT formula counts none.
@@ -171,7 +171,7 @@ def test_seed_bleu_equals_reference_formula(caption_set, order):
 
 
 def test_seed_compatible_block(caption_set):
-    from captune.seed_metrics import seed_compatible
+    from captune.evaluation.seed_metrics import seed_compatible
 
     preds, refs = caption_set
     doc = seed_compatible(preds, refs)

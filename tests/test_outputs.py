@@ -56,8 +56,8 @@ def test_merge_matches_base_plus_adapter(demo_run, tmp_path):
 
     from captune.config import EvalConfig
     from captune.data.prepare import load_split
-    from captune.generation import caption_images
-    from captune.modeling import BUILTIN_DEMO, resolve_model_path
+    from captune.model.load import BUILTIN_DEMO, resolve_model_path
+    from captune.ops.generation import caption_images
 
     assert main(["merge", str(demo_run), "--out", str(tmp_path / "merged")]) == 0
     merged = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()

@@ -2,12 +2,14 @@
 
 import torch
 
-from captune.batching import encode_texts, training_text
 from captune.config import LoraConfig, ModelConfig
 from captune.demo import world
-from captune.features import image_features, lm_loss
-from captune.modeling import attach_lora, load_model
-from captune.packing import pack_captions, packed_loss
+from captune.model.load import load_model
+from captune.model.lora import attach_lora
+from captune.ops.batching import encode_texts, training_text
+from captune.ops.features import image_features
+from captune.ops.lm import lm_loss
+from captune.ops.packing import pack_captions, packed_loss
 
 
 def _setup():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from captune.cli import main
-from captune.metrics import OFFICIAL
+from captune.evaluation.metrics import OFFICIAL
 from tests.conftest import SMALL
 
 

@@ -56,7 +56,8 @@ def test_captioner_matches_caption_command(demo_run, tmp_path):
 
 def test_base_only_service_and_vision_adapter_detection(tiny_model_dir):
     from captune.config import LoraConfig
-    from captune.modeling import attach_lora, load_model
+    from captune.model.load import load_model
+    from captune.model.lora import attach_lora
 
     captioner = Captioner(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"), None, EvalConfig(), "")
     base, tuned = captioner.caption(_images(2), max_new_tokens=4)

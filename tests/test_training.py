@@ -9,7 +9,8 @@ from captune.config import Config, LoraConfig
 from captune.data.prepare import Example
 from captune.demo import world
 from captune.errors import UserError
-from captune.modeling import attach_lora, load_model, target_modules
+from captune.model.load import load_model
+from captune.model.lora import attach_lora, target_modules
 from captune.training import train
 
 
@@ -197,7 +198,7 @@ def test_quantization_errors_are_one_line(monkeypatch):
 
     with pytest.raises(UserError, match="model.quantization=4bit needs a CUDA GPU"):
         load_model(ModelConfig(device="cpu", quantization="4bit"))
-    import captune.modeling as modeling
+    import captune.model.load as modeling
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(UserError, match=r"needs bitsandbytes: pip install 'captune\[quant\]'"):
@@ -255,10 +256,11 @@ def test_qformer_preset_trains_through_cached_vision_outputs(tmp_path):
 
     from PIL import Image
 
-    from captune.batching import encode_texts, training_text
     from captune.cli import main
-    from captune.features import image_features, lm_loss, project_queries
-    from captune.modeling import adapter_touches_vision
+    from captune.model.lora import adapter_touches_vision
+    from captune.ops.batching import encode_texts, training_text
+    from captune.ops.features import image_features, project_queries
+    from captune.ops.lm import lm_loss
 
     loaded = load_model(Config().model.__class__(device="cpu"))
     torch.manual_seed(0)
@@ -303,7 +305,7 @@ def test_qformer_preset_trains_through_cached_vision_outputs(tmp_path):
     tuned = PeftModel.from_pretrained(load_model(Config().model.__class__(device="cpu")).model, str(out / "adapter"))
     from captune.config import EvalConfig, load_config
     from captune.data.prepare import load_split
-    from captune.generation import caption_features
+    from captune.ops.generation import caption_features
 
     cfg = load_config("demo")
     test = load_split(out / "data", "test")
@@ -316,9 +318,9 @@ def test_qformer_preset_trains_through_cached_vision_outputs(tmp_path):
 
 def test_label_counter_equals_the_batch_count(tiny_model_dir):
     """Per-pair counts, remembered, add up to a whole unpacked batch's count."""
-    from captune.batching import label_tokens
     from captune.config import ModelConfig, load_config
-    from captune.modeling import load_model
+    from captune.model.load import load_model
+    from captune.ops.batching import label_tokens
     from captune.training import LabelCounter, encode_pairs
 
     loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))

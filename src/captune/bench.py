@@ -128,7 +128,7 @@ def build_processor(cfg):
 def build_model(arch: str, dtype: torch.dtype):
     from transformers import Blip2ForConditionalGeneration
 
-    from captune.architectures import blip2_config
+    from captune.model.architectures import blip2_config
 
     cfg = blip2_config(arch)
     torch.manual_seed(0)
@@ -149,7 +149,7 @@ def lm_params(model) -> int:
 
 
 def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
-    from captune.features import image_features, pixel_values
+    from captune.ops.features import image_features, pixel_values
 
     pv = pixel_values(processor, jpegs[:batch]).to("cuda", torch.bfloat16)
     with torch.no_grad():
@@ -167,11 +167,11 @@ def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
 
 
 def measure_captune_training(model, processor, feats, *, images_per_step: int, text_tokens: int) -> dict:
-    from captune.batching import IGNORE
     from captune.config import LoraConfig
-    from captune.features import lm_loss
-    from captune.modeling import attach_lora
-    from captune.packing import PackedBatch, packed_loss
+    from captune.model.lora import attach_lora
+    from captune.ops.batching import IGNORE
+    from captune.ops.lm import lm_loss
+    from captune.ops.packing import PackedBatch, packed_loss
 
     torch.manual_seed(0)
     peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="seed"))
@@ -229,7 +229,7 @@ def measure_captune_captioning(model, processor, feats, batches: tuple[int, ...]
     eval) at each batch size, against HF ``generate`` from the same features at the first
     batch size; also how often the two give the same caption."""
     from captune.config import EvalConfig
-    from captune.generation import caption_features
+    from captune.ops.generation import caption_features
 
     tok = processor.tokenizer
     by_batch = {}
@@ -459,7 +459,7 @@ def run_bench(
         return result
     log("  features ...")
     result.update(measure_features(model, processor, jpegs[:2048], batch=128))
-    from captune.features import image_features
+    from captune.ops.features import image_features
 
     feats = image_features(model, processor, jpegs[:256], batch_size=128)
     result["features_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)

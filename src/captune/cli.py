@@ -53,7 +53,7 @@ def cmd_run(args) -> int:
     run = Run.open(out, cfg, force=args.force, log=_log)
     preflight(cfg)
     from captune.distributed import world
-    from captune.metrics import prewarm
+    from captune.evaluation.metrics import prewarm
 
     if world().is_main:
         prewarm()  # METEOR's JVM loads while the model does
@@ -84,7 +84,7 @@ def cmd_phase(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from captune.metrics import score_captions
+    from captune.evaluation.metrics import score_captions
 
     preds: dict[str, str] = {}
     refs: dict[str, list[str]] = {}
@@ -100,7 +100,7 @@ def cmd_score(args) -> int:
             if "image_id" not in row or not isinstance(row.get("captions"), list):
                 raise UserError(f"{args.references} line {n}: needs 'image_id' and a 'captions' list")
             refs[str(row["image_id"])] = [str(c) for c in row["captions"]]
-    from captune.seed_metrics import seed_compatible
+    from captune.evaluation.seed_metrics import seed_compatible
 
     scores = score_captions(preds, refs, spice=True)
     seed = seed_compatible(preds, refs)
@@ -245,10 +245,10 @@ def cmd_data_inspect(args) -> int:
 def cmd_caption(args) -> int:
     import csv
 
-    from captune.caption_files import collect_paths, read_images
     from captune.config import EvalConfig, ModelConfig
-    from captune.generation import caption_images
-    from captune.modeling import load_model
+    from captune.data.files import collect_paths, read_images
+    from captune.model.load import load_model
+    from captune.ops.generation import caption_images
 
     paths, missing = collect_paths(args.paths)
     images, bad = read_images(paths)

@@ -73,7 +73,7 @@ def model_card(cfg: Config, comparison: dict | None, repo_id: str, base_model: s
         "",
     ]
     if comparison:
-        from captune.compare import markdown_table
+        from captune.evaluation.compare import markdown_table
 
         lines += [
             "## Results",
@@ -166,7 +166,7 @@ def merge(run: Path, cfg: Config, out: Path) -> Path:
     from peft import PeftModel
 
     from captune.atomic import staged_dir
-    from captune.modeling import load_model
+    from captune.model.load import load_model
 
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise UserError(f"{run} has no adapter; train it first ('captune train {run}')")

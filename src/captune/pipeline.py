@@ -124,7 +124,7 @@ class Run:
 
     def features(self, images: list[bytes]):
         """Frozen image features from RUN/features (computed once per model and image set)."""
-        from captune.features import FeatureStore, model_fingerprint
+        from captune.run.feature_cache import FeatureStore, model_fingerprint
 
         loaded = self.base()
         if self._store is None:
@@ -135,7 +135,7 @@ class Run:
 
     def base(self):
         if self._loaded is None:
-            from captune.modeling import load_model
+            from captune.model.load import load_model
 
             gc.collect()  # a model dropped earlier (FSDP shards after training) gives its memory back
             if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
@@ -174,7 +174,7 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
 
 def preflight(cfg: Config) -> None:
     """Cheap checks that fail at once, before any heavy step."""
-    from captune.modeling import BUILTIN_DEMO, resolve_device
+    from captune.model.load import BUILTIN_DEMO, resolve_device
 
     kind, _ = parse_source(cfg.data.source)
     needs_hub = []
@@ -222,9 +222,9 @@ def evaluate(run: Run, model, processor, out_name: str) -> None:
     scoring goes on in a background thread while the GPU trains; ``run.join()``
     waits for it before anything reads its metrics.
     """
-    from captune.features import image_features
-    from captune.generation import caption_features
-    from captune.modeling import adapter_touches_vision
+    from captune.model.lora import adapter_touches_vision
+    from captune.ops.features import image_features
+    from captune.ops.generation import caption_features
 
     examples = _eval_examples(run)
     t0 = time.perf_counter()
@@ -259,8 +259,8 @@ def evaluate(run: Run, model, processor, out_name: str) -> None:
 
 
 def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen_s: float) -> float:
-    from captune.metrics import score_captions
-    from captune.seed_metrics import seed_compatible
+    from captune.evaluation.metrics import score_captions
+    from captune.evaluation.seed_metrics import seed_compatible
 
     t1 = time.perf_counter()
     preds = {e.image_id: c for e, c in zip(examples, captions, strict=True)}
@@ -297,7 +297,7 @@ def phase_baseline(run: Run, force: bool = False) -> None:
 
 
 def _cider_fn():
-    from captune.metrics import score_captions
+    from captune.evaluation.metrics import score_captions
 
     def score(captions: list[str], refs: list[list[str]]) -> float:
         ids = [str(i) for i in range(len(captions))]
@@ -312,7 +312,7 @@ def _cider_fn():
 def phase_train(run: Run, force: bool = False) -> None:
     import torch
 
-    from captune.modeling import attach_lora, count_parameters
+    from captune.model.lora import attach_lora, count_parameters
     from captune.training import train
 
     if force:
@@ -436,7 +436,7 @@ def phase_finetuned(run: Run, force: bool = False) -> None:
 
 
 def phase_compare(run: Run, force: bool = False) -> dict:
-    from captune.compare import compare, markdown_table
+    from captune.evaluation.compare import compare, markdown_table
 
     for side in ("baseline", "finetuned"):
         if not run.done(side):

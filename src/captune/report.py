@@ -14,8 +14,8 @@ import json
 import random
 from pathlib import Path
 
-from captune.compare import markdown_table
 from captune.data.images import load_rgb
+from captune.evaluation.compare import markdown_table
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;

@@ -19,7 +19,7 @@ from pathlib import Path
 from captune.config import EvalConfig, ModelConfig, config_from_dict, load_yaml
 from captune.data.images import check_image
 from captune.errors import UserError
-from captune.modeling import adapter_touches_vision
+from captune.model.lora import adapter_touches_vision
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Captioner:
     """Captions from the base model and, when an adapter is given, the fine-tuned one."""
 
     def __init__(self, model_cfg: ModelConfig, adapter: str | None, defaults: EvalConfig, prompt: str = ""):
-        from captune.modeling import load_model
+        from captune.model.load import load_model
 
         loaded = load_model(model_cfg)
         self.processor = loaded.processor
@@ -77,8 +77,8 @@ class Captioner:
         self, images: list[bytes], *, num_beams: int | None = None, max_new_tokens: int | None = None, prompt=None
     ) -> tuple[list[str], list[str] | None]:
         """(base captions, fine-tuned captions or None) for encoded images."""
-        from captune.features import image_features
-        from captune.generation import caption_features
+        from captune.ops.features import image_features
+        from captune.ops.generation import caption_features
 
         if not images:
             return [], ([] if self.tuned else None)

@@ -22,15 +22,16 @@ from pathlib import Path
 import torch
 
 from captune import sharding, zero
-from captune.batching import encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
 from captune.config import Config
 from captune.data.prepare import Example
 from captune.distributed import all_agree, all_mean, world
-from captune.features import image_features, lm_loss, project_queries, unwrap
-from captune.generation import caption_features
-from captune.modeling import adapter_touches_vision
-from captune.packing import pack_captions, packed_loss
-from captune.packing import supported as packing_supported
+from captune.model.lora import adapter_touches_vision
+from captune.ops.batching import encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
+from captune.ops.features import image_features, project_queries
+from captune.ops.generation import caption_features
+from captune.ops.lm import lm_loss, unwrap
+from captune.ops.packing import pack_captions, packed_loss
+from captune.ops.packing import supported as packing_supported
 from captune.tracking import ProgressBar, Trackers
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from captune.atomic import staged_dir
-from captune.batching import encode_texts, training_text
 from captune.demo import world
+from captune.ops.batching import encode_texts, training_text
 
 DEMO_VERSION = "v1"
 IMAGE_SIZE = 64

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 
 import torch
 
-from captune.batching import generation_prompt, is_encoder_decoder
 from captune.config import EvalConfig
-from captune.fast_decode import GreedyOPT, supported
-from captune.features import embed_with_features, generate_from_features, image_features, unwrap
+from captune.ops.batching import generation_prompt, is_encoder_decoder
+from captune.ops.fast_decode import GreedyOPT, supported
+from captune.ops.features import image_features
+from captune.ops.lm import embed_with_features, generate_from_features, unwrap
 
 
 def use_fast_path(blip, cfg: EvalConfig) -> bool:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from captune.batching import IGNORE, encode_texts, training_text
-from captune.features import unwrap
+from captune.ops.batching import IGNORE, encode_texts, training_text
+from captune.ops.lm import unwrap
 from captune.sharding import is_sharded
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from captune.decode_attention import decode_attention
+from captune.ops.decode_attention import decode_attention
 
 
 def supported(lm) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from captune.metrics import OFFICIAL, corpus_bleu_from_stats
+from captune.evaluation.metrics import OFFICIAL, corpus_bleu_from_stats
 
 EXACT_MEAN = ("CIDEr", "ROUGE-L")
 

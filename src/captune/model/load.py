@@ -1,4 +1,4 @@
-"""Load BLIP-2 checkpoints and processors, pick precision, attach LoRA.
+"""Load BLIP-2 checkpoints and processors and pick their precision.
 
 Models load with ``from_pretrained`` from a local folder or the Hub (safetensors
 only). ``builtin:demo`` resolves to the demo base model folder shipped with the
@@ -13,25 +13,10 @@ from pathlib import Path
 
 import torch
 
-from captune.config import LoraConfig, ModelConfig
+from captune.config import ModelConfig
 from captune.errors import UserError
 
 BUILTIN_DEMO = "builtin:demo"
-
-# LoRA presets per language-model family. The seed's choice (q_proj/k_proj) only
-# matches OPT attention; T5 names its projections q/k/v/o and wi/wo.
-PRESETS = {
-    "opt": {
-        "seed": ["q_proj", "k_proj"],
-        "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
-        "all-linear": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    },
-    "t5": {
-        "seed": ["q", "k"],
-        "attention": ["q", "k", "v", "o"],
-        "all-linear": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
-    },
-}
 
 
 @dataclass
@@ -44,7 +29,7 @@ class Loaded:
 
 
 def demo_model_dir() -> Path:
-    return Path(__file__).parent / "demo" / "base"
+    return Path(__file__).parents[1] / "demo" / "base"
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -104,10 +89,6 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
             f"download it elsewhere ('hf download {name_or_path}') and set "
             "model.name_or_path to that folder"
         ) from None
-
-
-def language_family(model) -> str:
-    return "t5" if getattr(model.config, "use_decoder_only_language_model", True) is False else "opt"
 
 
 def load_model(cfg: ModelConfig, *, device: torch.device | None = None) -> Loaded:
@@ -172,81 +153,3 @@ def quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dty
 
 def is_quantized(model) -> bool:
     return any(getattr(model, a, False) for a in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"))
-
-
-def prepare_kbit_training(model) -> None:
-    """k-bit training preparation for the language model: every base weight frozen; its
-    non-quantized 16-bit parameters (embeddings, layer norms, LM head) in fp32 so the
-    adapter trains on stable activations. The vision side keeps its dtype (it runs once per image)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.language_model.parameters():
-        if p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
-
-
-def target_modules(model, lora: LoraConfig) -> list[str]:
-    if isinstance(lora.target_modules, list):
-        return list(lora.target_modules)
-    return PRESETS[language_family(model)][lora.target_modules]
-
-
-QFORMER_TARGETS = ["query", "key", "value"]
-
-
-def adapter_touches_vision(model) -> bool:
-    """True when a LoRA layer sits outside the language model: image features then change as it trains."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(
-        isinstance(m, BaseTunerLayer) and ".language_model." not in f".{name}." for name, m in model.named_modules()
-    )
-
-
-def attach_lora(model, lora: LoraConfig):
-    """Wrap ``model`` with trainable LoRA adapters: on the language model, or (preset qformer) on the
-    Q-Former's self- and cross-attention query/key/value projections."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    if lora.target_modules == "qformer":
-        if is_quantized(model):
-            prepare_kbit_training(model)
-        pattern = r"^qformer\..*\.attention\.(" + "|".join(QFORMER_TARGETS) + r")$"
-        config = PeftLoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias, target_modules=pattern
-        )
-        return get_peft_model(model, config)
-    names = target_modules(model, lora)
-    lm_prefix = "language_model."
-    leaves = {
-        n.rsplit(".", 1)[-1]
-        for n, m in model.named_modules()
-        if n.startswith(lm_prefix) and isinstance(m, torch.nn.Linear)  # bitsandbytes layers are Linear too
-    }
-    missing = [t for t in names if t not in leaves]
-    present = [t for t in names if t in leaves]
-    if not present or (isinstance(lora.target_modules, list) and missing):
-        raise UserError(
-            f"lora.target_modules {missing or names} match no linear layer of the language model; "
-            f"its linear layers are named: {', '.join(sorted(leaves))}"
-        )
-    if is_quantized(model):
-        prepare_kbit_training(model)
-    # Anchor the names to the language model so the vision tower and Q-Former stay frozen
-    # (their projections must not pick up adapters through a shared name).
-    pattern = r"^language_model\..*\.(" + "|".join(present) + r")$"
-    config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        bias=lora.bias,
-        target_modules=pattern,
-    )
-    return get_peft_model(model, config)
-
-
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total

@@ -1,0 +1,1 @@
+"""The model: loading checkpoints, the LoRA adapters on them, and what each family supports."""

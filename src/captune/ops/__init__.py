@@ -1,0 +1,1 @@
+"""Numerics: text batches and labels, image features, the language-model loss, packing and decoding."""

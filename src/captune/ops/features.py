@@ -1,0 +1,130 @@
+"""Frozen image features: pixels from encoded images, and the ViT + Q-Former + projection.
+
+When nothing upstream of the language model trains (LoRA on the LLM, the seed's
+case), the ViT + Q-Former + projection output of an image never changes. It is
+computed once per image and reused by training, validation and evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from captune.data.images import load_rgb
+from captune.ops.lm import unwrap
+
+
+def pixel_values(processor, images: Sequence[bytes]) -> torch.Tensor:
+    pil = [load_rgb(b) for b in images]
+    return processor.image_processor(pil, return_tensors="pt")["pixel_values"]
+
+
+_GPU_DECODE_FAILED = False
+
+
+def gpu_pixel_values(processor, images: Sequence[bytes], device: torch.device) -> torch.Tensor | None:
+    """Decode JPEGs on the GPU (nvJPEG) and run the processor there; None when not applicable.
+
+    Only for the torchvision backend of the image processor (the PIL backend keeps
+    its own numerics) and only when every image is a JPEG. Pixel values differ from
+    the CPU path by JPEG decoder rounding (a GPU test bounds the feature difference).
+    """
+    global _GPU_DECODE_FAILED
+    if _GPU_DECODE_FAILED or device.type != "cuda" or not images:
+        return None
+    image_processor = processor.image_processor
+    if type(image_processor).__name__.endswith("Pil") or not all(b[:3] == b"\xff\xd8\xff" for b in images):
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in images]
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return image_processor(images=decoded, return_tensors="pt", device=device)["pixel_values"]
+    except Exception:  # no nvJPEG, an odd JPEG, an older processor: use the CPU path from now on
+        _GPU_DECODE_FAILED = True
+        return None
+
+
+def _workers() -> int:
+    return max(1, min(16, (os.cpu_count() or 2)))
+
+
+@torch.no_grad()
+def image_features(
+    model,
+    processor,
+    images: Sequence[bytes],
+    *,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
+    stage: str = "projected",
+) -> torch.Tensor:
+    """Projected Q-Former outputs, shape (N, num_query_tokens, lm_hidden), on ``device``; with
+    ``stage="vision"`` the vision tower's output instead (N, patches + 1, vision_hidden), for
+    when the Q-Former trains and its output cannot be cached.
+
+    JPEG decoding and preprocessing run in a thread pool, a few batches ahead of the
+    GPU, through the model's own image processor. With the model on a GPU each torch
+    CPU op runs single-threaded meanwhile, so the worker threads do not fight over
+    cores (the processor's resize and normalisation are torch ops when torchvision is
+    installed). A process pool is not used: forking after CUDA start-up can hang.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    blip = unwrap(model)
+    device = device or next(blip.parameters()).device
+    dtype = blip.language_projection.weight.dtype
+    vision_dtype = blip.vision_model.embeddings.patch_embedding.weight.dtype
+    workers = _workers()
+    sub = max(1, min(16, batch_size // workers or 1))
+    starts = list(range(0, len(images), batch_size))
+    chunks = []
+    cpu_threads = torch.get_num_threads()
+    if device.type == "cuda":
+        torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+
+            def submit(start):
+                part = list(images[start : start + batch_size])
+                return [pool.submit(pixel_values, processor, part[i : i + sub]) for i in range(0, len(part), sub)]
+
+            first = gpu_pixel_values(processor, images[:batch_size], device) if starts else None
+            on_gpu = first is not None  # decode on the GPU; otherwise prefetch CPU batches in threads
+            ahead = [] if on_gpu else [submit(s) for s in starts[:3]]
+            for n, start in enumerate(starts):
+                if on_gpu:
+                    pv = first if n == 0 else gpu_pixel_values(processor, images[start : start + batch_size], device)
+                    if pv is None:
+                        pv = pixel_values(processor, images[start : start + batch_size])
+                else:
+                    if n + 3 < len(starts):
+                        ahead.append(submit(starts[n + 3]))
+                    pv = torch.cat([f.result() for f in ahead.pop(0)])
+                pv = pv.to(device, vision_dtype, non_blocking=True)
+                if stage == "vision":
+                    chunks.append(blip.vision_model(pixel_values=pv, return_dict=True).last_hidden_state)
+                else:
+                    out = blip.get_image_features(pixel_values=pv, return_dict=True)
+                    chunks.append(out.pooler_output.to(dtype))
+                if progress:
+                    progress(min(start + batch_size, len(images)))
+    finally:
+        torch.set_num_threads(cpu_threads)
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def project_queries(blip, image_embeds: torch.Tensor) -> torch.Tensor:
+    """The Q-Former and projection over vision-tower outputs: what ``get_image_features`` does
+    after the vision tower, so a trainable Q-Former runs each step on cached vision outputs."""
+    mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    queries = blip.query_tokens.expand(image_embeds.size(0), -1, -1)
+    out = blip.qformer(query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=mask)
+    query_output = out[0]
+    if query_output.dtype != image_embeds.dtype:  # the Q-Former is kept in fp32
+        query_output = query_output.to(image_embeds.dtype)
+    return blip.language_projection(query_output)
