@@ -163,7 +163,7 @@ def _checkpoints(root: Path) -> dict:
         entry["optimizer.pt"] = sorted(extra)
         entry["optimizer_state_keys"] = sorted(extra["optimizer"])
         state = json.loads((ck / "state.json").read_text())
-        for row in state.get("history", []):
+        for row in [*state.get("history", []), state.get("best") or {}]:
             for k in TIMING:
                 row.pop(k, None)
         entry["state.json"] = state

@@ -272,8 +272,8 @@ def test_image_without_captions_is_skipped_and_malformed_coco_json(tmp_path):
 def test_training_pair_modes():
     import random
 
+    from captune.data.pairs import training_pairs
     from captune.data.prepare import Example
-    from captune.training import training_pairs
 
     ex = [Example("a", b"", ["a1", "a2", "a3"]), Example("b", b"", ["b1"])]
     assert training_pairs(ex, "all", random.Random(0)) == [(0, "a1"), (0, "a2"), (0, "a3"), (1, "b1")]

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -326,37 +327,40 @@ def test_deepspeed_zero3_run_killed_then_resumed(tmp_path):
 
 
 def test_deepspeed_launch_settings_captune_cannot_honour_are_one_line(monkeypatch):
-    from captune import sharding
+    from captune import launch
     from captune.errors import UserError
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    assert sharding.engine("auto") == "zero3"
+    assert launch.engine("auto") == "zero3"
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu")
     with pytest.raises(UserError, match="offload"):
-        sharding.engine("auto")
+        launch.engine("auto")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
     with pytest.raises(UserError, match="stage 2 or 3"):
-        sharding.engine("auto")
+        launch.engine("auto")
 
 
 def test_engines_refuse_what_they_cannot_train_in_one_line():
     """The qformer preset reads the Q-Former's query tokens directly, which FSDP and ZeRO-3 shard;
     quantized weights train under DDP only; DeepSpeed is not run on fp16 weights (captune's loss
-    scaling is torch's): one line each."""
-    from captune import sharding
+    scaling is torch's): one line each, whose advice the config accepts."""
+    from captune.config import load_config
     from captune.errors import UserError
+    from captune.training import engines
 
     for kind in ("fsdp", "zero3"):
         with pytest.raises(UserError, match=r"use DDP \(train.distributed=ddp\)"):
-            sharding.check_engine(kind, vision_trains=True, dtype=torch.bfloat16)
+            engines.check_engine(kind, vision_trains=True, dtype=torch.bfloat16)
     for kind in ("ddp", "zero2", "single"):
-        sharding.check_engine(kind, vision_trains=True, dtype=torch.bfloat16)
-    with pytest.raises(UserError, match="model.dtype=bfloat16"):
-        sharding.check_engine("zero2", vision_trains=False, dtype=torch.float16)
-    sharding.check_engine("ddp", vision_trains=False, dtype=torch.float16)
+        engines.check_engine(kind, vision_trains=True, dtype=torch.bfloat16)
+    with pytest.raises(UserError, match="model.dtype=bf16") as refused:
+        engines.check_engine("zero2", vision_trains=False, dtype=torch.float16)
+    advice = re.search(r"set (model\.dtype=\S+)", str(refused.value)).group(1)
+    assert load_config("demo", [advice]).model.dtype == "bf16"  # the advice parses (it said bfloat16 once)
+    engines.check_engine("ddp", vision_trains=False, dtype=torch.float16)
     for kind in ("fsdp", "zero2", "zero3"):  # QLoRA's 4-bit weights are not shardable parameters
         with pytest.raises(UserError, match="DDP only"):
-            sharding.check_engine(kind, vision_trains=False, dtype=torch.bfloat16, quantized=True)
-    sharding.check_engine("ddp", vision_trains=False, dtype=torch.bfloat16, quantized=True)
+            engines.check_engine(kind, vision_trains=False, dtype=torch.bfloat16, quantized=True)
+    engines.check_engine("ddp", vision_trains=False, dtype=torch.bfloat16, quantized=True)

@@ -236,7 +236,7 @@ def test_tracker_errors(monkeypatch):
     import importlib.util
 
     from captune.config import load_config
-    from captune.tracking import Trackers
+    from captune.training.progress import Trackers
 
     with pytest.raises(UserError, match="train.trackers: unknown \\['tensorbored'\\]"):
         load_config("demo", ["train.trackers=[tensorbored]"])
@@ -321,7 +321,7 @@ def test_label_counter_equals_the_batch_count(tiny_model_dir):
     from captune.config import ModelConfig, load_config
     from captune.model.load import load_model
     from captune.ops.batching import label_tokens
-    from captune.training import LabelCounter, encode_pairs
+    from captune.training.steps import LabelCounter, encode_pairs
 
     loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
     cfg = load_config("demo")

@@ -186,7 +186,7 @@ class TrainConfig:
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must not be negative")
         _require(self.validate_every >= 0, "train.validate_every", "must not be negative")
         _require(self.log_every >= 1, "train.log_every", "must be 1 or more")
-        from captune.tracking import KNOWN_TRACKERS
+        from captune.training.progress import KNOWN_TRACKERS
 
         unknown = [t for t in self.trackers if t not in KNOWN_TRACKERS]
         _require(not unknown, "train.trackers", f"unknown {unknown}; known: {', '.join(KNOWN_TRACKERS)}")

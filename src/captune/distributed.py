@@ -9,10 +9,10 @@ reports, checkpoints, logs) runs on the main process while the others wait.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+from captune import launch
 from captune.errors import UserError
 
 
@@ -34,20 +34,12 @@ class World:
 _WORLD: World | None = None
 
 
-def launched_size() -> int:
-    """How many processes the launcher says it started (1 outside torchrun / accelerate launch)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
 def world() -> World:
     """This process's place in the launch; forms the process group on first use."""
     global _WORLD
     if _WORLD is not None:
         return _WORLD
-    size = launched_size()
+    size = launch.world_size()
     if size <= 1:
         _WORLD = World()
         return _WORLD
@@ -57,8 +49,7 @@ def world() -> World:
     gpu = torch.cuda.is_available()
     # NCCL bound to this process's GPU from the start (torch otherwise guesses it from the rank, and warns)
     # (DeepSpeed forms its group itself, without that argument)
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-    bound = {} if not gpu or deepspeed else {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))}
+    bound = {} if not gpu or launch.uses_deepspeed() else {"device_id": torch.device("cuda", launch.local_rank())}
     try:
         state = PartialState(cpu=not gpu, timeout=timedelta(minutes=30), **bound)
     except (ValueError, RuntimeError) as exc:

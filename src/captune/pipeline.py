@@ -375,7 +375,7 @@ def train_within_memory(run: Run, model, attempt: Callable):
     out-of-memory error stops the run (the others could not follow a retry)."""
     import torch
 
-    from captune.training import latest_checkpoint
+    from captune.training.checkpoint import latest_checkpoint
 
     cfg = run.cfg
     last = latest_checkpoint(run.path("checkpoints"))

@@ -7,12 +7,12 @@ package; it is then loaded exactly like any other checkpoint.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from captune import launch
 from captune.config import ModelConfig
 from captune.errors import UserError
 
@@ -101,10 +101,7 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None) -> Loade
     quant = quantization_config(cfg, device, dtype)
     # On a GPU the weights go straight from the safetensors files to the device.
     placement = {"device_map": {"": device.index or 0}} if device.type == "cuda" else {}
-    # Under accelerate's FSDP config transformers would load the weights on the first process only
-    # and leave the others empty (for FSDP to broadcast); captune shards from each process's own copy.
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    launch.keep_every_process_loading()
     if quant is not None:
         placement["quantization_config"] = quant
     model = Blip2ForConditionalGeneration.from_pretrained(

@@ -101,3 +101,8 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def trainable_state(model) -> dict:
+    """Copies of the trainable (LoRA) parameters, by name: what a best-adapter snapshot holds."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}

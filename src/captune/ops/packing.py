@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from captune.ops.batching import IGNORE, encode_texts, training_text
 from captune.ops.lm import unwrap
-from captune.sharding import is_sharded
 
 
 @dataclass
@@ -123,7 +122,7 @@ def packed_loss(model, features: torch.Tensor, batch: PackedBatch) -> torch.Tens
     hidden = hidden + F.embedding(positions + getattr(emb, "offset", 2), emb.weight).to(hidden.dtype)
     mask = _attention_mask(q, batch.mask)
     with sdpa_without_cudnn():
-        if is_sharded(dec.layers[0]):  # FSDP units gather their weights in their own forward
+        if _is_sharded(dec.layers[0]):  # FSDP units gather their weights in their own forward
             hidden = _layer_forwards(dec, hidden, mask)
         else:
             hidden = _layers(dec, hidden, mask, lm.config, model.training)
@@ -174,3 +173,10 @@ def _layers(dec, hidden: torch.Tensor, mask: torch.Tensor, config, training: boo
         if not pre_norm:
             hidden = layer.final_layer_norm(hidden)
     return hidden
+
+
+def _is_sharded(layer: torch.nn.Module) -> bool:
+    """True while ``layer``'s weights are FSDP shards (not gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in layer.parameters())

@@ -21,33 +21,10 @@ and FSDP runs write, so a run resumes under any process count and any engine.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
 from captune.errors import UserError
-
-
-def launched_stage() -> int | None:
-    """The ZeRO stage of an ``accelerate launch`` with a DeepSpeed config; None for other launches."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true"):
-        return None
-    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none").lower() not in ("", "none"):
-        raise UserError(
-            "captune builds the DeepSpeed config from the recipe (train.*); set zero_stage in the accelerate "
-            "config (configs/accelerate/deepspeed-zero3.yaml) instead of deepspeed_config_file"
-        )
-    for what in ("OPTIMIZER", "PARAM"):
-        device = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "none").lower()
-        if device not in ("", "none"):
-            raise UserError(
-                f"DeepSpeed offload ({what.lower()} to {device}) is not supported by captune; set "
-                f"offload_{what.lower()}_device: none (ZeRO-3 or FSDP shard a model too large for one GPU)"
-            )
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    if stage not in ("2", "3"):
-        raise UserError(f"captune runs DeepSpeed ZeRO stage 2 or 3, not {stage}; set zero_stage: 2 or 3")
-    return int(stage)
 
 
 def _deepspeed():
@@ -184,3 +161,83 @@ def load_optimizer_state(engine, params: list[torch.Tensor], doc: dict) -> None:
     for i, p in enumerate(params):
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(p, doc["state"][i][key].to(p.device, torch.float32), key)
+
+
+class ZeroEngine:
+    """DeepSpeed ZeRO-2 (optimizer state and gradients partitioned) or ZeRO-3 (weights too): the
+    engine runs the backward, reduces at captune's accumulation boundaries, clips and steps."""
+
+    description = None
+
+    def __init__(self, model, *, train_cfg, size: int, stage: int, log):
+        self.model, self.train_cfg, self.size, self.stage, self.log = model, train_cfg, size, stage, log
+        self.name = f"zero{stage}"
+        self.optimizer = None
+        self.params: list[torch.Tensor] = []
+        self.module = None  # the DeepSpeed engine, once wrapped
+        self.blip = None
+        self._resumed_optimizer: dict | None = None  # loaded into the partitions once they exist
+
+    def prepare(self, module: torch.nn.Module, blip) -> None:
+        self.blip = blip
+
+    def attach(self, optimizer, params: list[torch.Tensor]) -> None:
+        self.optimizer, self.params = optimizer, params
+
+    def wrap(self, module: torch.nn.Module, *, packed: bool):
+        # the packed step reads the position table directly (not through its module's forward)
+        dec = getattr(getattr(self.blip.language_model, "model", None), "decoder", None)
+        external = [dec.embed_positions.weight] if packed and dec is not None else []
+        self.module = wrap(module, self.optimizer, self.train_cfg, self.size, self.stage, external)
+        if self._resumed_optimizer is not None:
+            load_optimizer_state(self.module, self.params, self._resumed_optimizer)
+        self.log(f"  DeepSpeed ZeRO-{self.stage} over {self.size} processes")
+        return self.module
+
+    def accumulating(self, sync: bool) -> contextlib.AbstractContextManager:
+        self.module.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        self.module.step()  # clips (train.max_grad_norm), steps AdamW, clears the gradients
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        return gathered(self.module)
+
+    def snapshot(self) -> dict:
+        from captune.model.lora import trainable_state as snapshot
+
+        return snapshot(self.model)
+
+    def whole(self, state: dict) -> dict:
+        return state
+
+    def trainable_state(self) -> dict:
+        return trainable_state(self.model)
+
+    def load_trainable(self, state: dict) -> None:
+        if self.module is None:  # not partitioned yet
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for k, v in state.items():
+                    params[k].copy_(v.to(params[k].dtype))
+        else:
+            load_trainable_state(self.model, state)
+
+    def optimizer_state(self) -> dict:
+        return whole_optimizer_state(self.module, self.params)
+
+    def load_optimizer_state(self, doc: dict) -> None:
+        self._resumed_optimizer = doc
+
+    def scaler_state(self) -> dict | None:
+        return None
+
+    def load_scaler_state(self, doc: dict | None) -> None:
+        pass
+
+    def adapter_to_save(self) -> dict | None:
+        return trainable_state(self.model) if self.stage == 3 else None

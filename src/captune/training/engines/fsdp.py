@@ -18,42 +18,11 @@ whole language model on each GPU for that time (13.4 GB for OPT-6.7B in bf16).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
 from captune.errors import UserError
-
-
-def engine(choice: str) -> str:
-    """``ddp``, ``fsdp``, ``zero2`` or ``zero3``: the configured one, or with ``auto`` what accelerate's
-    launch config says (FSDP, DeepSpeed and its ZeRO stage), else DDP."""
-    from captune.zero import launched_stage
-
-    stage = launched_stage()
-    if choice != "auto":
-        return choice
-    if stage is not None:
-        return f"zero{stage}"
-    return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else "ddp"
-
-
-def check_engine(kind: str, *, vision_trains: bool, dtype: torch.dtype, quantized: bool = False) -> None:
-    """One line for what an engine cannot train: a trained Q-Former (its query tokens are read
-    directly, which FSDP and ZeRO-3 shard), quantized weights outside DDP, and, under DeepSpeed,
-    fp16 weights."""
-    if quantized and kind in ("fsdp", "zero2", "zero3"):
-        raise UserError(
-            "a quantized model (model.quantization) trains under DDP only in captune; launch with "
-            "configs/accelerate/multi-gpu.yaml or torchrun, or shard the bf16 model with fsdp.yaml"
-        )
-    if vision_trains and kind in ("fsdp", "zero3"):
-        raise UserError(
-            f"{'FSDP' if kind == 'fsdp' else 'ZeRO-3'} shards the model's weights, and lora.target_modules=qformer "
-            "trains the Q-Former, whose query tokens it reads directly; use DDP (train.distributed=ddp) for this preset"
-        )
-    if kind in ("zero2", "zero3") and dtype == torch.float16:
-        raise UserError("captune runs DeepSpeed on bf16 or fp32 models; set model.dtype=bfloat16")
+from captune.training.engines.single import SingleEngine
 
 
 def shard_language_model(root: torch.nn.Module, blip) -> None:
@@ -82,13 +51,6 @@ def units(module: torch.nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
-
-
-def is_sharded(layer: torch.nn.Module) -> bool:
-    """True while ``layer``'s weights are shards (not gathered)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in layer.parameters())
 
 
 @contextlib.contextmanager
@@ -145,3 +107,42 @@ def shard_optimizer_state(optimizer) -> None:
             for k, v in list(st.items()):
                 if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape):
                     st[k] = like(p, v)
+
+
+class FSDPEngine(SingleEngine):
+    """The language model's decoder layers sharded over the processes (FSDP2); LoRA gradients
+    reduce-scattered, i.e. averaged like DDP's; whole tensors gathered for checkpoints."""
+
+    name = "fsdp"
+
+    def __init__(self, model, *, dtype: torch.dtype, max_grad_norm: float, size: int, log):
+        super().__init__(model, dtype=dtype, max_grad_norm=max_grad_norm)
+        self.size, self.log = size, log
+
+    def prepare(self, module: torch.nn.Module, blip) -> None:
+        shard_language_model(module, blip)
+        self.module = module
+        self.log(f"  FSDP: the language model sharded over {self.size} processes")
+
+    def accumulating(self, sync: bool) -> contextlib.AbstractContextManager:
+        set_gradient_sync(self.module, sync)
+        return contextlib.nullcontext()
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        return gathered(self.module)
+
+    def whole(self, state: dict) -> dict:
+        return whole(state)
+
+    def _local(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return like(param, value)
+
+    def optimizer_state(self) -> dict:
+        return whole_optimizer_state(self.optimizer)
+
+    def load_optimizer_state(self, doc: dict) -> None:
+        self.optimizer.load_state_dict(doc)
+        shard_optimizer_state(self.optimizer)
+
+    def adapter_to_save(self) -> dict | None:
+        return self.trainable_state()

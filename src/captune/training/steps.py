@@ -1,0 +1,160 @@
+"""One micro-batch's loss on this process's share: packed or flat, with its token weight.
+
+The micro-batch is global: each process takes its share (``rank_share``), and its loss is
+weighted by its share of the labelled tokens, so DDP's (and FSDP's and ZeRO's) gradient
+average is the mean over every labelled token of the micro-batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from captune.config import Config
+from captune.data.pairs import rank_share
+from captune.distributed import World
+from captune.ops.batching import encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
+from captune.ops.features import project_queries
+from captune.ops.lm import lm_loss, unwrap
+from captune.ops.packing import pack_captions, packed_loss
+
+
+def encode_pairs(tokenizer, blip, captions: list[str], cfg: Config):
+    """Flat (unpacked) batch of captions with masked labels, as the model lays them out."""
+    if is_encoder_decoder(blip):
+        return encode_seq2seq(
+            tokenizer,
+            captions,
+            batch_size=len(captions),
+            num_query_tokens=blip.config.num_query_tokens,
+            image_token_id=blip.config.image_token_index,
+            prompt=cfg.model.prompt,
+            max_text_tokens=cfg.train.max_text_tokens,
+        )
+    return encode_texts(
+        tokenizer,
+        [training_text(c, cfg.model.prompt, tokenizer.eos_token) for c in captions],
+        num_query_tokens=blip.config.num_query_tokens,
+        image_token_id=blip.config.image_token_index,
+        prompt=cfg.model.prompt,
+        max_text_tokens=cfg.train.max_text_tokens,
+    )
+
+
+def flat_loss(model, tokenizer, feats: torch.Tensor, chunk: list[tuple[int, str]], cfg: Config):
+    """Loss of (image index, caption) pairs laid out one pair per row, and its label-token count."""
+    blip = unwrap(model)
+    device = feats.device
+    text = encode_pairs(tokenizer, blip, [c for _, c in chunk], cfg)
+    loss = lm_loss(
+        model,
+        feats[[i for i, _ in chunk]],
+        text.input_ids.to(device),
+        text.attention_mask.to(device),
+        text.labels.to(device),
+    )
+    return loss, label_tokens(text.labels, is_encoder_decoder(blip))
+
+
+class StepLoss(torch.nn.Module):
+    """The model's training loss as a module, so an engine can wrap it (DDP's hooks average the
+    LoRA gradients across processes; FSDP shards it; DeepSpeed makes it an engine). With a trained
+    Q-Former the features are vision-tower outputs and the Q-Former runs inside the step."""
+
+    def __init__(self, model, *, packed: bool, vision_trains: bool):
+        super().__init__()
+        self.model = model
+        self.packed, self.vision_trains = packed, vision_trains
+
+    def forward(self, *args):
+        if self.packed:
+            feats, batch = args
+            if self.vision_trains:
+                feats = project_queries(unwrap(self.model), feats)
+            return packed_loss(self.model, feats, batch)
+        tokenizer, feats, chunk, cfg = args
+        if self.vision_trains:
+            feats = project_queries(unwrap(self.model), feats)
+        return flat_loss(self.model, tokenizer, feats, chunk, cfg)[0]
+
+
+class LabelCounter:
+    """Labelled tokens of (image, caption) pairs, counted on the CPU and remembered per pair, for a
+    process's own share of an unpacked micro-batch (the packed batch counts its own)."""
+
+    def __init__(self, tokenizer, blip, cfg: Config):
+        self.tokenizer, self.blip, self.cfg = tokenizer, blip, cfg
+        self.known: dict = {}
+
+    def __call__(self, items: list) -> int:
+        missing = [it for it in dict.fromkeys(items) if it not in self.known]
+        if missing:
+            text = encode_pairs(self.tokenizer, self.blip, [c for _, c in missing], self.cfg)
+            seq2seq = is_encoder_decoder(self.blip)
+            for j, it in enumerate(missing):
+                self.known[it] = label_tokens(text.labels[j : j + 1], seq2seq)
+        return sum(self.known[it] for it in items)
+
+
+def token_weight(own: int, world: World, device: torch.device):
+    """size x (this process's labelled tokens / the whole micro-batch's): 1.0 when alone.
+
+    The total is summed over the processes by an all-reduce that stays on the device (no
+    wait for the GPU, and no process counts another's share), so DDP's (and FSDP's)
+    gradient average becomes the mean over every labelled token of the micro-batch."""
+    if not world.distributed:
+        return 1.0
+    import torch.distributed as dist
+
+    total = torch.full((1,), float(own), device=device)
+    dist.all_reduce(total)
+    return world.size * own / total.clamp(min=1.0)
+
+
+class Steps:
+    """The forward of one micro-batch (its global list of images or pairs) on this process's share."""
+
+    def __init__(self, model, tokenizer, cfg: Config, world: World, device: torch.device, *, packed: bool,
+                 vision_trains: bool, examples: list, feats: torch.Tensor):  # fmt: skip
+        self.tokenizer, self.cfg, self.world, self.device = tokenizer, cfg, world, device
+        self.packed, self.vision_trains = packed, vision_trains
+        self.examples, self.feats = examples, feats
+        self.counter = LabelCounter(tokenizer, unwrap(model), cfg)
+
+    def forward(self, module: torch.nn.Module, chunk: list) -> tuple[torch.Tensor, object, int]:
+        """(loss of this process's share, its token weight, pairs in the whole micro-batch)."""
+        w = self.world
+        mine = rank_share(chunk, w.rank, w.size) if w.distributed else chunk
+        if self.packed:
+            loss, own = self._packed(module, mine)
+            n_pairs = sum(len(self.examples[i].captions) for i in chunk)
+        else:
+            loss, own = self._flat(module, mine), None  # counted below (the flat encoding is in the loss)
+            n_pairs = len(chunk)
+        weight = 1.0
+        if w.distributed:
+            own = self.counter(mine) if own is None else own
+            if w.rank >= len(chunk):
+                own = 0  # no real share: one item repeated at weight 0
+            weight = token_weight(own, w, self.device)
+        return loss, weight, n_pairs
+
+    def _packed(self, module, mine: list[int]) -> tuple[torch.Tensor, int]:
+        batch = pack_captions(
+            self.tokenizer,
+            [self.examples[i].captions for i in mine],
+            prompt=self.cfg.model.prompt,
+            max_text_tokens=self.cfg.train.max_text_tokens,
+        ).to(self.device)
+        index = torch.tensor(mine)
+        if self.device.type == "cuda":
+            index = index.pin_memory()
+        loss = module(self.feats[index.to(self.device, non_blocking=True)], batch)
+        return loss, int(batch.keep.numel())
+
+    def _flat(self, module, mine: list[tuple[int, str]]) -> torch.Tensor:
+        if self.vision_trains:  # only the images of this share go through the Q-Former
+            imgs = sorted({i for i, _ in mine})
+            local = {i: j for j, i in enumerate(imgs)}
+            share = [(local[i], c) for i, c in mine]
+            return module(self.tokenizer, self.feats[imgs], share, self.cfg)
+        return module(self.tokenizer, self.feats, mine, self.cfg)
