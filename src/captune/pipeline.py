@@ -280,6 +280,7 @@ def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen
         "image_ids": scores.image_ids,
         "per_image": scores.per_image,
         "bleu_stats": scores.bleu_stats,
+        "meteor_stats": scores.meteor_stats,
     }
     with staged_dir(run.path(out_name)) as tmp:
         with (tmp / "predictions.jsonl").open("w") as f:
