@@ -38,3 +38,16 @@ def test_only_changes_whose_interval_excludes_zero_are_coloured():
     assert "class='up'" in cider_row and "&lt; 0.001" in cider_row
     assert "class='up'" not in rouge_row and "class=''" in rouge_row
     assert "60 test images" in page and "class='warn'" in page
+
+
+def test_web_page_lists_every_baseline_metric_before_fine_tuning(tmp_path):
+    import json
+
+    from captune.serve import metrics_markdown
+
+    (tmp_path / "baseline").mkdir()
+    doc = {"BLEU-1": 0.5, "BLEU-4": 0.1, "METEOR": 0.2, "ROUGE-L": 0.4, "CIDEr": 0.9, "CLIPScore": 0.7}
+    (tmp_path / "baseline" / "metrics.json").write_text(json.dumps(doc))
+    text = metrics_markdown(tmp_path)
+    for key in doc:
+        assert f"| {key} |" in text
