@@ -84,15 +84,24 @@ def cmd_phase(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from captune.evaluation.caption_files import read_predictions, read_references
+    from captune.evaluation.caption_files import image_files, read_predictions, read_references
+    from captune.evaluation.clipscore import add_clip_scores
     from captune.evaluation.metrics import score_captions
     from captune.evaluation.seed_metrics import seed_compatible
 
     found = read_predictions(Path(args.predictions))
-    preds, refs = found.predictions, found.references
+    preds, refs, coco_files = found.predictions, found.references, {}
     if args.references:
-        refs, _ = read_references(Path(args.references))
+        refs, coco_files = read_references(Path(args.references))
+    files = None
+    if args.clip_model:
+        files = image_files(found, coco_files, args.images, Path(args.predictions).parent)
     scores = score_captions(preds, refs, spice=True)
+    if files is not None:
+        images = [f.read_bytes() for f in files]
+        note = add_clip_scores(scores, images, list(preds.values()), [refs[i] for i in preds], args.clip_model)
+        if note and not args.json:
+            print(note)
     seed = seed_compatible(preds, refs)
     empty = found.empty_captions
     if args.json:
@@ -388,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("predictions", help="JSONL of {image_id, caption[, references]} or a COCO results JSON array")
     sc.add_argument("--references", help="JSONL of {image_id, captions: [...]} or COCO caption annotations JSON")
     sc.add_argument("--json", action="store_true", help="print one JSON object")
+    sc.add_argument(
+        "--clip-model",
+        help="also CLIPScore/RefCLIPScore with this CLIP (Hub id or folder; auto = ViT-B/32 if on disk)",
+    )
+    sc.add_argument("--images", help="folder of the images (COCO file_name or <image_id>.jpg), for --clip-model")
     sc.set_defaults(func=cmd_score)
 
     cp = sub.add_parser("caption", help="caption image files, folders and globs")

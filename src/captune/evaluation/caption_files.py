@@ -135,3 +135,26 @@ def _coco_references(path: Path, doc: dict) -> tuple[dict[str, list[str]], dict[
         if isinstance(im, dict) and "id" in im and "file_name" in im
     }
     return refs, files
+
+
+def image_files(found: CaptionSet, coco_files: dict[str, str], folder: str | None, base: Path) -> list[Path]:
+    """Each predicted image's file, for CLIPScore: a row's "image", a COCO file_name or <id>.jpg/.png in folder.
+
+    Relative paths are taken from ``folder`` when given, else from ``base`` (the predictions' folder).
+    """
+    root = Path(folder) if folder else base
+    out, missing = [], []
+    for key in found.predictions:
+        named = found.images.get(key) or coco_files.get(key)
+        candidates = [root / named] if named else [root / f"{key}{ext}" for ext in (".jpg", ".jpeg", ".png")]
+        hit = next((c for c in candidates if c.is_file()), None)
+        if hit is None:
+            missing.append(key)
+        else:
+            out.append(hit)
+    if missing:
+        raise UserError(
+            f"CLIPScore needs the images; none found for image id(s) {', '.join(missing[:5])} under {root} "
+            "(give --images DIR, an 'image' path per line, or COCO annotations with file_name)"
+        )
+    return out
