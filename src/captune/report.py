@@ -145,7 +145,7 @@ def metrics_table_html(comparison: dict) -> str:
         )
     warnings = "".join(f"<p class='warn'>{esc(w)}</p>" for w in comparison.get("warnings", []))
     return (
-        "<table id='metrics'><thead><tr><th>metric</th><th>baseline</th><th>fine-tuned</th><th>change</th>"
+        '<table id="metrics"><thead><tr><th>metric</th><th>baseline</th><th>fine-tuned</th><th>change</th>'
         f"<th>change %</th><th>95% CI of change</th><th>p</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
         f"<p class='sub'>95% CI: {esc(interval_note(comparison))} A change is coloured only when its "
         f"interval excludes 0.</p>{warnings}"
