@@ -179,3 +179,31 @@ def test_seed_compatible_block(caption_set):
     assert "WordNet" in doc["unavailable"]["METEOR"]
     # one reference scores no higher on BLEU-1 than all references (official scorer)
     assert doc["metrics"]["BLEU-1"] <= score_captions(preds, refs, metrics=("BLEU-1",)).corpus["BLEU-1"] + 0.05
+
+
+# ------------------------------------------------------------------ METEOR statistics
+
+
+def test_corpus_meteor_of_each_resample_equals_the_jars_eval(caption_set):
+    """Our aggregation of METEOR statistics equals the jar's own EVAL, on the full set and on resamples."""
+    import numpy as np
+
+    from captune.evaluation.metrics import _meteor_server, corpus_meteor_from_stats, meteor_summable
+
+    preds, refs = caption_set
+    s = score_captions(preds, refs, metrics=("METEOR",))
+    stats = s.meteor_stats
+    assert len(stats) == len(preds) and all(len(row) == 23 for row in stats)
+    summable = meteor_summable(stats)
+    assert float(corpus_meteor_from_stats(summable.sum(axis=0))) == pytest.approx(s.corpus["METEOR"], abs=1e-12)
+    each = corpus_meteor_from_stats(np.asarray(stats))
+    assert np.allclose(each, s.per_image["METEOR"], rtol=0, atol=1e-12)
+    # some captions equal a reference, so the perfect-match rule for chunks is exercised
+    assert (summable[:, 20] != np.asarray(stats)[:, 20]).any()
+    rng = np.random.default_rng(0)
+    server = _meteor_server()
+    for _ in range(8):
+        idx = rng.integers(0, len(stats), size=len(stats))
+        _, jar = server.evaluate([stats[i] for i in idx])
+        ours = float(corpus_meteor_from_stats(summable[idx].sum(axis=0)))
+        assert ours == pytest.approx(jar, abs=1e-12)

@@ -43,6 +43,11 @@ def test_metrics_and_comparison(demo_run):
     for r in comp["rows"]:
         assert r["change"] == pytest.approx(r["finetuned"] - r["baseline"])
         assert 0 < r["p_value"] <= 1 and len(r["change_ci"]) == 2
+        # every interval is of the number beside it (METEOR included) and contains it
+        assert r["interval_of"] == "corpus score", r["metric"]
+        assert r["baseline_ci"][0] <= r["baseline"] <= r["baseline_ci"][1], r["metric"]
+        assert r["finetuned_ci"][0] <= r["finetuned"] <= r["finetuned_ci"][1], r["metric"]
+        assert r["change_ci"][0] <= r["change"] <= r["change_ci"][1], r["metric"]
 
 
 def test_training_log_and_adapter_loads(demo_run):

@@ -84,66 +84,50 @@ def cmd_phase(args) -> int:
 
 
 def cmd_score(args) -> int:
+    from captune.evaluation.caption_files import image_files, read_predictions, read_references
+    from captune.evaluation.clipscore import add_clip_scores
     from captune.evaluation.metrics import score_captions
-
-    preds: dict[str, str] = {}
-    refs: dict[str, list[str]] = {}
-    for n, row in _jsonl(Path(args.predictions)):
-        if "image_id" not in row or "caption" not in row:
-            raise UserError(f"{args.predictions} line {n}: needs 'image_id' and 'caption'")
-        preds[str(row["image_id"])] = str(row["caption"])
-        if row.get("references"):
-            refs[str(row["image_id"])] = [str(r) for r in row["references"]]
-    if args.references:
-        refs = {}
-        for n, row in _jsonl(Path(args.references)):
-            if "image_id" not in row or not isinstance(row.get("captions"), list):
-                raise UserError(f"{args.references} line {n}: needs 'image_id' and a 'captions' list")
-            refs[str(row["image_id"])] = [str(c) for c in row["captions"]]
     from captune.evaluation.seed_metrics import seed_compatible
 
+    found = read_predictions(Path(args.predictions))
+    preds, refs, coco_files = found.predictions, found.references, {}
+    if args.references:
+        refs, coco_files = read_references(Path(args.references))
+    files = None
+    if args.clip_model:
+        files = image_files(found, coco_files, args.images, Path(args.predictions).parent)
     scores = score_captions(preds, refs, spice=True)
+    if files is not None:
+        images = [f.read_bytes() for f in files]
+        note = add_clip_scores(scores, images, list(preds.values()), [refs[i] for i in preds], args.clip_model)
+        if note and not args.json:
+            print(note)
     seed = seed_compatible(preds, refs)
+    empty = found.empty_captions
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "metrics": scores.corpus,
-                    "images": len(preds),
-                    "unavailable": scores.unavailable,
-                    "seed_compatible": seed,
-                }
-            )
-        )
-    else:
-        print(f"{len(preds)} images, {sum(len(refs[i]) for i in preds)} references (official COCO scorer)")
-        for k, v in scores.corpus.items():
-            print(f"{k:8s} {v:.4f}")
-        for k, why in scores.unavailable.items():
-            print(f"{k:8s} unavailable: {why}")
-        print("seed-comparable (first reference only):")
-        for k, v in seed["metrics"].items():
-            print(f"{k:8s} {v:.4f}")
-        for k, why in seed["unavailable"].items():
-            print(f"{k:8s} unavailable: {why}")
+        doc = {
+            "metrics": scores.corpus,
+            "images": len(preds),
+            "empty_captions": len(empty),
+            "unavailable": scores.unavailable,
+            "seed_compatible": seed,
+        }
+        print(json.dumps(doc))
+        return 0
+    print(f"{len(preds)} images, {sum(len(refs[i]) for i in preds)} references (official COCO scorer)")
+    if empty:
+        shown = ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else "")
+        print(f"{len(empty)} empty caption(s), scored as empty: {shown}")
+    for k, v in scores.corpus.items():
+        print(f"{k:8s} {v:.4f}")
+    for k, why in scores.unavailable.items():
+        print(f"{k:8s} unavailable: {why}")
+    print("seed-comparable (first reference only):")
+    for k, v in seed["metrics"].items():
+        print(f"{k:8s} {v:.4f}")
+    for k, why in seed["unavailable"].items():
+        print(f"{k:8s} unavailable: {why}")
     return 0
-
-
-def _jsonl(path: Path):
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {n}: malformed JSON ({exc.msg})") from None
-        except RecursionError:
-            raise UserError(f"{path} line {n}: JSON nested too deeply") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path} line {n}: expected a JSON object")
-        yield n, row
 
 
 def data_parser() -> argparse.ArgumentParser:
@@ -409,10 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--force", action="store_true", help="redo the phase even if complete")
         s.set_defaults(func=cmd_phase)
 
-    sc = sub.add_parser("score", help="official COCO metrics of a predictions JSONL file")
-    sc.add_argument("predictions", help="JSONL of {image_id, caption[, references]}")
-    sc.add_argument("--references", help="JSONL of {image_id, captions: [...]}")
+    sc = sub.add_parser("score", help="official COCO metrics of a caption file")
+    sc.add_argument("predictions", help="JSONL of {image_id, caption[, references]} or a COCO results JSON array")
+    sc.add_argument("--references", help="JSONL of {image_id, captions: [...]} or COCO caption annotations JSON")
     sc.add_argument("--json", action="store_true", help="print one JSON object")
+    sc.add_argument(
+        "--clip-model",
+        help="also CLIPScore/RefCLIPScore with this CLIP (Hub id or folder; auto = ViT-B/32 if on disk)",
+    )
+    sc.add_argument("--images", help="folder of the images (COCO file_name or <image_id>.jpg), for --clip-model")
     sc.set_defaults(func=cmd_score)
 
     cp = sub.add_parser("caption", help="caption image files, folders and globs")

@@ -223,6 +223,8 @@ class EvalConfig:
     """Bootstrap resamples for intervals and paired tests (0 = off)."""
     seed: int = 0
     """Seed for the bootstrap."""
+    clip_model: str = "auto"
+    """CLIP for CLIPScore (Hub id or folder); auto = openai/clip-vit-base-patch32 if on disk; none: off."""
 
     def check(self) -> None:
         _require(self.batch_size >= 1, "eval.batch_size", "must be 1 or more")

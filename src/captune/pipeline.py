@@ -259,6 +259,7 @@ def evaluate(run: Run, model, processor, out_name: str) -> None:
 
 
 def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen_s: float) -> float:
+    from captune.evaluation.clipscore import add_clip_scores
     from captune.evaluation.metrics import score_captions
     from captune.evaluation.seed_metrics import seed_compatible
 
@@ -266,6 +267,11 @@ def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen
     preds = {e.image_id: c for e, c in zip(examples, captions, strict=True)}
     refs = {e.image_id: e.captions for e in examples}
     scores = score_captions(preds, refs, spice=True)
+    clip_note = add_clip_scores(
+        scores, [e.image for e in examples], captions, [refs[i] for i in preds], run.cfg.eval.clip_model
+    )
+    if clip_note:
+        run.log(f"  {out_name}: {clip_note}")
     seed = seed_compatible(preds, refs)
     score_s = time.perf_counter() - t1
     # The official metrics are top-level keys (the run-folder contract); the rest describes them.
@@ -280,6 +286,7 @@ def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen
         "image_ids": scores.image_ids,
         "per_image": scores.per_image,
         "bleu_stats": scores.bleu_stats,
+        "meteor_stats": scores.meteor_stats,
     }
     with staged_dir(run.path(out_name)) as tmp:
         with (tmp / "predictions.jsonl").open("w") as f:

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 
 from captune.data.images import load_rgb
-from captune.evaluation.compare import markdown_table
+from captune.evaluation.compare import format_p, interval_note, is_clear_change, markdown_table
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
@@ -24,6 +24,7 @@ h1{margin-bottom:.2rem} .sub{color:#5b6573;margin-top:0}
 table{border-collapse:collapse;margin:1rem 0} th,td{padding:.35rem .7rem;border-bottom:1px solid #dde2e8;
 text-align:right} th:first-child,td:first-child{text-align:left}
 .up{color:#17803d;font-weight:600} .down{color:#b42318;font-weight:600}
+.warn{color:#b54708;font-weight:600}
 .plots{display:flex;flex-wrap:wrap;gap:1.5rem} figure{margin:0} figcaption{color:#5b6573;font-size:.9rem}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:1rem}
 .card{border:1px solid #dde2e8;border-radius:8px;padding:.7rem;background:#fafbfc}
@@ -128,6 +129,29 @@ def thumbnail_uri(data: bytes, size: int = 256) -> str:
     return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def metrics_table_html(comparison: dict) -> str:
+    """The before/after table: a change is coloured as a gain or loss only when its 95% interval excludes 0."""
+    esc = html.escape
+    rows = []
+    for r in comparison["rows"]:
+        cls = ("up" if r["change"] > 0 else "down") if is_clear_change(r) else ""
+        ci = r.get("change_ci")
+        pct = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.1f}%"
+        rows.append(
+            f"<tr><td>{esc(r['metric'])}</td><td>{r['baseline']:.4f}</td><td>{r['finetuned']:.4f}</td>"
+            f"<td class='{cls}'>{r['change']:+.4f}</td><td class='{cls}'>{pct}</td>"
+            f"<td>{'n/a' if not ci else f'[{ci[0]:+.4f}, {ci[1]:+.4f}]'}</td>"
+            f"<td>{esc(format_p(r))}</td></tr>"
+        )
+    warnings = "".join(f"<p class='warn'>{esc(w)}</p>" for w in comparison.get("warnings", []))
+    return (
+        '<table id="metrics"><thead><tr><th>metric</th><th>baseline</th><th>fine-tuned</th><th>change</th>'
+        f"<th>change %</th><th>95% CI of change</th><th>p</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<p class='sub'>95% CI: {esc(interval_note(comparison))} A change is coloured only when its "
+        f"interval excludes 0.</p>{warnings}"
+    )
+
+
 def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
     """(html, markdown) for the run folder ``run``."""
     comparison = json.loads((run / "comparison.json").read_text())
@@ -169,17 +193,6 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
     cider_t = dict(zip(ids, tuned_m["per_image"]["CIDEr"], strict=False))
 
     esc = html.escape
-    rows_html = []
-    for r in comparison["rows"]:
-        cls = "up" if r["change"] > 0 else "down" if r["change"] < 0 else ""
-        ci = r.get("change_ci")
-        pct = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.1f}%"
-        rows_html.append(
-            f"<tr><td>{esc(r['metric'])}</td><td>{r['baseline']:.4f}</td><td>{r['finetuned']:.4f}</td>"
-            f"<td class='{cls}'>{r['change']:+.4f}</td><td class='{cls}'>{pct}</td>"
-            f"<td>{'n/a' if not ci else f'[{ci[0]:+.4f}, {ci[1]:+.4f}]'}</td>"
-            f"<td>{'n/a' if r.get('p_value') is None else format(r['p_value'], '.3g')}</td></tr>"
-        )
     cards = []
     for image_id, why in picks:
         refs = "".join(f"<li>{esc(c)}</li>" for c in base_p[image_id]["references"])
@@ -211,9 +224,7 @@ train {counts["train"]} / validation {counts["validation"]} / test {counts["test
 <dt>scored on</dt><dd>{comparison["images"]} {esc(cfg.eval.split)} images, all references,
 official COCO scorer (PTB tokenization, CIDEr-D)</dd></dl>
 <h2>Before and after</h2>
-<table id="metrics"><thead><tr><th>metric</th><th>baseline</th><th>fine-tuned</th><th>change</th>
-<th>change %</th><th>95% CI of change</th><th>p</th></tr></thead><tbody>{"".join(rows_html)}</tbody></table>
-<p class="sub">Intervals: {comparison["bootstrap_samples"]} paired bootstrap resamples of the test images.</p>
+{metrics_table_html(comparison)}
 <h2>Training</h2><div class="plots">{"".join(f"<figure>{p}</figure>" for p in plots if p)}</div>
 <h2>Examples</h2><div class="gallery" id="gallery">{"".join(cards)}</div>
 <h2>Timings</h2><table id="timings"><tbody>{timing_rows}</tbody></table>

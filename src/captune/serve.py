@@ -200,7 +200,10 @@ def metrics_markdown(run: Path) -> str:
     base = run / "baseline" / "metrics.json"
     if base.is_file():
         doc = json.loads(base.read_text())
-        keys = [k for k in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr") if k in doc]
+        from captune.evaluation.compare import EXTRA
+        from captune.evaluation.metrics import OFFICIAL
+
+        keys = [k for k in OFFICIAL + EXTRA if isinstance(doc.get(k), (int, float))]
         lines = ["| metric | baseline |", "| --- | ---: |"] + [f"| {k} | {doc[k]:.4f} |" for k in keys]
         return "\n".join(lines) + "\n\nNot fine-tuned yet."
     return "This run has no metrics yet."

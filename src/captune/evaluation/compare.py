@@ -1,19 +1,64 @@
 """Baseline vs fine-tuned: the seed-style table plus bootstrap intervals and paired tests.
 
-Intervals resample images (with replacement) and recompute each metric on the
-resample. BLEU is recomputed exactly from per-image n-gram statistics; CIDEr-D and
-ROUGE-L are means of per-image scores, so their intervals are exact too. METEOR 1.5
-aggregates alignment statistics inside Java, so its interval describes the mean of
-per-image METEOR and is labelled as such.
+Intervals resample images (with replacement) and recompute each metric on the resample
+exactly as the number beside it is computed, so every interval is of that number:
+
+* BLEU-n: corpus BLEU from the resample's summed n-gram statistics;
+* METEOR: corpus METEOR 1.5 from the resample's summed alignment statistics, with the
+  jar's own aggregation (``corpus_meteor_from_stats``; a test holds it against the jar);
+* CIDEr-D, ROUGE-L, SPICE, CLIPScore, RefCLIPScore: their corpus score is the mean of
+  per-image scores, so the resample's mean is its corpus score (CIDEr-D's IDF stays that of
+  the full test set, as the point estimate's does).
+
+Run folders scored before METEOR statistics were kept fall back to the per-image mean of
+METEOR and say so (``interval_of``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from captune.evaluation.metrics import OFFICIAL, corpus_bleu_from_stats
+from captune.evaluation.metrics import (
+    OFFICIAL,
+    corpus_bleu_from_stats,
+    corpus_meteor_from_stats,
+    meteor_summable,
+)
 
-EXACT_MEAN = ("CIDEr", "ROUGE-L")
+EXTRA = ("SPICE", "CLIPScore", "RefCLIPScore")
+# Below this many test images the intervals are too wide (and too unstable) to mean much.
+SMALL_SPLIT = 100
+
+
+def _resample_counts(n: int, samples: int, seed: int) -> np.ndarray:
+    """How often each image is drawn in each resample, shape (samples, n).
+
+    Sums over a resample are then one matrix product (no samples x n x stats array).
+    """
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(samples, n))
+    flat = (np.arange(samples)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=samples * n).reshape(samples, n).astype(np.float64)
+
+
+def _exact_corpus(counts: np.ndarray, base_bleu, tuned_bleu, base_meteor, tuned_meteor) -> dict:
+    """metric -> (baseline per resample, fine-tuned per resample, baseline point, fine-tuned point)."""
+    out: dict[str, tuple] = {}
+    if base_bleu and tuned_bleu:
+        sb, st = np.asarray(base_bleu, dtype=np.float64), np.asarray(tuned_bleu, dtype=np.float64)
+        rb, rt = corpus_bleu_from_stats(counts @ sb), corpus_bleu_from_stats(counts @ st)
+        fb, ft = corpus_bleu_from_stats(sb.sum(axis=0)), corpus_bleu_from_stats(st.sum(axis=0))
+        for k in range(4):
+            out[f"BLEU-{k + 1}"] = (rb[k], rt[k], float(fb[k]), float(ft[k]))
+    if base_meteor and tuned_meteor:
+        mb, mt = meteor_summable(base_meteor), meteor_summable(tuned_meteor)
+        out["METEOR"] = (
+            corpus_meteor_from_stats(counts @ mb),
+            corpus_meteor_from_stats(counts @ mt),
+            float(corpus_meteor_from_stats(mb.sum(axis=0))),
+            float(corpus_meteor_from_stats(mt.sum(axis=0))),
+        )
+    return out
 
 
 def bootstrap(
@@ -24,48 +69,74 @@ def bootstrap(
     seed: int,
     base_bleu: list | None = None,
     tuned_bleu: list | None = None,
+    base_meteor: list | None = None,
+    tuned_meteor: list | None = None,
 ) -> dict[str, dict]:
     """Percentile 95% intervals for each side and the change, and a paired p-value.
 
-    With per-image BLEU statistics, BLEU is recomputed exactly on each resample.
+    With per-image BLEU and METEOR statistics those metrics are recomputed as corpus scores on
+    each resample; the others are means of per-image scores, which is their corpus score.
     """
     out: dict[str, dict] = {}
-    if samples <= 0:
+    if samples <= 0 or not base:
         return out
-    rng = np.random.default_rng(seed)
     n = len(next(iter(base.values())))
-    idx = rng.integers(0, n, size=(samples, n))
-    exact_bleu = {}
-    if base_bleu and tuned_bleu:
-        sb, st = np.asarray(base_bleu, dtype=np.float64), np.asarray(tuned_bleu, dtype=np.float64)
-        rb, rt = corpus_bleu_from_stats(sb[idx].sum(axis=1)), corpus_bleu_from_stats(st[idx].sum(axis=1))
-        fb, ft = corpus_bleu_from_stats(sb.sum(axis=0)), corpus_bleu_from_stats(st.sum(axis=0))
-        for k in range(4):
-            exact_bleu[f"BLEU-{k + 1}"] = (rb[k], rt[k], float(ft[k] - fb[k]))
+    counts = _resample_counts(n, samples, seed)
+    exact = _exact_corpus(counts, base_bleu, tuned_bleu, base_meteor, tuned_meteor)
     for metric in base:
         if metric not in tuned:
             continue
-        b, t = np.asarray(base[metric]), np.asarray(tuned[metric])
-        if metric in exact_bleu:
-            mb, mt, observed = exact_bleu[metric]
+        if metric in exact:
+            mb, mt, pb, pt = exact[metric]
+            interval_of = "corpus score"
         else:
-            mb, mt = b[idx].mean(axis=1), t[idx].mean(axis=1)
-            observed = float(t.mean() - b.mean())
+            b, t = np.asarray(base[metric], dtype=np.float64), np.asarray(tuned[metric], dtype=np.float64)
+            mb, mt, pb, pt = counts @ b / n, counts @ t / n, float(b.mean()), float(t.mean())
+            interval_of = "per-image mean" if metric == "METEOR" else "corpus score"
         d = mt - mb
+        observed = pt - pb
         # Two-sided paired bootstrap p-value: how often the resampled change
         # falls on the other side of zero from the observed one.
         if observed == 0:
             p = 1.0
         else:
-            p = float(min(1.0, 2 * np.mean(d <= 0 if observed > 0 else d >= 0)))
+            p = max(float(min(1.0, 2 * np.mean(d <= 0 if observed > 0 else d >= 0))), 1.0 / samples)
         out[metric] = {
             "baseline_ci": [float(np.percentile(mb, 2.5)), float(np.percentile(mb, 97.5))],
             "finetuned_ci": [float(np.percentile(mt, 2.5)), float(np.percentile(mt, 97.5))],
             "change_ci": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))],
-            "p_value": max(p, 1.0 / samples) if observed != 0 else 1.0,
-            "interval_of": "corpus score" if metric in EXACT_MEAN or metric in exact_bleu else "per-image mean",
+            "p_value": p,
+            # At the floor no resample crossed zero: p is below 1/resamples, not equal to it.
+            "p_at_floor": observed != 0 and p <= 1.0 / samples,
+            "interval_of": interval_of,
         }
     return out
+
+
+def format_p(row: dict) -> str:
+    """The p-value as printed: ``< 0.001`` at the bootstrap floor (1,000 resamples), else 3 digits."""
+    p = row.get("p_value")
+    if p is None:
+        return "n/a"
+    if row.get("p_at_floor"):
+        return f"< {p:.3g}"
+    return f"{p:.3g}"
+
+
+def is_clear_change(row: dict) -> bool:
+    """Whether the change's 95% interval excludes zero (only such changes are shown as gains or losses)."""
+    ci = row.get("change_ci")
+    return bool(ci) and (ci[0] > 0 or ci[1] < 0)
+
+
+def small_split_warning(images: int) -> str | None:
+    """A one-line warning when the test split is too small for the intervals to mean much."""
+    if 0 < images < SMALL_SPLIT:
+        return (
+            f"warning: only {images} test images (under {SMALL_SPLIT}); the intervals and p-values are "
+            "rough, score on a larger split before trusting a change"
+        )
+    return None
 
 
 def compare(baseline: dict, finetuned: dict, *, samples: int = 1000, seed: int = 0) -> dict:
@@ -83,12 +154,14 @@ def compare(baseline: dict, finetuned: dict, *, samples: int = 1000, seed: int =
             seed=seed,
             base_bleu=baseline.get("bleu_stats"),
             tuned_bleu=finetuned.get("bleu_stats"),
+            base_meteor=baseline.get("meteor_stats"),
+            tuned_meteor=finetuned.get("meteor_stats"),
         )
         if pb and pf
         else {}
     )
     rows = []
-    for metric in OFFICIAL + ("SPICE",):
+    for metric in OFFICIAL + EXTRA:
         if metric not in baseline or metric not in finetuned:
             continue
         b, f = baseline[metric], finetuned[metric]
@@ -115,8 +188,11 @@ def compare(baseline: dict, finetuned: dict, *, samples: int = 1000, seed: int =
                     "change_pct": (f - b) / b * 100 if abs(b) > 1e-6 else None,
                 }
             )
+    images = len(baseline.get("image_ids", []))
+    warning = small_split_warning(images)
     return {
-        "images": len(baseline.get("image_ids", [])),
+        "images": images,
+        "warnings": [warning] if warning else [],
         "bootstrap_samples": samples,
         "rows": rows,
         "seed_compatible": {
@@ -131,6 +207,18 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def interval_note(comparison: dict) -> str:
+    """What the intervals are of, in one sentence (under every printed table)."""
+    approx = [r["metric"] for r in comparison["rows"] if r.get("interval_of") == "per-image mean"]
+    note = (
+        f"{comparison.get('bootstrap_samples', 0)} paired bootstrap resamples of the test images, each metric "
+        "recomputed on each resample exactly as its corpus score is"
+    )
+    if approx:
+        note += f" (except {', '.join(approx)}: mean of per-image scores, scored before statistics were kept)"
+    return note + "."
+
+
 def markdown_table(comparison: dict) -> str:
     lines = [
         "| metric | baseline | fine-tuned | change | change % | 95% CI of change | p |",
@@ -140,11 +228,13 @@ def markdown_table(comparison: dict) -> str:
         ci = r.get("change_ci")
         ci_s = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "n/a"
         pct = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.2f}%"
-        p = r.get("p_value")
         lines.append(
             f"| {r['metric']} | {_fmt(r['baseline'])} | {_fmt(r['finetuned'])} | "
-            f"{r['change']:+.4f} | {pct} | {ci_s} | {'n/a' if p is None else f'{p:.3g}'} |"
+            f"{r['change']:+.4f} | {pct} | {ci_s} | {format_p(r)} |"
         )
+    lines += ["", f"95% CI: {interval_note(comparison)}"]
+    for warning in comparison.get("warnings", []):
+        lines += ["", f"**{warning}**"]
     seed = comparison.get("seed_compatible") or {}
     if seed.get("rows"):
         lines += [

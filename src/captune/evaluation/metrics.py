@@ -22,8 +22,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captune.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 OFFICIAL = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -36,6 +40,8 @@ class Scores:
     unavailable: dict[str, str] = field(default_factory=dict)
     # Per-image BLEU sufficient statistics: testlen, closest reflen, guess 1-4, correct 1-4.
     bleu_stats: list[list[float]] = field(default_factory=list)
+    # Per-image METEOR 1.5 statistics, the 23 numbers of the jar's SCORE answer (best reference).
+    meteor_stats: list[list[float]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ java
@@ -166,6 +172,7 @@ def score_captions(
     corpus: dict[str, float] = {}
     per_image: dict[str, list[float]] = {}
     bleu_stats: list[list[float]] = []
+    meteor_stats: list[list[float]] = []
     # METEOR runs in Java: start it first and let the Python scorers run meanwhile.
     pool = ThreadPoolExecutor(max_workers=1)
     meteor_job = pool.submit(_meteor, gts, res) if "METEOR" in metrics else None
@@ -184,7 +191,7 @@ def score_captions(
         per_image["CIDEr"] = [float(x) for x in c_each]
     if meteor_job is not None:
         try:
-            m, m_each = meteor_job.result()
+            m, m_each, meteor_stats = meteor_job.result()
         finally:
             pool.shutdown()
         corpus["METEOR"] = float(m)
@@ -201,7 +208,7 @@ def score_captions(
             per_image["SPICE"] = [float(x["All"]["f"]) for x in s_each]
         else:
             unavailable["SPICE"] = why
-    return Scores(corpus, per_image, ids, unavailable, bleu_stats)
+    return Scores(corpus, per_image, ids, unavailable, bleu_stats, meteor_stats)
 
 
 def _bleu(gts: dict, res: dict) -> tuple[list[float], list[list[float]], list[list[float]]]:
@@ -258,7 +265,8 @@ class _MeteorServer:
         )
         self.lock = threading.Lock()
 
-    def score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
+    def score(self, gts: dict, res: dict) -> tuple[float, list[float], list[list[float]]]:
+        """Corpus METEOR, per-image METEOR and per-image statistics (pycocoevalcap's protocol)."""
         ids = list(gts)
         lines = []
         for i in ids:
@@ -271,11 +279,20 @@ class _MeteorServer:
             writer.start()
             stats = [_read_line(proc) for _ in ids]
             writer.join()
-            proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
-            proc.stdin.flush()
-            scores = [float(_read_line(proc)) for _ in ids]
-            score = float(_read_line(proc))
-        return score, scores
+            scores, score = self._eval(stats)
+        return score, scores, [[float(x) for x in line.split()] for line in stats]
+
+    def evaluate(self, stats: list[list[float]]) -> tuple[list[float], float]:
+        """The jar's own EVAL of any list of per-segment statistics: per-segment and corpus score."""
+        with self.lock:
+            return self._eval([" ".join(repr(float(x)) for x in row) for row in stats])
+
+    def _eval(self, stats: list[str]) -> tuple[list[float], float]:
+        proc = self.proc
+        proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+        proc.stdin.flush()
+        scores = [float(_read_line(proc)) for _ in stats]
+        return scores, float(_read_line(proc))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -310,7 +327,7 @@ def prewarm() -> None:
     threading.Thread(target=start, daemon=True).start()
 
 
-def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
+def _meteor(gts: dict, res: dict) -> tuple[float, list[float], list[list[float]]]:
     """METEOR 1.5 through pycocoevalcap's jar and protocol, pipelined.
 
     pycocoevalcap's ``Meteor`` sends one SCORE line and waits for its answer before
@@ -331,3 +348,65 @@ def _read_line(proc: subprocess.Popen) -> str:
     if not line:
         raise UserError("METEOR (Java) stopped unexpectedly; check that java works ('java -version')")
     return line.decode().strip()
+
+
+# METEOR 1.5's English parameters as pycocoevalcap runs it ("-l en -norm", the default task):
+# alpha, beta, gamma, delta, and the weights of the exact, stem, synonym and paraphrase modules.
+_METEOR_PARAMS = (0.85, 0.2, 0.6, 0.75)
+_METEOR_WEIGHTS = (1.0, 0.6, 0.8, 0.6)
+METEOR_STATS_LEN = 23
+
+
+def meteor_summable(stats) -> np.ndarray:
+    """Per-segment METEOR statistics made ready to sum, as the jar's ``MeteorStats.addStats`` sums them.
+
+    Layout (the jar's ``toString``): test length, reference length, test and reference function
+    words, then per module test/reference content and test/reference function matches, then
+    chunks and test/reference word matches. ``addStats`` leaves out the chunks of a segment that
+    matches its reference perfectly in one chunk; here they are zeroed so a plain sum agrees.
+    """
+    import numpy as np
+
+    s = np.array(stats, dtype=np.float64).reshape(-1, METEOR_STATS_LEN)
+    m = s[:, 4:20].reshape(-1, 4, 4)
+    test_total = m[:, :, 0].sum(axis=1) + m[:, :, 2].sum(axis=1)
+    ref_total = m[:, :, 1].sum(axis=1) + m[:, :, 3].sum(axis=1)
+    perfect = (test_total == s[:, 0]) & (ref_total == s[:, 1]) & (s[:, 20] == 1)
+    s[perfect, 20] = 0.0
+    return s
+
+
+def corpus_meteor_from_stats(sums) -> np.ndarray:
+    """METEOR 1.5 of summed statistics (any leading shape), with the jar's ``computeMetrics`` arithmetic.
+
+    Same operations in the same order as the Java code, so the result equals the jar's EVAL
+    to the last bit (a test compares them on bootstrap resamples).
+    """
+    import numpy as np
+
+    alpha, beta, gamma, delta = _METEOR_PARAMS
+    s = np.asarray(sums, dtype=np.float64)
+    tl, rl, tf, rf = s[..., 0], s[..., 1], s[..., 2], s[..., 3]
+    m = s[..., 4:20].reshape(s.shape[:-1] + (4, 4))
+    chunks, test_words, ref_words = s[..., 20], s[..., 21], s[..., 22]
+    test_len_w = delta * (tl - tf) + (1.0 - delta) * tf
+    ref_len_w = delta * (rl - rf) + (1.0 - delta) * rf
+    test_w = np.zeros_like(tl)
+    ref_w = np.zeros_like(tl)
+    for i, w in enumerate(_METEOR_WEIGHTS):
+        test_w = test_w + m[..., i, 0] * w * delta
+    for i, w in enumerate(_METEOR_WEIGHTS):
+        ref_w = ref_w + m[..., i, 1] * w * delta
+    for i, w in enumerate(_METEOR_WEIGHTS):
+        test_w = test_w + m[..., i, 2] * w * (1.0 - delta)
+    for i, w in enumerate(_METEOR_WEIGHTS):
+        ref_w = ref_w + m[..., i, 3] * w * (1.0 - delta)
+    test_total = m[..., 0].sum(axis=-1) + m[..., 2].sum(axis=-1)
+    ref_total = m[..., 1].sum(axis=-1) + m[..., 3].sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision, recall = test_w / test_len_w, ref_w / ref_len_w
+        fmean = 1.0 / ((1.0 - alpha) / precision + alpha / recall)
+        perfect = (test_total == tl) & (ref_total == rl) & (chunks == 1)
+        frag = np.where(perfect, 0.0, chunks / ((test_words + ref_words) / 2))
+        score = fmean * (1.0 - gamma * np.power(frag, beta))
+    return np.where(np.isnan(score), 0.0, np.maximum(score, 0.0))
