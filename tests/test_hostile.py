@@ -152,7 +152,7 @@ def test_offline_commands_say_what_is_missing(argv, needle, tmp_path, monkeypatc
 def test_gpu_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path):
     import torch
 
-    import captune.pipeline as pipeline
+    import captune.run.phases as pipeline
 
     def boom(run, force=False):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

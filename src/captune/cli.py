@@ -15,7 +15,7 @@ from pathlib import Path
 
 from captune import __version__
 from captune.distributed import close
-from captune.errors import UserError
+from captune.errors import UserError, disk_problem, is_out_of_memory, out_of_memory
 
 PHASE_COMMANDS = {
     "data": ("data",),
@@ -46,7 +46,9 @@ def _load_cfg(recipe: str | None, overrides: list[str]):
 
 def cmd_run(args) -> int:
     from captune.config import load_config
-    from captune.pipeline import PHASES, Run, preflight, run_phases
+    from captune.run.folder import PHASES, Run
+    from captune.run.phases import run_phases
+    from captune.run.preflight import preflight
 
     cfg = load_config(args.recipe, args.overrides)
     out = Path(args.out or Path("runs") / cfg.name)
@@ -68,7 +70,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_phase(args) -> int:
-    from captune.pipeline import Run, preflight, run_phases
+    from captune.run.folder import Run
+    from captune.run.phases import run_phases
+    from captune.run.preflight import preflight
 
     if args.overrides and not args.recipe:
         raise UserError("overrides need --recipe; a run folder's saved config is used as it is")
@@ -273,7 +277,7 @@ def cmd_caption(args) -> int:
 
 
 def _run_config(run: Path):
-    from captune.pipeline import Run
+    from captune.run.folder import Run
 
     return Run.open(run, None, log=_log).cfg
 
@@ -487,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         print("captune: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        why = _disk_problem(exc)
+        why = disk_problem(exc)
         if why is None:
             raise
         where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
@@ -498,37 +502,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # GPU OOM and a full disk are user-fixable conditions; anything else is a bug
         code = re.search(r"os error (\d+)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
-        why = _disk_problem(OSError(int(code.group(1)), "")) if code else None
+        why = disk_problem(OSError(int(code.group(1)), "")) if code else None
         if why is not None:  # safetensors reports I/O failures as its own error type
             print(f"captune: error: cannot write: {why}; free space or choose another --out", file=sys.stderr)
             return 2
-        if type(exc).__name__ == "OutOfMemoryError":
-            print(
-                "captune: error: GPU out of memory; lower train.batch_size or eval.batch_size "
-                "(or raise train.grad_accum)",
-                file=sys.stderr,
-            )
+        if is_out_of_memory(exc):
+            print(f"captune: error: {out_of_memory('')}", file=sys.stderr)
             return 2
         raise
-
-
-def _disk_problem(exc: OSError) -> str | None:
-    """A full, read-only or forbidden output location, described in a few words; else None."""
-    import errno
-
-    known = {
-        errno.ENOSPC: "no space left on the device",
-        errno.EROFS: "the file system is read-only",
-        errno.EACCES: "permission denied",
-        errno.EDQUOT: "disk quota exceeded",
-    }
-    if exc.errno in known:
-        return known[exc.errno]
-    text = str(exc).lower()
-    for needle, why in (("no space left", known[errno.ENOSPC]), ("read-only file system", known[errno.EROFS])):
-        if needle in text:
-            return why
-    return None
 
 
 def _quiet_libraries() -> None:

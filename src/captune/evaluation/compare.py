@@ -18,12 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from captune.evaluation.metrics import (
-    OFFICIAL,
-    corpus_bleu_from_stats,
-    corpus_meteor_from_stats,
-    meteor_summable,
-)
+from captune.evaluation.metrics import OFFICIAL, corpus_bleu_from_stats, corpus_meteor_from_stats, meteor_summable
 
 EXTRA = ("SPICE", "CLIPScore", "RefCLIPScore")
 # Below this many test images the intervals are too wide (and too unstable) to mean much.

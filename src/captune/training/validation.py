@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
 from captune.config import Config
 from captune.data.pairs import image_groups
+from captune.evaluation.background import submit
 from captune.ops.features import project_queries
 from captune.ops.generation import caption_features
 from captune.ops.lm import unwrap
@@ -103,7 +104,6 @@ class Validator:
         self.feats = feats
         self.vision_trains, self.score_fn, self.settle_now = vision_trains, score_fn, settle_now
         self.engine, self.selection, self.log = engine, selection, log
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="captune-validation") if score_fn else None
         self.pending: list[tuple[dict, dict, Future, dict]] = []
 
     @property
@@ -130,7 +130,7 @@ class Validator:
             caps = caption_features(model, self.tokenizer, self.feats, cfg.eval, cfg.model.prompt)
             times["captions"] = time.perf_counter() - t0
             refs = [e.captions for e in self.examples]
-            self.pending.append((row, times, self.pool.submit(_timed_call, self.score_fn, caps, refs), state))
+            self.pending.append((row, times, submit(_timed_call, self.score_fn, caps, refs), state))
             if self.settle_now:
                 self.settle()
         else:
@@ -154,5 +154,6 @@ class Validator:
         self.selection.consider(row, state)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
+        """Wait for scores still under way (after an error: their results are dropped)."""
+        for _, _, future, _ in self.pending:
+            future.exception()

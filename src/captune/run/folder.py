@@ -1,0 +1,172 @@
+"""The run folder: its layout and resolved config, the models a run loads, and its timings.
+
+Each phase reads only what earlier phases wrote in the run folder and writes its
+own outputs atomically (a temporary folder or file, then a rename), so a phase
+whose output exists is complete and is skipped unless forced.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from captune.atomic import write_atomic
+from captune.config import Config, config_from_dict, load_yaml
+from captune.distributed import barrier, world
+from captune.errors import UserError
+
+PHASES = ("data", "baseline", "train", "finetuned", "compare", "report")
+
+
+# temp files of write_atomic / the feature cache, left only by a killed process
+STALE_FILE_PREFIXES = (".config.yaml.", ".timings.json.", ".comparison.", ".features.")
+
+
+class Run:
+    """A run folder with its resolved config and a lazily loaded model."""
+
+    def __init__(self, root: Path, cfg: Config, log: Callable[[str], None] = print):
+        self.root = Path(root)
+        self.cfg = cfg
+        self.log = log
+        self._loaded = None
+        self._tuned = None
+        self._store = None
+        self.overlap = False  # score the baseline in the background while training
+        self._pending: list = []
+
+    # -- config ---------------------------------------------------------------
+    @classmethod
+    def open(cls, root: Path, cfg: Config | None, *, force: bool = False, log: Callable[[str], None] = print) -> Run:
+        root = Path(root)
+        saved = root / "config.yaml"
+        if cfg is None:
+            if not saved.is_file():
+                raise UserError(
+                    f"{root} is not a run folder (no config.yaml); start one with "
+                    "'captune run RECIPE --out RUN' or pass --recipe"
+                )
+            cfg = config_from_dict(load_yaml(saved.read_text(), str(saved)))
+        elif saved.is_file() and not force:
+            if load_yaml(saved.read_text(), str(saved)) != cfg.to_dict():
+                raise UserError(
+                    f"{root} holds a run with a different config; use --force to redo it "
+                    "with the new one, or choose another --out"
+                )
+        run = cls(root, cfg, log)
+        w = world()
+        if w.is_main:
+            run.remove_stale_temporaries()
+            if not saved.is_file() or force:
+                write_atomic(saved, cfg.to_yaml())
+        else:
+            run.log = lambda message: None  # one process talks
+        barrier()  # the other processes open the folder once the main one has set it up
+        return run
+
+    def remove_stale_temporaries(self) -> None:
+        """Temp folders and files left by a killed process (never a complete output) are removed."""
+        folders = [self.root, self.root / "checkpoints", *self.root.glob("features/*")]
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            for p in folder.glob(".*"):
+                if ".tmp-" in p.name and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p.is_file() and p.name.startswith(STALE_FILE_PREFIXES):
+                    p.unlink(missing_ok=True)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def done(self, phase: str) -> bool:
+        return {
+            "data": self.path("data", "manifest.json"),
+            "baseline": self.path("baseline", "metrics.json"),
+            "train": self.path("adapter", "adapter_config.json"),
+            "finetuned": self.path("finetuned", "metrics.json"),
+            "compare": self.path("comparison.json"),
+            "report": self.path("report", "index.html"),
+        }[phase].is_file()
+
+    def record_time(self, phase: str, seconds: float) -> None:
+        if not world().is_main:
+            return
+        path = self.path("timings.json")
+        doc = json.loads(path.read_text()) if path.is_file() else {"phases": {}}
+        doc["phases"][phase] = round(seconds, 3)
+        doc["device"] = describe_device()
+        write_atomic(path, json.dumps(doc, indent=2))
+
+    # -- model ----------------------------------------------------------------
+    def join(self) -> None:
+        """Wait for background scoring and features writes; re-raise a scoring error."""
+        if self._store is not None:
+            self._store.flush()
+        while self._pending:
+            name, future = self._pending.pop(0)
+            self.record_time(name, future.result())
+
+    def in_background(self, name: str, fn, *args) -> None:
+        """``fn(*args)`` (returning its seconds) on the background scorer; ``join`` records its time."""
+        from captune.evaluation.background import submit
+
+        self._pending.append((name, submit(fn, *args)))
+
+    def features(self, images: list[bytes]):
+        """Frozen image features from RUN/features (computed once per model and image set)."""
+        from captune.run.feature_cache import FeatureStore, model_fingerprint
+
+        loaded = self.base()
+        if self._store is None:
+            key = model_fingerprint(loaded.model, loaded.processor, loaded.source)
+            self._store = FeatureStore(self.path("features"), key)
+        bs, device = self.cfg.eval.batch_size, loaded.device
+        return self._store.get(loaded.model, loaded.processor, images, batch_size=bs, device=device, world=world())
+
+    def tuned(self):
+        """The base model with the run's adapter (the one training left in memory, else loaded)."""
+        if self._tuned is None:
+            from peft import PeftModel
+
+            self._tuned = PeftModel.from_pretrained(self.base().model, str(self.path("adapter")))
+            self._tuned.eval()
+        return self._tuned
+
+    def keep_tuned(self, model) -> None:
+        """The model training adapted, kept for the fine-tuned evaluation."""
+        self._tuned = model
+
+    def forget_models(self) -> None:
+        """Drop the loaded models (after sharded training they are shards): later phases load again."""
+        self._loaded = self._tuned = None
+
+    def base(self):
+        if self._loaded is None:
+            from captune.model.load import load_model
+
+            gc.collect()  # a model dropped earlier (FSDP shards after training) gives its memory back
+            if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+                sys.modules["torch"].cuda.empty_cache()
+            t0 = time.perf_counter()
+            self._loaded = load_model(self.cfg.model)
+            self.log(
+                f"  model loaded from {self._loaded.source} on {self._loaded.device} "
+                f"({str(self._loaded.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.1f}s"
+            )
+        return self._loaded
+
+
+def describe_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
