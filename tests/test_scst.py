@@ -167,3 +167,41 @@ def test_kl_entropy_and_statistics():
     stats = statistics(rewards, baseline(rewards), mask, tok, kl)
     assert stats["reward_mean"] == 2.0 and stats["baseline_mean"] == 2.0 and stats["advantage_std"] == 2.0
     assert stats["caption_length_mean"] == 2.5 and stats["entropy_mean"] == 3.0
+
+
+def test_one_scst_step_from_the_parts_trains_only_lora():
+    """Sample -> CIDEr-D reward -> baseline -> loss -> AdamW, on the demo model with LoRA."""
+    import numpy as np
+
+    from captune.config import LoraConfig
+    from captune.demo import world
+    from captune.evaluation.cider import CiderD
+    from captune.model.lora import attach_lora
+    from captune.ops.features import image_features
+    from captune.ops.sampling import SamplingSpec, sample_captions
+
+    loaded = load_model(ModelConfig(device="cpu"))
+    items = world.make_items("plain", 4, seed=2)
+    feats = image_features(loaded.model, loaded.processor, [it["image"] for it in items])
+    scorer = CiderD([it["captions"] for it in items])
+    torch.manual_seed(0)
+    model = attach_lora(loaded.model, LoraConfig(target_modules="all-linear"))
+    blip, tok = unwrap(model), loaded.processor.tokenizer
+    prompt = generation_prompt(
+        tok, 4, num_query_tokens=blip.config.num_query_tokens, image_token_id=blip.config.image_token_index
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.eval()
+    samples = sample_captions(model, tok, feats, SamplingSpec(k=3, max_new_tokens=12), generator=torch.Generator())
+    rewards = torch.tensor(scorer.score(samples.captions, np.repeat(np.arange(4), 3)), dtype=torch.float32).view(4, 3)
+    assert rewards.max() > 0  # the demo model's plain captions share n-grams with the references
+    model.train()
+    base = baseline(rewards)
+    lp = sequence_logprobs(model, feats, prompt.input_ids, prompt.attention_mask, samples.tokens, samples.mask)
+    policy_loss(lp, samples.mask, advantages(rewards, base)).backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    stats = statistics(rewards, base, samples.mask)
+    assert float(stats["caption_length_mean"]) == float(samples.mask.sum(1).float().mean())
