@@ -1,4 +1,4 @@
-"""Greedy captioning for OPT-based BLIP-2 with a static KV cache and CUDA graphs.
+"""Greedy and sampled captioning for OPT-based BLIP-2 with a static KV cache and CUDA graphs.
 
 ``generate`` spends most of a short caption's time outside the matrix products
 (cache bookkeeping, logits processors, kernel launches). For the common case
@@ -7,10 +7,14 @@ this module runs the same arithmetic with a preallocated cache: one prefill over
 image tokens + prompt, then a single-token step that is captured once as a CUDA
 graph and replayed. It calls the model's own modules (layer norms, projections,
 LoRA-wrapped q/k, MLP), so adapters apply unchanged; a test checks the tokens
-equal ``generate``'s on the CPU.
+equal ``generate``'s on the CPU. ``SamplingOPT`` runs the same step for K samples per
+image (self-critical training): the token choice (temperature, top-k/top-p, a seeded
+generator) happens outside the graph, so one graph per batch shape serves every step.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +65,9 @@ class GreedyOPT:
         v = attn.v_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
         if pos is None:  # prefill: positions 0..t-1, causal
-            kc[:, :, :t] = k.to(kc.dtype)
-            vc[:, :, :t] = v.to(vc.dtype)
+            rep = kc.size(0) // b  # sampling prefills each image once and fills its K rows of the cache
+            kc[:, :, :t] = (k if rep == 1 else k.repeat_interleave(rep, 0)).to(kc.dtype)
+            vc[:, :, :t] = (v if rep == 1 else v.repeat_interleave(rep, 0)).to(vc.dtype)
             out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=1.0)
         else:  # one new token at ``pos``; attend to every filled slot (static shapes)
             kc.index_copy_(2, pos.view(1), k.to(kc.dtype))
@@ -141,3 +146,48 @@ class GreedyOPT:
                 self.static_logits = self._step()
         self.graph.replay()
         return self.static_logits.clone()
+
+
+class SamplingOPT(GreedyOPT):
+    """K sampled captions per image: ``batch`` is images x K rows; each image is prefilled once."""
+
+    def __init__(self, lm, images: int, k: int, prompt_len: int, max_new: int, use_graph: bool | None = None):
+        super().__init__(lm, images * k, prompt_len, max_new, use_graph)
+        self.images, self.k = images, k
+
+    @torch.no_grad()
+    def sample(
+        self,
+        embeds: torch.Tensor,
+        choose: Callable[[torch.Tensor, int], torch.Tensor],
+        *,
+        eos_token_id: int,
+        pad_token_id: int,
+        keep_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New tokens (images*K, max_new), row ``i*K + j`` sample j of image i; pads after EOS.
+
+        ``choose(logits, n)`` picks step n's tokens from the raw logits (rows x vocab);
+        with ``keep_logits`` the raw logits of every step come back too (rows, steps, vocab).
+        """
+        b, t, _ = embeds.shape
+        assert b == self.images and t == self.prompt_len
+        hidden = self._embed(embeds, torch.arange(t, device=embeds.device))
+        logits = self._forward(hidden, None).repeat_interleave(self.k, 0)
+        rows = self.batch
+        out = torch.full((rows, self.max_new), pad_token_id, dtype=torch.long, device=embeds.device)
+        kept = []
+        done = torch.zeros(rows, dtype=torch.bool, device=embeds.device)
+        for n in range(self.max_new):
+            if keep_logits:
+                kept.append(logits.float())
+            token = choose(logits, n)
+            token = torch.where(done, torch.full_like(token, pad_token_id), token)
+            out[:, n] = token
+            done |= token == eos_token_id
+            if n == self.max_new - 1 or (n % 4 == 3 and bool(done.all())):
+                break
+            self.static_token.copy_(token)
+            self.static_pos.fill_(t + n)
+            logits = self._replay()
+        return out, (torch.stack(kept, 1) if keep_logits else None)

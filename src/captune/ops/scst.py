@@ -1,0 +1,188 @@
+"""Self-critical sequence training (SCST): the objective's arithmetic, with no training loop.
+
+Per image K captions are sampled (``ops.sampling``) and rewarded (CIDEr-D,
+``evaluation.cider``); the baseline is the mean reward of the image's other K-1
+samples ("new SCST", Luo 2020; the advantages of an image then sum to zero) or the
+greedy caption's reward (Rennie et al. 2017). The loss is REINFORCE on the sampled
+tokens' log-probabilities from a teacher-forced forward of the language model on the
+cached image features; positions after each caption's EOS are masked out.
+
+Normalisation (``normalize``):
+
+- ``"sequence"`` (default): ``-mean_i(A_i * sum_t log p_it)``. Its gradient is exactly
+  the REINFORCE estimate of the gradient of the mean expected reward per caption, so
+  the step size does not depend on caption length; under DDP the per-process means
+  average to the global one, as in cross-entropy training.
+- ``"token"``: ``-sum_i(A_i * sum_t log p_it) / n_tokens`` with ``n_tokens`` the batch's
+  sampled tokens (self-critical.pytorch's ``RewardCriterion``). Same direction, scaled by
+  1 / mean length, so the effective learning rate drifts as captions change length;
+  pass ``n_tokens`` (the count over all processes) to keep it global under DDP.
+
+Dividing each caption by its own length is not offered: it biases the gradient
+(short captions with negative advantage are pushed down harder than long ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from captune.ops.batching import IGNORE, is_encoder_decoder
+from captune.ops.lm import embed_with_features, unwrap
+
+Normalize = Literal["sequence", "token"]
+
+
+@dataclass
+class TokenLogprobs:
+    """Per-position values of the sampled tokens (zero where ``mask`` is False)."""
+
+    logprobs: torch.Tensor  # (N, T) log p of each sampled token, with gradient
+    entropy: torch.Tensor | None  # (N, T) entropy of the model's distribution there, or None
+
+
+def sequence_logprobs(
+    model,
+    features: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    entropy: bool = False,
+) -> TokenLogprobs:
+    """Teacher-forced log-probs of sampled ``tokens`` (images*K, T) given each image's features.
+
+    ``features`` (images, Q, H) and the generation prompt ``input_ids``/``attention_mask``
+    (images, P; ``batching.generation_prompt``) are per image; row ``i*K + j`` of
+    ``tokens`` and ``mask`` is sample j of image i (``sampling.Samples``). The vocabulary
+    projection runs only at the sampled positions (as ``lm.lm_loss`` does).
+    """
+    blip = unwrap(model)
+    k = tokens.size(0) // features.size(0)
+    if k * features.size(0) != tokens.size(0):
+        raise ValueError("tokens must hold the same number of samples for every image")
+    feats = features.repeat_interleave(k, 0)
+    ids, attn = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
+    prompt = embed_with_features(blip, ids, feats)
+    lm = blip.language_model
+    if is_encoder_decoder(blip):
+        labels = tokens.masked_fill(~mask, IGNORE)
+        dec_ids = lm.prepare_decoder_input_ids_from_labels(labels=labels)
+        logits = lm(inputs_embeds=prompt, attention_mask=attn, decoder_input_ids=dec_ids).logits[mask]
+    else:
+        # sampled tokens are embedded on their own: one that happens to be the image token stays a token
+        embeds = torch.cat([prompt, blip.get_input_embeddings()(tokens)], dim=1)
+        full_attn = torch.cat([attn, mask.to(attn.dtype)], dim=1)
+        p, t = ids.size(1), tokens.size(1)
+        body = getattr(lm, "model", None)
+        if body is not None and hasattr(lm, "lm_head") and hasattr(body, "decoder"):
+            hidden = body(inputs_embeds=embeds, attention_mask=full_attn).last_hidden_state
+            logits = lm.lm_head(hidden[:, p - 1 : p - 1 + t][mask])
+        else:
+            logits = lm(inputs_embeds=embeds, attention_mask=full_attn).logits[:, p - 1 : p - 1 + t][mask]
+    logsm = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    out = logsm.new_zeros(tokens.shape)
+    out[mask] = logsm.gather(1, tokens[mask].unsqueeze(1)).squeeze(1)
+    ent = None
+    if entropy:
+        ent = logsm.new_zeros(tokens.shape)
+        ent[mask] = -(logsm.exp() * logsm).sum(-1)
+    return TokenLogprobs(out, ent)
+
+
+def baseline(
+    rewards: torch.Tensor, kind: Literal["mean_others", "greedy"] = "mean_others", greedy: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample baseline (images, K): the mean of the image's other K-1 rewards, or its greedy reward."""
+    if kind == "greedy":
+        if greedy is None or greedy.shape != rewards.shape[:1]:
+            raise ValueError("the greedy baseline needs one greedy reward per image")
+        return greedy.unsqueeze(1).expand_as(rewards).to(rewards.dtype)
+    if kind != "mean_others":
+        raise ValueError(f"unknown SCST baseline {kind!r}")
+    k = rewards.size(1)
+    if k < 2:
+        raise ValueError("the mean-of-others baseline needs at least 2 samples per image")
+    return (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+
+
+def advantages(rewards: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Reward minus baseline, flattened to one value per sampled row (image-major, as the samples)."""
+    return (rewards - base).reshape(-1)
+
+
+def kl_to_start(logprobs: torch.Tensor, start_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || start) estimate on the sampled tokens: exp(d) - d - 1, d = start - policy.
+
+    The "k3" estimator (Schulman 2020): non-negative and unbiased for tokens sampled from
+    the policy. ``start_logprobs`` comes from the same forward with the starting adapter
+    (e.g. PEFT's ``disable_adapter()`` for the base model), without gradient.
+    """
+    d = (start_logprobs.detach() - logprobs).masked_fill(~mask, 0.0)
+    return (torch.exp(d) - d - 1.0) * mask
+
+
+def policy_loss(
+    token: TokenLogprobs,
+    mask: torch.Tensor,
+    adv: torch.Tensor,
+    *,
+    normalize: Normalize = "sequence",
+    n_tokens: float | torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """REINFORCE loss -(A * sum of sampled log-probs), masked; minus an entropy bonus, plus a KL penalty.
+
+    The bonus and the penalty are means over the sampled tokens (``n_tokens`` if given).
+    """
+    maskf = mask.to(token.logprobs.dtype)
+    count = maskf.sum() if n_tokens is None else torch.as_tensor(n_tokens, dtype=maskf.dtype, device=maskf.device)
+    count = count.clamp_min(1.0)
+    seq_logp = (token.logprobs * maskf).sum(1)
+    weighted = adv.detach().to(seq_logp.dtype) * seq_logp
+    if normalize == "sequence":
+        loss = -weighted.mean()
+    elif normalize == "token":
+        loss = -weighted.sum() / count
+    else:
+        raise ValueError(f"unknown normalisation {normalize!r}")
+    if entropy_coef:
+        if token.entropy is None:
+            raise ValueError("an entropy bonus needs sequence_logprobs(..., entropy=True)")
+        loss = loss - entropy_coef * (token.entropy * maskf).sum() / count
+    if kl_coef:
+        if kl is None:
+            raise ValueError("a KL penalty needs kl_to_start(...)")
+        loss = loss + kl_coef * (kl * maskf).sum() / count
+    return loss
+
+
+def statistics(
+    rewards: torch.Tensor,
+    base: torch.Tensor,
+    mask: torch.Tensor,
+    token: TokenLogprobs | None = None,
+    kl: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """What an SCST step logs, as detached 0-dim tensors (call ``.item()`` when writing the log,
+    so a step does not wait on the GPU): reward, baseline, advantage spread, caption length (tokens, EOS
+    included), and entropy / KL per token when given."""
+    adv = (rewards - base).detach()
+    maskf = mask.float()
+    count = maskf.sum().clamp_min(1.0)
+    out = {
+        "reward_mean": rewards.detach().float().mean(),
+        "baseline_mean": base.detach().float().mean(),
+        "advantage_std": adv.float().std(unbiased=False),
+        "caption_length_mean": maskf.sum(1).mean(),
+    }
+    if token is not None and token.entropy is not None:
+        out["entropy_mean"] = (token.entropy.detach() * maskf).sum() / count
+    if kl is not None:
+        out["kl_mean"] = (kl.detach() * maskf).sum() / count
+    return out

@@ -1,0 +1,207 @@
+"""The SCST objective: log-probs, baselines, the REINFORCE gradient and its masking."""
+
+import pytest
+import torch
+
+from captune.config import ModelConfig
+from captune.model.load import load_model
+from captune.ops.batching import generation_prompt
+from captune.ops.lm import embed_with_features, unwrap
+from captune.ops.scst import (
+    TokenLogprobs,
+    advantages,
+    baseline,
+    kl_to_start,
+    policy_loss,
+    sequence_logprobs,
+    statistics,
+)
+
+B, K, T = 2, 3, 6
+
+
+def _setup(model_dir, seed=0):
+    loaded = load_model(ModelConfig(name_or_path=str(model_dir), device="cpu"))
+    model, tok = loaded.model, loaded.processor.tokenizer
+    model.eval().double()  # no dropout (gradients still flow); float64 so sums in another order agree
+    blip = unwrap(model)
+    torch.manual_seed(seed)
+    feats = torch.randn(B, blip.config.num_query_tokens, blip.language_model.config.hidden_size, dtype=torch.float64)
+    prompt = generation_prompt(
+        tok,
+        B,
+        num_query_tokens=blip.config.num_query_tokens,
+        image_token_id=blip.config.image_token_index,
+        seq2seq=not blip.config.use_decoder_only_language_model,
+    )
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    tokens = torch.randint(4, len(tok), (B * K, T))
+    tokens[0, 2] = eos  # ends early
+    tokens[3, 0] = eos  # an empty caption: EOS only
+    tokens[4, T - 1] = eos
+    tokens[1, 1] = blip.config.image_token_index  # a sampled image token stays a token
+    done = torch.cumsum((tokens == eos).long(), 1) - (tokens == eos).long()
+    mask = done == 0
+    tokens = tokens.masked_fill(~mask, pad)
+    return model, blip, feats, prompt, tokens, mask
+
+
+def _reference_logprob(blip, feats, prompt, tokens, row, t):
+    """log p(tokens[row, t] | prompt, tokens[row, :t]) from the plain HF forward of that one prefix."""
+    i = row // K
+    ids = prompt.input_ids[i : i + 1]
+    emb = embed_with_features(blip, ids, feats[i : i + 1])
+    lm = blip.language_model
+    if blip.config.use_decoder_only_language_model:
+        emb = torch.cat([emb, blip.get_input_embeddings()(tokens[row : row + 1, :t])], dim=1)
+        logits = lm(inputs_embeds=emb).logits[0, -1]
+    else:
+        start = torch.tensor([[lm.config.decoder_start_token_id]])
+        dec = torch.cat([start, tokens[row : row + 1, :t]], dim=1)
+        logits = lm(inputs_embeds=emb, attention_mask=prompt.attention_mask[i : i + 1], decoder_input_ids=dec).logits[
+            0, -1
+        ]
+    return torch.log_softmax(logits, -1)
+
+
+@pytest.fixture(params=["opt", "t5"])
+def model_dir(request, tiny_model_dir, tiny_t5_dir):
+    return tiny_model_dir if request.param == "opt" else tiny_t5_dir
+
+
+def test_logprobs_and_entropy_equal_the_plain_forward(model_dir):
+    model, blip, feats, prompt, tokens, mask = _setup(model_dir)
+    with torch.no_grad():
+        got = sequence_logprobs(model, feats, prompt.input_ids, prompt.attention_mask, tokens, mask, entropy=True)
+        for row in range(B * K):
+            for t in range(T):
+                if not mask[row, t]:
+                    assert got.logprobs[row, t] == 0 and got.entropy[row, t] == 0
+                    continue
+                ref = _reference_logprob(blip, feats, prompt, tokens, row, t)
+                torch.testing.assert_close(got.logprobs[row, t], ref[tokens[row, t]], atol=1e-10, rtol=1e-10)
+                torch.testing.assert_close(got.entropy[row, t], -(ref.exp() * ref).sum(), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("normalize", ["sequence", "token"])
+def test_gradient_equals_hand_computed_reinforce(model_dir, normalize):
+    """d loss = -(1/N) sum_i A_i sum_t d log p_it (sequence) or -(1/n_tokens) ... (token), each log p_it
+    differentiated on its own through the plain HF forward."""
+    model, blip, feats, prompt, tokens, mask = _setup(model_dir)
+    params = list(blip.language_model.parameters())  # the features are cached: nothing else is used
+    rewards = torch.rand(B, K, dtype=torch.float64) * 3
+    adv = advantages(rewards, baseline(rewards))
+    lp = sequence_logprobs(model, feats, prompt.input_ids, prompt.attention_mask, tokens, mask)
+    got = torch.autograd.grad(policy_loss(lp, mask, adv, normalize=normalize), params, allow_unused=True)
+    got = [torch.zeros_like(p) if g is None else g for p, g in zip(params, got, strict=True)]
+    scale = B * K if normalize == "sequence" else int(mask.sum())
+    want = [torch.zeros_like(p) for p in params]
+    for row in range(B * K):
+        for t in range(int(mask[row].sum())):
+            logp = _reference_logprob(blip, feats, prompt, tokens, row, t)[tokens[row, t]]
+            for w, g in zip(want, torch.autograd.grad(logp, params, allow_unused=True), strict=True):
+                if g is not None:
+                    w -= adv[row] * g / scale
+    assert sum(float(g.abs().sum()) for g in got) > 0
+    # T5's layer norm computes its variance in float32 even in a float64 model: a sum over positions taken
+    # in another order then differs at float32 precision (gradients here are O(1))
+    atol = 1e-12 if blip.config.use_decoder_only_language_model else 1e-6
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=atol, rtol=1e-9)
+
+
+def test_padding_after_eos_gets_no_gradient(tiny_model_dir):
+    model, blip, feats, prompt, tokens, mask = _setup(tiny_model_dir)
+    params = list(blip.language_model.parameters())  # the features are cached: nothing else is used
+    adv = torch.randn(B * K, dtype=torch.float64)
+
+    def grads(toks):
+        lp = sequence_logprobs(model, feats, prompt.input_ids, prompt.attention_mask, toks, mask, entropy=True)
+        loss = policy_loss(lp, mask, adv, entropy_coef=0.1)
+        return loss, torch.autograd.grad(loss, params, allow_unused=True)
+
+    loss, g = grads(tokens)
+    garbage = tokens.clone()
+    garbage[~mask] = torch.randint(4, 50, (int((~mask).sum()),))  # anything after EOS
+    loss2, g2 = grads(garbage)
+    assert torch.equal(loss, loss2)
+    assert any(a is not None for a in g)
+    for a, b in zip(g, g2, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_baselines():
+    rewards = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
+    base = baseline(rewards)
+    assert torch.allclose(base, torch.tensor([[4.0, 3.5, 1.5], [1.5, 1.5, 0.0]]))
+    adv = advantages(rewards, base)
+    assert adv.shape == (6,)
+    torch.manual_seed(0)
+    many = torch.rand(50, 5, dtype=torch.float64) * 4
+    assert advantages(many, baseline(many)).view(50, 5).sum(1).abs().max() < 1e-12
+    greedy = baseline(rewards, "greedy", torch.tensor([2.0, 1.0]))
+    assert torch.equal(greedy, torch.tensor([[2.0] * 3, [1.0] * 3]))
+    with pytest.raises(ValueError):
+        baseline(rewards[:, :1])
+    with pytest.raises(ValueError):
+        baseline(rewards, "greedy")
+
+
+def test_kl_entropy_and_statistics():
+    logp = torch.log(torch.tensor([[0.5, 0.25, 1.0], [0.1, 0.9, 0.9]]))
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    assert torch.equal(kl_to_start(logp, logp, mask), torch.zeros_like(logp))
+    start = torch.log(torch.tensor([[0.4, 0.5, 0.2], [0.2, 0.8, 0.9]]))
+    kl = kl_to_start(logp, start, mask)
+    assert (kl[mask] > 0).sum() == 4 and kl[0, 2] == 0
+    entropy = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, 5.0]])
+    tok = TokenLogprobs(logp, entropy)
+    adv = torch.tensor([1.0, -1.0])
+    plain = policy_loss(tok, mask, adv)
+    assert torch.isclose(plain, -(adv * (logp * mask).sum(1)).mean())
+    assert torch.isclose(policy_loss(tok, mask, adv, entropy_coef=0.5), plain - 0.5 * 15.0 / 5)
+    assert torch.isclose(policy_loss(tok, mask, adv, kl=kl, kl_coef=2.0), plain + 2.0 * kl[mask].sum() / 5)
+    rewards = torch.tensor([[1.0, 3.0]])
+    stats = statistics(rewards, baseline(rewards), mask, tok, kl)
+    assert stats["reward_mean"] == 2.0 and stats["baseline_mean"] == 2.0 and stats["advantage_std"] == 2.0
+    assert stats["caption_length_mean"] == 2.5 and stats["entropy_mean"] == 3.0
+
+
+def test_one_scst_step_from_the_parts_trains_only_lora():
+    """Sample -> CIDEr-D reward -> baseline -> loss -> AdamW, on the demo model with LoRA."""
+    import numpy as np
+
+    from captune.config import LoraConfig
+    from captune.demo import world
+    from captune.evaluation.cider import CiderD
+    from captune.model.lora import attach_lora
+    from captune.ops.features import image_features
+    from captune.ops.sampling import SamplingSpec, sample_captions
+
+    loaded = load_model(ModelConfig(device="cpu"))
+    items = world.make_items("plain", 4, seed=2)
+    feats = image_features(loaded.model, loaded.processor, [it["image"] for it in items])
+    scorer = CiderD([it["captions"] for it in items])
+    torch.manual_seed(0)
+    model = attach_lora(loaded.model, LoraConfig(target_modules="all-linear"))
+    blip, tok = unwrap(model), loaded.processor.tokenizer
+    prompt = generation_prompt(
+        tok, 4, num_query_tokens=blip.config.num_query_tokens, image_token_id=blip.config.image_token_index
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.eval()
+    samples = sample_captions(model, tok, feats, SamplingSpec(k=3, max_new_tokens=12), generator=torch.Generator())
+    rewards = torch.tensor(scorer.score(samples.captions, np.repeat(np.arange(4), 3)), dtype=torch.float32).view(4, 3)
+    assert rewards.max() > 0  # the demo model's plain captions share n-grams with the references
+    model.train()
+    base = baseline(rewards)
+    lp = sequence_logprobs(model, feats, prompt.input_ids, prompt.attention_mask, samples.tokens, samples.mask)
+    policy_loss(lp, samples.mask, advantages(rewards, base)).backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    stats = statistics(rewards, base, samples.mask)
+    assert float(stats["caption_length_mean"]) == float(samples.mask.sum(1).float().mean())
