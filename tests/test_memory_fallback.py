@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import captune.training as training
+import captune.training.steps as training  # the training step's packed loss
 from captune.cli import main
 
 SETTINGS = ["data.num_images=40", "train.epochs=2", "lora.dropout=0", "eval.bootstrap=20"]

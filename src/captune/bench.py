@@ -432,20 +432,8 @@ def run_bench(
         from captune.errors import UserError
 
         raise UserError("captune bench needs a CUDA GPU; run it on a GPU machine")
-    import peft
-    import transformers
-
-    name = torch.cuda.get_device_name(0)
-    result: dict = {
-        "gpu": name,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "architecture": f"{arch} (random weights, built from config)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "command": "captune bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "run_bench()",
-    }
+    result = _environment(arch)
+    name = result["gpu"]
     t0 = time.perf_counter()
     jpegs = synthetic_jpegs(images)
     caps = synthetic_captions(images)
@@ -492,16 +480,37 @@ def run_bench(
         result["seed_error"] = f"{type(exc).__name__}: {exc}"[-3000:]
         log(f"  seed recipe failed: {result['seed_error'][-500:]}")
         return result
-    peak = peak_tflops(name)
-    if peak:
-        result["peak_bf16_tflops"] = peak
-        result["train_packed_mfu"] = round(result["train_packed_tflops"] / peak, 3)
-        result["train_flat_mfu"] = round(result["train_flat_tflops"] / peak, 3)
-    result["speedup_train_vs_seed"] = round(
-        result["train_packed_samples_per_s"] / result["seed_train_samples_per_s"], 1
-    )
-    result["speedup_caption_vs_seed"] = round(result["caption_images_per_s"] / result["seed_caption_images_per_s"], 1)
+    result.update(_ratios(result, peak_tflops(name)))
     return result
+
+
+def _environment(arch: str) -> dict:
+    """GPU, date, library versions and the command: what every committed result names."""
+    import peft
+    import transformers
+
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "architecture": f"{arch} (random weights, built from config)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "command": "captune bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "run_bench()",
+    }
+
+
+def _ratios(result: dict, peak: float | None) -> dict:
+    """MFU estimates against the GPU's bf16 peak, and captune's speed-ups over the seed recipe."""
+    out = {}
+    if peak:
+        out["peak_bf16_tflops"] = peak
+        out["train_packed_mfu"] = round(result["train_packed_tflops"] / peak, 3)
+        out["train_flat_mfu"] = round(result["train_flat_tflops"] / peak, 3)
+    out["speedup_train_vs_seed"] = round(result["train_packed_samples_per_s"] / result["seed_train_samples_per_s"], 1)
+    out["speedup_caption_vs_seed"] = round(result["caption_images_per_s"] / result["seed_caption_images_per_s"], 1)
+    return out
 
 
 def table(result: dict) -> str:

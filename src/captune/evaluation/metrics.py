@@ -157,17 +157,7 @@ def score_captions(
     from pycocoevalcap.rouge.rouge import Rouge
 
     ids = [i for i in predictions]
-    missing = [i for i in ids if not references.get(i)]
-    if missing:
-        raise UserError(f"no references for image id(s) {', '.join(missing[:5])}")
-    if not ids:
-        raise UserError("no captions to score")
-    # One tokenizer call for everything keeps the Java start-up cost to one.
-    joined = {f"r{n}": references[i] for n, i in enumerate(ids)}
-    joined.update({f"p{n}": [predictions[i] or ""] for n, i in enumerate(ids)})
-    tokens = ptb_tokenize(joined)
-    gts = {i: tokens[f"r{n}"] for n, i in enumerate(ids)}
-    res = {i: tokens[f"p{n}"] for n, i in enumerate(ids)}
+    gts, res = _tokenized(predictions, references, ids)
 
     corpus: dict[str, float] = {}
     per_image: dict[str, list[float]] = {}
@@ -197,18 +187,34 @@ def score_captions(
         corpus["METEOR"] = float(m)
         per_image["METEOR"] = [float(x) for x in m_each]
     corpus = {k: corpus[k] for k in OFFICIAL if k in corpus}
-    unavailable: dict[str, str] = {}
-    if spice:
-        why = spice_available()
-        if why is None:
-            from pycocoevalcap.spice.spice import Spice
-
-            s, s_each = Spice().compute_score(gts, res)
-            corpus["SPICE"] = float(s)
-            per_image["SPICE"] = [float(x["All"]["f"]) for x in s_each]
-        else:
-            unavailable["SPICE"] = why
+    unavailable = _spice(gts, res, corpus, per_image) if spice else {}
     return Scores(corpus, per_image, ids, unavailable, bleu_stats, meteor_stats)
+
+
+def _tokenized(predictions: dict, references: dict, ids: list[str]) -> tuple[dict, dict]:
+    """PTB-tokenized references and predictions by image id (one tokenizer call: one Java start-up)."""
+    missing = [i for i in ids if not references.get(i)]
+    if missing:
+        raise UserError(f"no references for image id(s) {', '.join(missing[:5])}")
+    if not ids:
+        raise UserError("no captions to score")
+    joined = {f"r{n}": references[i] for n, i in enumerate(ids)}
+    joined.update({f"p{n}": [predictions[i] or ""] for n, i in enumerate(ids)})
+    tokens = ptb_tokenize(joined)
+    return {i: tokens[f"r{n}"] for n, i in enumerate(ids)}, {i: tokens[f"p{n}"] for n, i in enumerate(ids)}
+
+
+def _spice(gts: dict, res: dict, corpus: dict, per_image: dict) -> dict[str, str]:
+    """SPICE into ``corpus``/``per_image`` when its models are there; else why not, by name."""
+    why = spice_available()
+    if why is not None:
+        return {"SPICE": why}
+    from pycocoevalcap.spice.spice import Spice
+
+    s, s_each = Spice().compute_score(gts, res)
+    corpus["SPICE"] = float(s)
+    per_image["SPICE"] = [float(x["All"]["f"]) for x in s_each]
+    return {}
 
 
 def _bleu(gts: dict, res: dict) -> tuple[list[float], list[list[float]], list[list[float]]]:

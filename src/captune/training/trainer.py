@@ -106,9 +106,8 @@ class Trainer:
                            vision_trains=self.vision_trains, examples=self.inputs.train_examples,
                            feats=self.train_feats)  # fmt: skip
         self.validator = Validator(self.model, self.tokenizer, self.cfg, self.inputs.val_examples, self.val_feats,
-                                   vision_trains=self.vision_trains, score_fn=self.inputs.score_fn,
-                                   settle_now=self.world.distributed, engine=self.engine,
-                                   selection=self.selection, log=self.log)  # fmt: skip
+                                   score_fn=self.inputs.score_fn, engine=self.engine, selection=self.selection,
+                                   log=self.log)  # fmt: skip
         return self
 
     def _setup_features(self) -> None:
@@ -269,20 +268,11 @@ class Trainer:
         )
 
 
-def train(
-    model,
-    processor,
-    train_examples: list[Example],
-    val_examples: list[Example],
-    cfg: Config,
-    *,
-    log_path: Path | None = None,
-    log: Callable[[str], None] = print,
-    score_fn: Callable[[list[str], list[list[str]]], float] | None = None,
-    feature_fn: Callable[[list[bytes]], torch.Tensor] | None = None,
-    checkpoint_dir: Path | None = None,
-    on_step: Callable[[int], None] | None = None,
-) -> TrainResult:
-    """Train the LoRA parameters of ``model`` (a PEFT model) in place; keep the best ones."""
-    inputs = TrainInputs(train_examples, val_examples, log_path, score_fn, feature_fn, checkpoint_dir, on_step)
-    return Trainer(model, processor, cfg, inputs, log).setup().fit()
+def train(model, processor, train_examples: list[Example], val_examples: list[Example], cfg: Config, *,
+          log: Callable[[str], None] = print, **inputs) -> TrainResult:  # fmt: skip
+    """Train the LoRA parameters of ``model`` (a PEFT model) in place; keep the best ones.
+
+    ``inputs`` are ``TrainInputs``' other fields: ``log_path``, ``score_fn`` (captions, references ->
+    validation CIDEr), ``feature_fn`` (images -> features, e.g. the run's disk cache),
+    ``checkpoint_dir`` and ``on_step`` (called after each optimizer step)."""
+    return Trainer(model, processor, cfg, TrainInputs(train_examples, val_examples, **inputs), log).setup().fit()

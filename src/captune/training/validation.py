@@ -17,7 +17,9 @@ import torch
 
 from captune.config import Config
 from captune.data.pairs import image_groups
+from captune.distributed import world
 from captune.evaluation.background import submit
+from captune.model.lora import adapter_touches_vision
 from captune.ops.features import project_queries
 from captune.ops.generation import caption_features
 from captune.ops.lm import unwrap
@@ -97,12 +99,14 @@ def _timed_call(fn: Callable, *args) -> tuple:
 class Validator:
     """Runs validations and settles their scores into the log and the selection."""
 
-    def __init__(self, model, tokenizer, cfg: Config, examples: list, feats, *, vision_trains: bool,
-                 score_fn: Callable | None, settle_now: bool, engine, selection: Selection, log):  # fmt: skip
+    def __init__(self, model, tokenizer, cfg: Config, examples: list, feats, *, score_fn: Callable | None,
+                 engine, selection: Selection, log):  # fmt: skip
         self.model, self.tokenizer, self.cfg, self.examples = model, tokenizer, cfg, examples
         self.vision = feats  # vision-tower outputs when the Q-Former trains, else the features
         self.feats = feats
-        self.vision_trains, self.score_fn, self.settle_now = vision_trains, score_fn, settle_now
+        self.vision_trains = adapter_touches_vision(model)
+        # under several processes every process must take the same decisions: settle at once
+        self.score_fn, self.settle_now = score_fn, world().distributed
         self.engine, self.selection, self.log = engine, selection, log
         self.pending: list[tuple[dict, dict, Future, dict]] = []
 
