@@ -215,3 +215,52 @@ def test_llama_packing_and_fast_decoder_fall_back(llama):
     lm = llama.model.language_model
     assert not packing_supported(lm) and not fast_supported(lm)
     assert not use_fast_path(llama.model, EvalConfig())
+
+
+@pytest.mark.parametrize("which", ["llama", "t5"])
+def test_lora_training_on_cached_features_learns(which, request):
+    """captune's training loss (``training.flat_loss`` on cached features) drives a LoRA adapter
+    down on a planted pairing of images and captions, for both language models."""
+    from captune.config import Config
+    from captune.model.lora import attach_lora
+    from captune.training import flat_loss
+
+    loaded = _load(request.getfixturevalue(f"tiny_instructblip{'_t5' if which == 't5' else ''}_dir"))
+    torch.manual_seed(0)
+    peft = attach_lora(loaded.model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"))
+    feats = image_features(peft, loaded.processor, IMAGES)
+    cfg = Config()
+    cfg.model.prompt = PROMPT
+    chunk = list(enumerate(CAPTIONS))
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=2e-2)
+    peft.train()
+    losses = []
+    for _ in range(15):
+        loss, tokens = flat_loss(peft, loaded.processor.tokenizer, feats, chunk, cfg)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert tokens == sum(len(c.split()) + 1 for c in CAPTIONS)  # caption words + EOS, nothing else
+    assert losses[-1] < 0.25 * losses[0], losses[::3]
+
+
+@pytest.mark.parametrize(
+    ("arch", "family", "billions"),
+    [("instructblip-vicuna-7b", "llama", (7.8, 8.0)), ("instructblip-flan-t5-xl", "t5", (3.9, 4.1))],
+)
+def test_real_instructblip_architectures_build_from_config(arch, family, billions):
+    """The benchmark architectures (random weights, built on the meta device: no memory, no time)."""
+    from captune.model.architectures import ARCHITECTURES, blip2_config, model_class
+
+    assert arch in ARCHITECTURES
+    cfg = blip2_config(arch)
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)
+    assert type(model).__name__ == "InstructBlipForConditionalGeneration"
+    assert language_family(model) == family
+    assert cfg.num_query_tokens == 32 and cfg.vision_config.num_hidden_layers == 39
+    assert cfg.qformer_config.num_hidden_layers == 12 and cfg.qformer_config.hidden_size == 768
+    total = sum(p.numel() for p in model.parameters()) / 1e9
+    assert billions[0] < total < billions[1], total
+    assert cfg.image_token_index < model.language_model.get_input_embeddings().num_embeddings
