@@ -264,3 +264,32 @@ def test_real_instructblip_architectures_build_from_config(arch, family, billion
     total = sum(p.numel() for p in model.parameters()) / 1e9
     assert billions[0] < total < billions[1], total
     assert cfg.image_token_index < model.language_model.get_input_embeddings().num_embeddings
+
+
+def test_instructblip_recipes():
+    from captune.config import load_config
+
+    vicuna = load_config("coco5k-instructblip")
+    assert vicuna.model.name_or_path == "Salesforce/instructblip-vicuna-7b"
+    assert vicuna.model.quantization == "4bit" and vicuna.model.prompt and not vicuna.train.pack
+    t5 = load_config("coco5k-instructblip-flan-t5")
+    assert t5.model.name_or_path == "Salesforce/instructblip-flan-t5-xl" and t5.model.dtype == "bf16"
+
+
+def test_caption_images_uses_its_prompt_as_the_instruction(llama, monkeypatch):
+    """``captune caption --prompt`` loads the model without one; the prompt given reaches the Q-Former."""
+    import captune.ops.generation as generation
+
+    bare = load_model(ModelConfig(name_or_path=llama.source, device="cpu", dtype="fp32"))  # instruction ""
+    seen = []
+
+    def spy(*args, **kwargs):
+        out = image_features(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(generation, "image_features", spy)
+    generation.caption_images(bare.model, bare.processor, IMAGES, EvalConfig(batch_size=4, max_new_tokens=2), PROMPT)
+    expected = image_features(llama.model, llama.processor, IMAGES)  # recorded instruction: PROMPT
+    torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=0)
+    assert (image_features(bare.model, bare.processor, IMAGES) - expected).abs().max() > 1e-5
