@@ -115,3 +115,21 @@ def tiny_t5_dir(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_instructblip_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised InstructBLIP with a LLaMA language model, saved in HF format."""
+    from captune.demo.instructblip import build_tiny_instructblip
+
+    torch.manual_seed(0)
+    return build_tiny_instructblip(tmp_path_factory.mktemp("tiny_instructblip"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_instructblip_t5_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised InstructBLIP with a T5 (encoder-decoder) language model."""
+    from captune.demo.instructblip import build_tiny_instructblip
+
+    torch.manual_seed(0)
+    return build_tiny_instructblip(tmp_path_factory.mktemp("tiny_instructblip_t5"), "t5")

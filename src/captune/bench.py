@@ -126,14 +126,12 @@ def build_processor(cfg):
 
 
 def build_model(arch: str, dtype: torch.dtype):
-    from transformers import Blip2ForConditionalGeneration
-
-    from captune.model.architectures import blip2_config
+    from captune.model.architectures import blip2_config, model_class
 
     cfg = blip2_config(arch)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Blip2ForConditionalGeneration(cfg)
+        model = model_class(cfg)(cfg)
     model = model.to(dtype)
     model.qformer.float()  # transformers keeps the Q-Former in fp32
     return model.eval(), cfg

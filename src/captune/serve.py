@@ -87,7 +87,10 @@ class Captioner:
         tok = self.processor.tokenizer
 
         def features():
-            return image_features(self.model, self.processor, images, batch_size=cfg.batch_size, device=self.device)
+            # the request's prompt is also InstructBLIP's instruction (its Q-Former reads it)
+            return image_features(
+                self.model, self.processor, images, batch_size=cfg.batch_size, device=self.device, instruction=prompt
+            )
 
         with self._lock:  # one model, one request batch at a time
             if not self.tuned:

@@ -1,4 +1,4 @@
-"""Load BLIP-2 checkpoints and processors and pick their precision.
+"""Load BLIP-2 and InstructBLIP checkpoints and processors and pick their precision.
 
 Models load with ``from_pretrained`` from a local folder or the Hub (safetensors
 only). ``builtin:demo`` resolves to the demo base model folder shipped with the
@@ -91,28 +91,53 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
         ) from None
 
 
+def model_classes(path: str) -> tuple[type, type]:
+    """The model and processor classes for a checkpoint folder, by its config's ``model_type``:
+    BLIP-2 (``blip-2``) or InstructBLIP (``instructblip``), whose Q-Former also reads the prompt."""
+    import json
+
+    from transformers import (
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+    )
+
+    try:
+        kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {Path(path) / 'config.json'} ({type(exc).__name__})") from None
+    if kind == "instructblip":
+        return InstructBlipForConditionalGeneration, InstructBlipProcessor
+    if kind == "blip-2":
+        return Blip2ForConditionalGeneration, Blip2Processor
+    raise UserError(
+        f"model {path} is a '{kind}' checkpoint; captune adapts BLIP-2 (blip-2) and InstructBLIP (instructblip) models"
+    )
+
+
 def load_model(cfg: ModelConfig, *, device: torch.device | None = None) -> Loaded:
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    from captune.model.instruct import set_instruction
 
     path = resolve_model_path(cfg.name_or_path, cfg.revision)
+    model_class, processor_class = model_classes(path)
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    processor = Blip2Processor.from_pretrained(path)
+    processor = processor_class.from_pretrained(path)
     quant = quantization_config(cfg, device, dtype)
     # On a GPU the weights go straight from the safetensors files to the device.
     placement = {"device_map": {"": device.index or 0}} if device.type == "cuda" else {}
     launch.keep_every_process_loading()
     if quant is not None:
         placement["quantization_config"] = quant
-    model = Blip2ForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=False, **placement
-    )
+    model = model_class.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False, **placement)
     if model.config.image_token_index is None:
         # Older checkpoints predate image tokens; the processor's token is the one to use.
         model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
     if device.type != "cuda":
         model.to(device)
     model.eval()
+    set_instruction(model, processor, cfg.prompt)
     return Loaded(model, processor, device, dtype, path)
 
 

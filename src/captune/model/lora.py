@@ -10,12 +10,18 @@ from captune.model.family import language_family
 from captune.model.load import is_quantized
 
 # LoRA presets per language-model family. The seed's choice (q_proj/k_proj) only
-# matches OPT attention; T5 names its projections q/k/v/o and wi/wo.
+# matches OPT attention; T5 names its projections q/k/v/o and wi/wo; LLaMA (Vicuna, in
+# InstructBLIP) q/k/v/o_proj and gate/up/down_proj.
 PRESETS = {
     "opt": {
         "seed": ["q_proj", "k_proj"],
         "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
         "all-linear": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    },
+    "llama": {
+        "seed": ["q_proj", "k_proj"],
+        "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     },
     "t5": {
         "seed": ["q", "k"],
@@ -39,7 +45,13 @@ def prepare_kbit_training(model) -> None:
 def target_modules(model, lora: LoraConfig) -> list[str]:
     if isinstance(lora.target_modules, list):
         return list(lora.target_modules)
-    return PRESETS[language_family(model)][lora.target_modules]
+    family = language_family(model)
+    if family not in PRESETS:
+        raise UserError(
+            f"lora.target_modules={lora.target_modules}: captune has no preset for a '{family}' language model; "
+            "list the module names instead (lora.target_modules=[q_proj,v_proj])"
+        )
+    return PRESETS[family][lora.target_modules]
 
 
 QFORMER_TARGETS = ["query", "key", "value"]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from captune.data.images import load_rgb
+from captune.model.instruct import qformer_inputs
 from captune.ops.lm import unwrap
 
 
@@ -62,10 +63,14 @@ def image_features(
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
     stage: str = "projected",
+    instruction: str | None = None,
 ) -> torch.Tensor:
     """Projected Q-Former outputs, shape (N, num_query_tokens, lm_hidden), on ``device``; with
     ``stage="vision"`` the vision tower's output instead (N, patches + 1, vision_hidden), for
     when the Q-Former trains and its output cannot be cached.
+
+    An InstructBLIP Q-Former reads the instruction too: the one ``load_model`` recorded
+    (``model.prompt``), or ``instruction`` when given.
 
     JPEG decoding and preprocessing run in a thread pool, a few batches ahead of the
     GPU, through the model's own image processor. With the model on a GPU each torch
@@ -79,6 +84,7 @@ def image_features(
     device = device or next(blip.parameters()).device
     dtype = blip.language_projection.weight.dtype
     vision_dtype = blip.vision_model.embeddings.patch_embedding.weight.dtype
+    instruct = {} if stage == "vision" else qformer_inputs(blip, 1, device, processor, instruction)
     workers = _workers()
     sub = max(1, min(16, batch_size // workers or 1))
     starts = list(range(0, len(images), batch_size))
@@ -109,7 +115,8 @@ def image_features(
                 if stage == "vision":
                     chunks.append(blip.vision_model(pixel_values=pv, return_dict=True).last_hidden_state)
                 else:
-                    out = blip.get_image_features(pixel_values=pv, return_dict=True)
+                    text = {k: v.expand(pv.size(0), -1) for k, v in instruct.items()}
+                    out = blip.get_image_features(pixel_values=pv, return_dict=True, **text)
                     chunks.append(out.pooler_output.to(dtype))
                 if progress:
                     progress(min(start + batch_size, len(images)))
@@ -120,11 +127,20 @@ def image_features(
 
 def project_queries(blip, image_embeds: torch.Tensor) -> torch.Tensor:
     """The Q-Former and projection over vision-tower outputs: what ``get_image_features`` does
-    after the vision tower, so a trainable Q-Former runs each step on cached vision outputs."""
+    after the vision tower, so a trainable Q-Former runs each step on cached vision outputs.
+    An InstructBLIP Q-Former reads the recorded instruction after its queries, as there."""
     mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
     queries = blip.query_tokens.expand(image_embeds.size(0), -1, -1)
-    out = blip.qformer(query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=mask)
-    query_output = out[0]
+    text = qformer_inputs(blip, image_embeds.size(0), image_embeds.device)
+    extra = {}
+    if text:
+        query_mask = torch.ones(queries.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        extra = {
+            "input_ids": text["qformer_input_ids"],
+            "attention_mask": torch.cat([query_mask, text["qformer_attention_mask"]], dim=1),
+        }
+    out = blip.qformer(query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=mask, **extra)
+    query_output = out[0][:, : queries.size(1)]
     if query_output.dtype != image_embeds.dtype:  # the Q-Former is kept in fp32
         query_output = query_output.to(image_embeds.dtype)
     return blip.language_projection(query_output)

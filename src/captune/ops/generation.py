@@ -129,7 +129,8 @@ def caption_images(
     prompt: str = "",
     device: torch.device | None = None,
 ) -> list[str]:
-    """Captions for encoded images: features in batches, then batched generation."""
+    """Captions for encoded images: features in batches, then batched generation. ``prompt`` is
+    InstructBLIP's instruction as well (its Q-Former reads it)."""
     out: list[str] = []
     for start in range(0, len(images), cfg.batch_size):
         feats = image_features(
@@ -138,6 +139,7 @@ def caption_images(
             images[start : start + cfg.batch_size],
             batch_size=cfg.batch_size,
             device=device,
+            instruction=prompt,
         )
         out.extend(caption_features(model, processor.tokenizer, feats, cfg, prompt))
     return out

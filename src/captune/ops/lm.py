@@ -1,4 +1,4 @@
-"""The language-model half of BLIP-2 run on cached image features.
+"""The language-model half of BLIP-2 (and InstructBLIP) run on cached image features.
 
 The language model runs on ``inputs_embeds`` with the features scattered into the
 image-token positions, which is exactly what ``Blip2ForConditionalGeneration`` does
@@ -14,7 +14,7 @@ from captune.ops.batching import IGNORE, is_encoder_decoder
 
 
 def unwrap(model):
-    """The ``Blip2ForConditionalGeneration`` inside a PEFT wrapper (or the model itself)."""
+    """The ``Blip2``/``InstructBlipForConditionalGeneration`` inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -46,8 +46,8 @@ def lm_loss(
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
     target = labels[:, 1:]
     keep = target != IGNORE
-    body = getattr(lm, "model", None)
-    if body is not None and hasattr(lm, "lm_head") and hasattr(body, "decoder"):
+    body = getattr(lm, "model", None)  # OPTModel, LlamaModel: the decoder stack with its final norm
+    if body is not None and hasattr(lm, "lm_head"):
         hidden = body(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         logits = lm.lm_head(hidden[:, :-1][keep]).float()
         return F.cross_entropy(logits, target[keep])

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 
+from captune.model.instruct import instruction
 from captune.ops.features import _workers, image_features
 from captune.ops.lm import unwrap
 
 
 def model_fingerprint(model, processor, source: str) -> str:
-    """Identity of everything that shapes an image's features: weights, config, preprocessing, dtype."""
+    """Identity of everything that shapes an image's features: weights, config, preprocessing, dtype,
+    and for InstructBLIP the instruction the Q-Former reads (text and its Q-Former tokens)."""
     blip = unwrap(model)
     weights = []
     folder = Path(source)
@@ -34,6 +36,9 @@ def model_fingerprint(model, processor, source: str) -> str:
         "preprocessing": processor.image_processor.to_dict(),
         "dtype": str(blip.language_projection.weight.dtype),
     }
+    read = instruction(blip)
+    if read is not None:  # only InstructBLIP: BLIP-2 keys stay as they were
+        doc["instruction"] = [read[0], read[1]]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
