@@ -209,8 +209,8 @@ def test_llama_lora_presets_and_frozen_features(tiny_instructblip_dir):
 
 
 def test_llama_packing_and_fast_decoder_fall_back(llama):
-    from captune.ops.fast_decode import supported as fast_supported
-    from captune.ops.packing import supported as packing_supported
+    from captune.model.family import can_fast_decode as fast_supported
+    from captune.model.family import can_pack as packing_supported
 
     lm = llama.model.language_model
     assert not packing_supported(lm) and not fast_supported(lm)

@@ -29,11 +29,6 @@ class TextBatch:
     labels: torch.Tensor | None = None
 
 
-def is_encoder_decoder(blip) -> bool:
-    """True for BLIP-2 checkpoints whose language model is an encoder-decoder (FlanT5)."""
-    return not getattr(blip.config, "use_decoder_only_language_model", True)
-
-
 def training_text(caption: str, prompt: str, eos_token: str) -> str:
     """The text a caption is trained on: prompt, caption, end of sequence."""
     caption = " ".join(caption.split())

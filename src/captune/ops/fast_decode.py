@@ -22,14 +22,6 @@ import torch.nn.functional as F
 from captune.ops.decode_attention import decode_attention
 
 
-def supported(lm) -> bool:
-    """An OPT-style decoder with plain floating-point projections (not 8-bit/4-bit layers)."""
-    dec = getattr(getattr(lm, "model", None), "decoder", None)
-    if dec is None or not hasattr(dec, "embed_positions") or not hasattr(lm, "lm_head"):
-        return False
-    return all(layer.self_attn.v_proj.weight.dtype.is_floating_point for layer in dec.layers)
-
-
 class GreedyOPT:
     """Batched greedy decoding of ``lm`` (an ``OPTForCausalLM``) from input embeddings."""
 

@@ -8,15 +8,16 @@ from collections.abc import Sequence
 import torch
 
 from captune.config import EvalConfig
-from captune.ops.batching import generation_prompt, is_encoder_decoder
-from captune.ops.fast_decode import GreedyOPT, supported
+from captune.model.family import can_fast_decode, is_encoder_decoder
+from captune.ops.batching import generation_prompt
+from captune.ops.fast_decode import GreedyOPT
 from captune.ops.features import image_features
 from captune.ops.lm import embed_with_features, generate_from_features, unwrap
 
 
 def use_fast_path(blip, cfg: EvalConfig) -> bool:
     """Greedy, no repetition penalty, an OPT language model: the static-cache decoder applies."""
-    return cfg.fast and cfg.num_beams == 1 and cfg.repetition_penalty == 1.0 and supported(blip.language_model)
+    return cfg.fast and cfg.num_beams == 1 and cfg.repetition_penalty == 1.0 and can_fast_decode(blip.language_model)
 
 
 def generation_kwargs(cfg: EvalConfig, tokenizer) -> dict:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from captune.ops.batching import IGNORE, is_encoder_decoder
+from captune.model.family import is_encoder_decoder
+from captune.ops.batching import IGNORE
 
 
 def unwrap(model):

@@ -52,11 +52,6 @@ class PackedBatch:
         )
 
 
-def supported(lm) -> bool:
-    dec = getattr(getattr(lm, "model", None), "decoder", None)
-    return dec is not None and hasattr(dec, "embed_positions") and hasattr(lm, "lm_head")
-
-
 def pack_captions(tokenizer, captions: list[list[str]], *, prompt: str, max_text_tokens: int) -> PackedBatch:
     """Tokenize each image's captions into K slots of T tokens (labels masked as usual)."""
     texts = [training_text(c, prompt, tokenizer.eos_token) for caps in captions for c in caps]

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from captune.ops.batching import generation_prompt, is_encoder_decoder
-from captune.ops.fast_decode import SamplingOPT, supported
+from captune.model.family import can_fast_decode, is_encoder_decoder
+from captune.ops.batching import generation_prompt
+from captune.ops.fast_decode import SamplingOPT
 from captune.ops.generation import clean_caption
 from captune.ops.lm import embed_with_features, generate_from_features, unwrap
 
@@ -114,7 +115,7 @@ def sample_captions(
     )
     input_ids, attention = ids.input_ids.to(features.device), ids.attention_mask.to(features.device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if fast and not seq2seq and supported(blip.language_model) and bool(ids.attention_mask.all()):
+    if fast and not seq2seq and can_fast_decode(blip.language_model) and bool(ids.attention_mask.all()):
         decoders = {} if decoders is None else decoders
         key = (n, spec.k, input_ids.size(1), spec.max_new_tokens)
         if key not in decoders:

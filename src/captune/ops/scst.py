@@ -29,7 +29,8 @@ from typing import Literal
 
 import torch
 
-from captune.ops.batching import IGNORE, is_encoder_decoder
+from captune.model.family import is_encoder_decoder
+from captune.ops.batching import IGNORE
 from captune.ops.lm import embed_with_features, unwrap
 
 Normalize = Literal["sequence", "token"]

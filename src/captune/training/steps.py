@@ -12,7 +12,8 @@ import torch
 from captune.config import Config
 from captune.data.pairs import rank_share
 from captune.distributed import World
-from captune.ops.batching import encode_seq2seq, encode_texts, is_encoder_decoder, label_tokens, training_text
+from captune.model.family import is_encoder_decoder
+from captune.ops.batching import encode_seq2seq, encode_texts, label_tokens, training_text
 from captune.ops.features import project_queries
 from captune.ops.lm import lm_loss, unwrap
 from captune.ops.packing import pack_captions, packed_loss

@@ -25,10 +25,10 @@ import torch
 from captune.config import Config
 from captune.data.prepare import Example
 from captune.distributed import all_agree, world
+from captune.model.family import can_pack
 from captune.model.lora import adapter_touches_vision
 from captune.ops.features import image_features
 from captune.ops.lm import unwrap
-from captune.ops.packing import supported as packing_supported
 from captune.training.checkpoint import Checkpointer, Position
 from captune.training.engines import make_engine
 from captune.training.plan import Plan
@@ -135,9 +135,7 @@ class Trainer:
 
     def _setup_engine(self) -> None:
         cfg = self.cfg
-        self.packed = (
-            cfg.train.pack and cfg.data.train_captions == "all" and packing_supported(self.blip.language_model)
-        )
+        self.packed = cfg.train.pack and cfg.data.train_captions == "all" and can_pack(self.blip.language_model)
         self.engine = make_engine(
             self.model, train_cfg=cfg.train, world=self.world, dtype=self.blip.dtype, device=self.device,
             vision_trains=self.vision_trains, quantized=cfg.model.quantization != "none", log=self.say,

@@ -19,12 +19,12 @@ from captune.config import Config
 from captune.data.pairs import image_groups
 from captune.distributed import world
 from captune.evaluation.background import submit
+from captune.model.family import can_pack
 from captune.model.lora import adapter_touches_vision
 from captune.ops.features import project_queries
 from captune.ops.generation import caption_features
 from captune.ops.lm import unwrap
 from captune.ops.packing import pack_captions, packed_loss
-from captune.ops.packing import supported as packing_supported
 from captune.training.steps import flat_loss
 
 
@@ -33,7 +33,7 @@ def validation_loss(model, tokenizer, feats, examples, cfg: Config) -> float:
     """Mean caption loss over every validation (image, caption) pair (packed when possible)."""
     blip = unwrap(model)
     device = feats.device
-    if cfg.train.pack and packing_supported(blip.language_model):
+    if cfg.train.pack and can_pack(blip.language_model):
         total, count = 0.0, 0
         for group in image_groups(examples, list(range(len(examples))), cfg.eval.batch_size):
             batch = pack_captions(

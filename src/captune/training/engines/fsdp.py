@@ -22,6 +22,7 @@ import contextlib
 import torch
 
 from captune.errors import UserError
+from captune.model.family import opt_decoder
 from captune.training.engines.single import SingleEngine
 
 
@@ -31,7 +32,7 @@ def shard_language_model(root: torch.nn.Module, blip) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     lm = blip.language_model
-    layers = getattr(getattr(getattr(lm, "model", None), "decoder", None), "layers", None)
+    layers = getattr(opt_decoder(lm), "layers", None)
     if layers is None:
         raise UserError(
             "FSDP in captune shards OPT-style language models; use DDP (configs/accelerate/multi-gpu.yaml) "

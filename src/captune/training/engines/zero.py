@@ -25,6 +25,7 @@ import contextlib
 import torch
 
 from captune.errors import UserError
+from captune.model.family import opt_decoder
 
 
 def _deepspeed():
@@ -186,7 +187,7 @@ class ZeroEngine:
 
     def wrap(self, module: torch.nn.Module, *, packed: bool):
         # the packed step reads the position table directly (not through its module's forward)
-        dec = getattr(getattr(self.blip.language_model, "model", None), "decoder", None)
+        dec = opt_decoder(self.blip.language_model)
         external = [dec.embed_positions.weight] if packed and dec is not None else []
         self.module = wrap(module, self.optimizer, self.train_cfg, self.size, self.stage, external)
         if self._resumed_optimizer is not None:
