@@ -45,25 +45,14 @@ def _load_cfg(recipe: str | None, overrides: list[str]):
 
 
 def cmd_run(args) -> int:
-    from captune.config import load_config
-    from captune.pipeline import PHASES, Run, preflight, run_phases
+    from captune.api import run_recipe
 
-    cfg = load_config(args.recipe, args.overrides)
-    out = Path(args.out or Path("runs") / cfg.name)
-    run = Run.open(out, cfg, force=args.force, log=_log)
-    preflight(cfg)
-    from captune.distributed import world
-    from captune.evaluation.metrics import prewarm
-
-    if world().is_main:
-        prewarm()  # METEOR's JVM loads while the model does
-    _log(f"captune {__version__}: recipe '{cfg.name}' -> {out}")
-    run_phases(run, PHASES, force=args.force)
-    table = run.path("comparison.md")
+    result = run_recipe(args.recipe, args.overrides, out=args.out, force=args.force, log=_log)
+    table = result.root / "comparison.md"
     if table.is_file():
-        _log(f"\nBefore / after on {cfg.eval.split} ({out}/comparison.md):\n")
+        _log(f"\nBefore / after on {result.config.eval.split} ({result.root}/comparison.md):\n")
         _log(table.read_text())
-    _log(f"report: {run.path('report', 'index.html')}")
+    _log(f"report: {result.root / 'report' / 'index.html'}")
     return 0
 
 
@@ -84,8 +73,6 @@ def cmd_phase(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from captune.evaluation.metrics import score_captions
-
     preds: dict[str, str] = {}
     refs: dict[str, list[str]] = {}
     for n, row in _jsonl(Path(args.predictions)):
@@ -100,10 +87,10 @@ def cmd_score(args) -> int:
             if "image_id" not in row or not isinstance(row.get("captions"), list):
                 raise UserError(f"{args.references} line {n}: needs 'image_id' and a 'captions' list")
             refs[str(row["image_id"])] = [str(c) for c in row["captions"]]
-    from captune.evaluation.seed_metrics import seed_compatible
+    from captune.api import score
 
-    scores = score_captions(preds, refs, spice=True)
-    seed = seed_compatible(preds, refs)
+    result = score(preds, refs, spice=True, bootstrap=0)
+    scores, seed = result.raw, result.seed_compatible
     if args.json:
         print(
             json.dumps(
@@ -174,8 +161,7 @@ def data_parser() -> argparse.ArgumentParser:
 
 
 def cmd_data_prepare(args) -> int:
-    from captune.config import DataConfig, apply_mapping
-    from captune.data.prepare import prepare
+    from captune.api import prepare_data
 
     fields = {
         "source": args.source,
@@ -195,13 +181,8 @@ def cmd_data_prepare(args) -> int:
             fields["ratios"] = [float(x) for x in args.ratios.split(",")]
         except ValueError:
             raise UserError(f"--ratios '{args.ratios}': expected three numbers like 0.8,0.1,0.1") from None
-    from captune.config import Config
-
-    holder = Config()
-    apply_mapping(holder, {"data": {k: v for k, v in fields.items() if v is not None}})
-    cfg: DataConfig = holder.data
-    cfg.check()
-    prepare(cfg, Path(args.out), force=args.force, strict=args.strict, log=_log)
+    source = fields.pop("source")
+    prepare_data(source, Path(args.out), force=args.force, strict=args.strict, log=_log, **fields)
     return 0
 
 
@@ -303,26 +284,17 @@ def cmd_merge(args) -> int:
 
 
 def cmd_push(args) -> int:
-    import tempfile
-
-    from captune.hub import get_token, push, stage_upload
+    from captune.api import push
 
     run = Path(args.run)
-    cfg = _run_config(run)
-    repo = args.repo or cfg.hub.repo_id
-    if not repo or repo.count("/") != 1 or not all(repo.split("/")):
-        raise UserError("give the target as --repo OWNER/NAME (or set hub.repo_id in the recipe)")
     if args.dry_run:
-        out = Path(args.out or run / "push")
-        stage_upload(run, cfg, repo, out)
+        out = Path(push(run, args.repo, dry_run=True, out=args.out))
+        repo = args.repo or _run_config(run).hub.repo_id
         _log(f"dry run: the folder that would be uploaded to {repo} is {out}")
         for f in sorted(out.iterdir()):
             _log(f"  {f.name}  {f.stat().st_size} bytes")
         return 0
-    token = get_token()
-    with tempfile.TemporaryDirectory(prefix="captune-push-") as tmp:
-        folder = stage_upload(run, cfg, repo, Path(tmp) / "upload")
-        url = push(folder, repo, private=args.private or cfg.hub.private, token=token)
+    url = push(run, args.repo, private=args.private)
     _log(f"pushed to {url}")
     return 0
 
