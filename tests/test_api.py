@@ -201,5 +201,8 @@ def test_run_on_an_in_memory_dataset(tmp_path, capsys):
     assert r.config.data.source == f"dataset:{ds._fingerprint}"
     again = captune.prepare_data(ds, r.root / "data", num_images=0, id_column="id", quiet=True)
     assert sum(again.counts.values()) == 12 and again.manifest == r.data.manifest
+    logs: list[str] = []
+    forced = captune.run_recipe("demo", over, out=r.root, phases="data", data=ds, force=True, log=logs.append)
+    assert forced.data.manifest["source"] == r.config.data.source and "[data] done in" in logs[-1]
     assert main(["data", str(r.root), "--force"]) == 2
     assert "was an in-memory datasets.Dataset" in capsys.readouterr().err

@@ -343,10 +343,28 @@ def run_recipe(
     if world().is_main and {"baseline", "finetuned"} & set(wanted):
         prewarm()  # METEOR's JVM loads while the model does
     say(f"captune {__version__}: recipe '{cfg.name}' -> {root}")
-    if data is not None and "data" in wanted and (force or not session.done("data")):
-        _prepare(cfg.data, root / "data", data, force=force, strict=False, log=say)
+    if data is not None and "data" in wanted:  # the data phase reads the dataset given here, not a source
+        wanted = tuple(p for p in wanted if p != "data")
+        _dataset_phase(session, data, force, say)
     pl.run_phases(session, wanted, force=force)
     return RunResult.from_folder(root)
+
+
+def _dataset_phase(session: Any, data: Any, force: bool, say: Log) -> None:
+    import time
+
+    from captune.distributed import barrier, world
+
+    if session.done("data") and not force:
+        say("[data] complete, skipped (use --force to redo)")
+        return
+    say("[data]")
+    t0 = time.perf_counter()
+    if world().is_main:
+        _prepare(session.cfg.data, session.path("data"), data, force=force, strict=False, log=say)
+    barrier()
+    session.record_time("data", time.perf_counter() - t0)
+    say(f"[data] done in {time.perf_counter() - t0:.1f}s")
 
 
 # ------------------------------------------------------------------ data
