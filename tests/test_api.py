@@ -69,6 +69,8 @@ def test_full_demo_run(api_run):
     gallery = r.gallery(4)
     assert len(gallery) == 4 and gallery._repr_html_().count("data:image/") == 4
     assert gallery.items[0]["baseline"] in gallery._repr_html_()
+    for shown in (r, gallery, r.data):  # the plain-text repr stays short (no image bytes, no manifest dump)
+        assert len(repr(shown)) < 400, repr(shown)[:100]
 
 
 def test_rerun_skips_and_selected_phases(api_run, tmp_path):
@@ -106,6 +108,7 @@ def test_load_adapter_and_caption_pil_images(api_run):
     captioner = captune.load_model(api_run.root)
     model, processor = captioner
     assert isinstance(model, PeftModel) and processor is captioner.processor
+    assert repr(captioner).startswith("Captioner(PeftModel")
     stored = {r["image_id"]: r["caption"] for r in api_run.predictions("finetuned")}
     assert captune.caption(pil, captioner) == [stored[i] for i in ids]
     with model.disable_adapter():

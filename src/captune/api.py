@@ -292,6 +292,9 @@ class Gallery:
     def __len__(self) -> int:
         return len(self.items)
 
+    def __repr__(self) -> str:
+        return f"Gallery({len(self.items)} images: {', '.join(it['image_id'] for it in self.items)})"
+
 
 def _phase_list(phases: Iterable[str] | str | None) -> tuple[str, ...]:
     all_phases = _pipeline().PHASES
@@ -395,6 +398,9 @@ class PreparedData:
             raise UserError(f"split '{name}': use one of {', '.join(SPLITS)}")
         return [{"image_id": e.image_id, "image": e.image, "captions": e.captions} for e in load_split(self.root, name)]
 
+    def __repr__(self) -> str:
+        return f"PreparedData(root={str(self.root)!r}, source={self.manifest['source']!r}, counts={self.counts})"
+
     def _repr_markdown_(self) -> str:
         m = self.manifest
         c = m["counts"]
@@ -469,6 +475,10 @@ class Captioner:
 
     def __iter__(self):
         return iter((self.model, self.processor))
+
+    def __repr__(self) -> str:
+        kind = type(self.model).__name__
+        return f"Captioner({kind} from {self.source!r} on {self.device}, prompt={self.prompt!r})"
 
     def caption(self, images: Any, **options: Any) -> list[str]:
         """``captune.caption(images, self, **options)``."""
@@ -635,6 +645,10 @@ class ScoreResult:
         for k, why in self.unavailable.items():
             lines.append(f"| {k} | unavailable: {why} | |")
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items())
+        return f"ScoreResult({len(self.per_image)} images: {shown})"
 
     def _repr_html_(self) -> str:
         rows = "".join(
