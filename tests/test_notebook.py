@@ -18,6 +18,19 @@ def test_notebook_is_stored_without_outputs():
     assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
 
 
+def test_progress_bar_auto_shows_in_jupyter_only(monkeypatch):
+    import io
+
+    from captune import tracking
+
+    assert not tracking.in_notebook()  # pytest is no Jupyter kernel
+    assert tracking.ProgressBar("auto", 10, stream=io.StringIO()).bar is None
+    monkeypatch.setattr(tracking, "in_notebook", lambda: True)
+    bar = tracking.ProgressBar("auto", 10, stream=io.StringIO())
+    assert bar.bar is not None
+    bar.close()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_notebook_executes(tmp_path, monkeypatch):
@@ -40,4 +53,5 @@ def test_notebook_executes(tmp_path, monkeypatch):
     assert ">CIDEr<" in html and "95% CI of change" in html  # the before/after table, inline
     assert html.count("data:image/") >= 8 + 4  # the gallery and the data preview, inline
     assert "fine-tuned:" in text and "README.md" in text
+    assert "step/s" in text  # the training progress bar rendered in the cell (stderr is no terminal there)
     assert (tmp_path / "run" / "comparison.json").is_file() and (tmp_path / "run" / "push" / "README.md").is_file()
