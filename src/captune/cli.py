@@ -226,10 +226,8 @@ def cmd_data_inspect(args) -> int:
 def cmd_caption(args) -> int:
     import csv
 
-    from captune.config import EvalConfig, ModelConfig
+    from captune.api import caption, load_model
     from captune.data.files import collect_paths, read_images
-    from captune.model.load import load_model
-    from captune.ops.generation import caption_images
 
     paths, missing = collect_paths(args.paths)
     images, bad = read_images(paths)
@@ -237,18 +235,15 @@ def cmd_caption(args) -> int:
         print(f"captune: skipped {where}: {why}", file=sys.stderr)
     if not images:
         raise UserError("no readable image among the given paths")
-    loaded = load_model(ModelConfig(name_or_path=args.model, device=args.device))
-    model = loaded.model
-    if args.adapter:
-        from peft import PeftModel
-
-        adapter = Path(args.adapter)
-        if adapter.is_dir() and not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    ecfg = EvalConfig(batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    ecfg.check()
-    captions = caption_images(model, loaded.processor, [b for _, b in images], ecfg, args.prompt)
+    captioner = load_model(model=args.model, adapter=args.adapter, device=args.device)
+    captions = caption(
+        [b for _, b in images],
+        captioner,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+    )
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
     try:
         if args.format == "jsonl":
