@@ -40,7 +40,8 @@ def parse_source(source: str) -> tuple[str, str]:
     kind, _, rest = source.partition(":")
     kinds = ("demo", "hub", "coco", "manifest", "imagefolder", "parquet", "arrow", "dataset")
     if kind not in kinds or not rest:
-        raise UserError(f"data.source '{source}' is not understood; use one of " + ", ".join(f"{k}:..." for k in kinds))
+        shown = [k for k in kinds if k != "dataset"]  # dataset: names an in-memory Dataset, not typed by hand
+        raise UserError(f"data.source '{source}' is not understood; use one of " + ", ".join(f"{k}:..." for k in shown))
     return kind, rest
 
 
