@@ -45,27 +45,14 @@ def _load_cfg(recipe: str | None, overrides: list[str]):
 
 
 def cmd_run(args) -> int:
-    from captune.config import load_config
-    from captune.run.folder import PHASES, Run
-    from captune.run.phases import run_phases
-    from captune.run.preflight import preflight
+    from captune.api import run_recipe
 
-    cfg = load_config(args.recipe, args.overrides)
-    out = Path(args.out or Path("runs") / cfg.name)
-    run = Run.open(out, cfg, force=args.force, log=_log)
-    preflight(cfg)
-    from captune.distributed import world
-    from captune.evaluation.metrics import prewarm
-
-    if world().is_main:
-        prewarm()  # METEOR's JVM loads while the model does
-    _log(f"captune {__version__}: recipe '{cfg.name}' -> {out}")
-    run_phases(run, PHASES, force=args.force)
-    table = run.path("comparison.md")
+    result = run_recipe(args.recipe, args.overrides, out=args.out, force=args.force, log=_log)
+    table = result.root / "comparison.md"
     if table.is_file():
-        _log(f"\nBefore / after on {cfg.eval.split} ({out}/comparison.md):\n")
+        _log(f"\nBefore / after on {result.config.eval.split} ({result.root}/comparison.md):\n")
         _log(table.read_text())
-    _log(f"report: {run.path('report', 'index.html')}")
+    _log(f"report: {result.root / 'report' / 'index.html'}")
     return 0
 
 
@@ -162,8 +149,7 @@ def data_parser() -> argparse.ArgumentParser:
 
 
 def cmd_data_prepare(args) -> int:
-    from captune.config import DataConfig, apply_mapping
-    from captune.data.prepare import prepare
+    from captune.api import prepare_data
 
     fields = {
         "source": args.source,
@@ -183,13 +169,8 @@ def cmd_data_prepare(args) -> int:
             fields["ratios"] = [float(x) for x in args.ratios.split(",")]
         except ValueError:
             raise UserError(f"--ratios '{args.ratios}': expected three numbers like 0.8,0.1,0.1") from None
-    from captune.config import Config
-
-    holder = Config()
-    apply_mapping(holder, {"data": {k: v for k, v in fields.items() if v is not None}})
-    cfg: DataConfig = holder.data
-    cfg.check()
-    prepare(cfg, Path(args.out), force=args.force, strict=args.strict, log=_log)
+    source = fields.pop("source")
+    prepare_data(source, Path(args.out), force=args.force, strict=args.strict, log=_log, **fields)
     return 0
 
 
@@ -233,10 +214,8 @@ def cmd_data_inspect(args) -> int:
 def cmd_caption(args) -> int:
     import csv
 
-    from captune.config import EvalConfig, ModelConfig
+    from captune.api import caption, load_model
     from captune.data.files import collect_paths, read_images
-    from captune.model.load import load_model
-    from captune.ops.generation import caption_images
 
     paths, missing = collect_paths(args.paths)
     images, bad = read_images(paths)
@@ -244,18 +223,15 @@ def cmd_caption(args) -> int:
         print(f"captune: skipped {where}: {why}", file=sys.stderr)
     if not images:
         raise UserError("no readable image among the given paths")
-    loaded = load_model(ModelConfig(name_or_path=args.model, device=args.device))
-    model = loaded.model
-    if args.adapter:
-        from peft import PeftModel
-
-        adapter = Path(args.adapter)
-        if adapter.is_dir() and not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    ecfg = EvalConfig(batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    ecfg.check()
-    captions = caption_images(model, loaded.processor, [b for _, b in images], ecfg, args.prompt)
+    captioner = load_model(model=args.model, adapter=args.adapter, device=args.device)
+    captions = caption(
+        [b for _, b in images],
+        captioner,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+    )
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
     try:
         if args.format == "jsonl":
@@ -291,26 +267,17 @@ def cmd_merge(args) -> int:
 
 
 def cmd_push(args) -> int:
-    import tempfile
-
-    from captune.hub import get_token, push, stage_upload
+    from captune.api import push
 
     run = Path(args.run)
-    cfg = _run_config(run)
-    repo = args.repo or cfg.hub.repo_id
-    if not repo or repo.count("/") != 1 or not all(repo.split("/")):
-        raise UserError("give the target as --repo OWNER/NAME (or set hub.repo_id in the recipe)")
     if args.dry_run:
-        out = Path(args.out or run / "push")
-        stage_upload(run, cfg, repo, out)
+        out = Path(push(run, args.repo, dry_run=True, out=args.out))
+        repo = args.repo or _run_config(run).hub.repo_id
         _log(f"dry run: the folder that would be uploaded to {repo} is {out}")
         for f in sorted(out.iterdir()):
             _log(f"  {f.name}  {f.stat().st_size} bytes")
         return 0
-    token = get_token()
-    with tempfile.TemporaryDirectory(prefix="captune-push-") as tmp:
-        folder = stage_upload(run, cfg, repo, Path(tmp) / "upload")
-        url = push(folder, repo, private=args.private or cfg.hub.private, token=token)
+    url = push(run, args.repo, private=args.private)
     _log(f"pushed to {url}")
     return 0
 

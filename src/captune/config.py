@@ -171,7 +171,7 @@ class TrainConfig:
     DeepSpeed ZeRO-2 (optimizer state and gradients partitioned) / ZeRO-3 (every weight partitioned);
     auto = what the accelerate launch config says (configs/accelerate/*.yaml), else DDP."""
     progress: Literal["auto", "on", "off"] = "auto"
-    """A progress bar (step, loss, lr, samples/s, ETA, GPU memory); auto = when stderr is a terminal."""
+    """A progress bar (step, loss, lr, samples/s, ETA, GPU memory); auto = on a terminal or in Jupyter."""
 
     def check(self) -> None:
         _require(self.epochs >= 1 or self.max_steps >= 1, "train.epochs", "must be 1 or more")

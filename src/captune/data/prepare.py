@@ -18,7 +18,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,8 +102,12 @@ def prepare(
     strict: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    items: Iterable[RawItem | Skip] | None = None,
 ) -> dict:
-    """Build (or reuse) the data cache for ``cfg`` in ``out_dir``; return its manifest."""
+    """Build (or reuse) the data cache for ``cfg`` in ``out_dir``; return its manifest.
+
+    ``items`` replaces reading ``cfg.source`` (an in-memory dataset, see ``read_dataset``).
+    """
     out_dir = Path(out_dir)
     settings = settings_of(cfg)
     manifest_path = out_dir / "manifest.json"
@@ -121,7 +125,7 @@ def prepare(
     merged_duplicates = 0
     want = cfg.num_images if cfg.sample == "first" else 0
     last_key = None
-    for item in read_source(cfg):
+    for item in read_source(cfg) if items is None else items:
         if isinstance(item, Skip):
             skipped.append({"item": item.where, "reason": item.reason})
             continue

@@ -38,9 +38,10 @@ class Skip:
 
 def parse_source(source: str) -> tuple[str, str]:
     kind, _, rest = source.partition(":")
-    kinds = ("demo", "hub", "coco", "manifest", "imagefolder", "parquet", "arrow")
+    kinds = ("demo", "hub", "coco", "manifest", "imagefolder", "parquet", "arrow", "dataset")
     if kind not in kinds or not rest:
-        raise UserError(f"data.source '{source}' is not understood; use one of " + ", ".join(f"{k}:..." for k in kinds))
+        shown = [k for k in kinds if k != "dataset"]  # dataset: names an in-memory Dataset, not typed by hand
+        raise UserError(f"data.source '{source}' is not understood; use one of " + ", ".join(f"{k}:..." for k in shown))
     return kind, rest
 
 
@@ -195,6 +196,33 @@ def read_arrow(path: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
     yield from _rows_to_items(iter(ds), cfg, path)
 
 
+def read_dataset(ds: Any, cfg: DataConfig) -> Iterator[RawItem | Skip]:
+    """Rows of an in-memory ``datasets.Dataset``; an Image column is read as bytes, never re-encoded."""
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        raise UserError(f"a DatasetDict has splits {', '.join(ds)}; pass one of them, e.g. ds['{cfg.split}']")
+    if not isinstance(ds, datasets.Dataset):
+        raise UserError(f"expected a datasets.Dataset or a source string, got {type(ds).__name__}")
+    for column in (cfg.image_column, cfg.caption_column):
+        if column not in ds.column_names:
+            raise UserError(
+                f"the dataset has no column '{column}'; columns are {', '.join(ds.column_names)}; "
+                "pass image_column= / caption_column="
+            )
+    if isinstance(ds.features[cfg.image_column], datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    yield from _rows_to_items(iter(ds), cfg, "dataset")
+
+
+def _in_memory_only(fingerprint: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
+    raise UserError(
+        f"data.source 'dataset:{fingerprint}' was an in-memory datasets.Dataset; pass it again "
+        "(captune.run_recipe(..., data=ds) or captune.prepare_data(ds, ...)), or save it and use arrow:DIR"
+    )
+    yield  # a generator, like the other readers
+
+
 # ------------------------------------------------------------------ files
 
 
@@ -327,6 +355,7 @@ READERS = {
     "coco": read_coco,
     "manifest": read_manifest,
     "imagefolder": read_imagefolder,
+    "dataset": _in_memory_only,
 }
 
 

@@ -76,14 +76,30 @@ class Trackers:
             self.accelerator = None
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where stderr is no terminal but a progress bar renders)."""
+    shell = sys.modules.get("IPython")
+    if shell is None or "ipykernel" not in sys.modules:
+        return False
+    ip = shell.get_ipython()
+    return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
+
+
 class ProgressBar:
-    """A tqdm bar over optimizer steps with loss, lr, samples/s and GPU memory; ETA from tqdm."""
+    """A tqdm bar over optimizer steps with loss, lr, samples/s and GPU memory; ETA from tqdm.
+
+    ``auto`` shows it on a terminal and in Jupyter (tqdm.auto: a widget with ipywidgets,
+    else a text bar in the cell's output)."""
 
     def __init__(self, mode: str, total: int, initial: int = 0, stream=None):
         stream = stream or sys.stderr
         self.bar = None
-        if mode == "on" or (mode == "auto" and getattr(stream, "isatty", lambda: False)()):
-            from tqdm.auto import tqdm
+        if mode == "on" or (mode == "auto" and (getattr(stream, "isatty", lambda: False)() or in_notebook())):
+            import warnings
+
+            with warnings.catch_warnings():  # tqdm warns when Jupyter lacks ipywidgets, then falls back to text
+                warnings.simplefilter("ignore")
+                from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", file=stream, dynamic_ncols=True, leave=True)
 
