@@ -94,6 +94,76 @@ def _progress(count: int, total: int, started: float, stream=sys.stderr) -> None
     stream.flush()
 
 
+class _Collector:
+    """Raw items grouped into images: captions of one image together (by id, else by image hash),
+    identical bytes under another id merged, bad images and captions skipped with their reason."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.groups: dict[str, _Group] = {}
+        self.by_digest: dict[str, str] = {}
+        self.skipped: list[dict] = []
+        self.merged_duplicates = 0
+        self.want = cfg.num_images if cfg.sample == "first" else 0
+        self.last_key = None
+
+    def add(self, item: RawItem | Skip) -> bool:
+        """Take one item; True once enough images are in (the stream may stop)."""
+        if isinstance(item, Skip):
+            self.skipped.append({"item": item.where, "reason": item.reason})
+            return False
+        digest = hashlib.sha256(item.image).hexdigest()
+        key = item.image_id if item.image_id is not None else digest
+        if key not in self.groups:
+            if digest in self.by_digest and self.by_digest[digest] != key:
+                # Identical bytes under another id: one image, all references kept.
+                key = self.by_digest[digest]
+                self.merged_duplicates += 1
+            else:
+                if self.want and len(self.groups) >= self.want and key != self.last_key:
+                    return True
+                reason = check_image(item.image, self.cfg.max_pixels)
+                if reason is not None:
+                    self.skipped.append({"item": item.where, "reason": reason})
+                    return False
+                self.groups[key] = _Group(key, item.image, digest, split=item.split)
+                self.by_digest[digest] = key
+        self.last_key = key
+        self._add_captions(self.groups[key], item)
+        return False
+
+    def _add_captions(self, group: _Group, item: RawItem) -> None:
+        for cap in item.captions:
+            why = caption_too_long(cap, self.cfg.max_caption_words)
+            if why:
+                self.skipped.append({"item": f"{item.where} caption", "reason": why})
+                continue
+            cap = clean_caption(cap)
+            if cap and cap not in group.captions:
+                group.captions.append(cap)
+
+    def kept(self, strict: bool) -> list[_Group]:
+        """The images with a caption (a seeded sample of them with ``data.sample=random``), checked."""
+        cfg, skipped = self.cfg, self.skipped
+        kept: list[_Group] = []
+        for g in self.groups.values():
+            if g.captions:
+                kept.append(g)
+            else:
+                skipped.append({"item": f"image {g.image_id}", "reason": "no non-empty caption"})
+        if cfg.sample == "random" and cfg.num_images and len(kept) > cfg.num_images:
+            kept = random.Random(cfg.seed).sample(kept, cfg.num_images)
+        if strict and skipped:
+            first = "; ".join(f"{s['item']}: {s['reason']}" for s in skipped[:3])
+            raise UserError(f"--strict: {len(skipped)} item(s) skipped, first: {first}")
+        if len(kept) < 3:
+            raise UserError(
+                f"data.source '{cfg.source}' gave {len(kept)} usable image(s); at least 3 are needed "
+                f"(skipped {len(skipped)}; see 'captune data inspect')"
+            )
+        return kept
+
+
 def prepare(
     cfg: DataConfig,
     out_dir: Path,
@@ -119,66 +189,16 @@ def prepare(
         raise UserError(f"{out_dir} holds data prepared with other settings; use --force to rebuild it")
 
     started = time.perf_counter()
-    groups: dict[str, _Group] = {}
-    by_digest: dict[str, str] = {}
-    skipped: list[dict] = []
-    merged_duplicates = 0
-    want = cfg.num_images if cfg.sample == "first" else 0
-    last_key = None
+    collector = _Collector(cfg)
     for item in read_source(cfg) if items is None else items:
-        if isinstance(item, Skip):
-            skipped.append({"item": item.where, "reason": item.reason})
-            continue
-        assert isinstance(item, RawItem)
-        digest = hashlib.sha256(item.image).hexdigest()
-        key = item.image_id if item.image_id is not None else digest
-        if key not in groups:
-            if digest in by_digest and by_digest[digest] != key:
-                # Identical bytes under another id: one image, all references kept.
-                key = by_digest[digest]
-                merged_duplicates += 1
-            else:
-                if want and len(groups) >= want and key != last_key:
-                    break  # streaming stops once N images (with all their rows) are in
-                reason = check_image(item.image, cfg.max_pixels)
-                if reason is not None:
-                    skipped.append({"item": item.where, "reason": reason})
-                    continue
-                groups[key] = _Group(key, item.image, digest, split=item.split)
-                by_digest[digest] = key
-        last_key = key
-        group = groups[key]
-        for cap in item.captions:
-            why = caption_too_long(cap, cfg.max_caption_words)
-            if why:
-                skipped.append({"item": f"{item.where} caption", "reason": why})
-                continue
-            cap = clean_caption(cap)
-            if cap and cap not in group.captions:
-                group.captions.append(cap)
-        if progress and len(groups) % 200 == 0:
-            _progress(len(groups), want, started)
+        if collector.add(item):
+            break  # streaming stops once N images (with all their rows) are in
+        if progress and len(collector.groups) % 200 == 0:
+            _progress(len(collector.groups), collector.want, started)
     if progress and sys.stderr.isatty():
-        _progress(len(groups), want, started)
+        _progress(len(collector.groups), collector.want, started)
         sys.stderr.write("\n")
-
-    kept: list[_Group] = []
-    for g in groups.values():
-        if g.captions:
-            kept.append(g)
-        else:
-            skipped.append({"item": f"image {g.image_id}", "reason": "no non-empty caption"})
-    if cfg.sample == "random" and cfg.num_images and len(kept) > cfg.num_images:
-        kept = random.Random(cfg.seed).sample(kept, cfg.num_images)
-    if strict and skipped:
-        first = "; ".join(f"{s['item']}: {s['reason']}" for s in skipped[:3])
-        raise UserError(f"--strict: {len(skipped)} item(s) skipped, first: {first}")
-    if len(kept) < 3:
-        raise UserError(
-            f"data.source '{cfg.source}' gave {len(kept)} usable image(s); at least 3 are needed "
-            f"(skipped {len(skipped)}; see 'captune data inspect')"
-        )
-
+    kept, skipped = collector.kept(strict), collector.skipped
     by_id = {g.image_id: g for g in kept}
     if cfg.split_column:
         splits = {s: [g.image_id for g in kept if g.split == s] for s in SPLITS}
@@ -191,7 +211,7 @@ def prepare(
         "counts": {s: len(ids) for s, ids in splits.items()},
         "images": len(kept),
         "references": sum(len(g.captions) for g in kept),
-        "merged_duplicate_images": merged_duplicates,
+        "merged_duplicate_images": collector.merged_duplicates,
         "skipped": skipped,
         "seconds": round(time.perf_counter() - started, 2),
     }
