@@ -305,23 +305,28 @@ def cmd_merge(args) -> int:
 def cmd_push(args) -> int:
     import tempfile
 
-    from captune.hub import get_token, push, stage_upload
+    from captune.hub import get_token, hub_base_model, not_on_hub, push, stage_upload
 
     run = Path(args.run)
     cfg = _run_config(run)
     repo = args.repo or cfg.hub.repo_id
     if not repo or repo.count("/") != 1 or not all(repo.split("/")):
         raise UserError("give the target as --repo OWNER/NAME (or set hub.repo_id in the recipe)")
+    base = hub_base_model(cfg, args.base_model)
     if args.dry_run:
         out = Path(args.out or run / "push")
-        stage_upload(run, cfg, repo, out)
+        stage_upload(run, cfg, repo, out, base_model=base)
         _log(f"dry run: the folder that would be uploaded to {repo} is {out}")
         for f in sorted(out.iterdir()):
             _log(f"  {f.name}  {f.stat().st_size} bytes")
+        if base is None:
+            print(f"captune: warning: a push would be refused: {not_on_hub(cfg)}", file=sys.stderr)
         return 0
+    if base is None:
+        raise UserError(f"not pushing: {not_on_hub(cfg)}")
     token = get_token()
     with tempfile.TemporaryDirectory(prefix="captune-push-") as tmp:
-        folder = stage_upload(run, cfg, repo, Path(tmp) / "upload")
+        folder = stage_upload(run, cfg, repo, Path(tmp) / "upload", base_model=base, online=True)
         url = push(folder, repo, private=args.private or cfg.hub.private, token=token)
     _log(f"pushed to {url}")
     return 0
@@ -439,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--private", action="store_true", help="create the repository as private")
     ps.add_argument("--dry-run", action="store_true", help="write the upload folder, upload nothing")
     ps.add_argument("--out", help="dry-run folder (default RUN/push)")
+    ps.add_argument(
+        "--base-model", help="Hub id of the base model when model.name_or_path is a local copy (or hub.base_model)"
+    )
     ps.set_defaults(func=cmd_push)
 
     bn = sub.add_parser("bench", help="GPU benchmark: the seed's recipe vs captune, same run (no downloads)")

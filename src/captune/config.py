@@ -8,6 +8,7 @@ typo or an impossible value costs the user one line, not a half-finished run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -255,6 +256,10 @@ class HubConfig:
     """Hub repository for `captune push` (OWNER/NAME)."""
     private: bool = False
     """Create the repository as private."""
+    base_model: str | None = None
+    """Hub id of the base model (OWNER/NAME) for the model card, when model.name_or_path is a local copy of it."""
+    license: str | None = None
+    """License of the pushed adapter (a Hub license id); default: the base model's."""
 
     def check(self) -> None:
         if self.repo_id is not None:
@@ -263,6 +268,8 @@ class HubConfig:
                 "hub.repo_id",
                 "must look like OWNER/NAME",
             )
+        if self.base_model is not None:
+            _require(is_hub_id(self.base_model), "hub.base_model", "must be a Hub model id like OWNER/NAME")
 
 
 @dataclass
@@ -290,6 +297,14 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def is_hub_id(name: str) -> bool:
+    """True for a Hub repo id (OWNER/NAME) that is not also an existing local path."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not Path(name).expanduser().exists()
 
 
 def _require(ok: bool, key: str, what: str) -> None:
