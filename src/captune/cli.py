@@ -247,26 +247,29 @@ def cmd_caption(args) -> int:
 
     from captune.config import EvalConfig, ModelConfig
     from captune.data.files import collect_paths, read_images
-    from captune.model.load import load_model
+    from captune.model.load import load_model, resolve_model_path
     from captune.ops.generation import caption_images
 
+    ecfg = EvalConfig(batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    ecfg.check()
+    model_path = resolve_model_path(args.model, option="--model")
+    adapter = None
+    if args.adapter:
+        from captune.model.adapter import resolve_adapter
+
+        adapter = resolve_adapter(args.adapter)  # before the model loads: a typo costs one line at once
     paths, missing = collect_paths(args.paths)
     images, bad = read_images(paths)
     for where, why in missing + bad:
         print(f"captune: skipped {where}: {why}", file=sys.stderr)
     if not images:
         raise UserError("no readable image among the given paths")
-    loaded = load_model(ModelConfig(name_or_path=args.model, device=args.device))
+    loaded = load_model(ModelConfig(name_or_path=model_path, device=args.device))
     model = loaded.model
-    if args.adapter:
+    if adapter:
         from peft import PeftModel
 
-        adapter = Path(args.adapter)
-        if adapter.is_dir() and not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    ecfg = EvalConfig(batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    ecfg.check()
+        model = PeftModel.from_pretrained(model, adapter).eval()
     captions = caption_images(model, loaded.processor, [b for _, b in images], ecfg, args.prompt)
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
     try:

@@ -223,6 +223,10 @@ def target_from_args(
     run: str | None, model: str | None, adapter: str | None, device: str, split_limit: int = 24
 ) -> ServeTarget:
     """What to serve: a run folder (its base model, adapter and eval settings) or --model/--adapter."""
+    if adapter:
+        from captune.model.adapter import resolve_adapter
+
+        adapter = resolve_adapter(adapter)
     if run:
         root = Path(run)
         saved = root / "config.yaml"
