@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from captune.cli import main
 from tests.conftest import jpeg_bytes
 from tests.test_data import _coco_captions_copy
@@ -50,3 +52,44 @@ def test_imagefolder_not_found(tmp_path, capsys):
     argv = ["data", "prepare", "--source", f"imagefolder:{tmp_path / 'nope'}", "--out", str(tmp_path / "c")]
     assert main(argv) == 2
     assert _error(capsys) == f"imagefolder:{tmp_path / 'nope'}: folder not found"
+
+
+@pytest.fixture
+def group_umask(monkeypatch):
+    """umask 002 (a shared group folder), read afresh by captune.atomic."""
+    import os
+
+    from captune import atomic
+
+    old = os.umask(0o002)
+    monkeypatch.setattr(atomic, "_UMASK", None)
+    yield
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_outputs_follow_the_umask(tmp_path, group_umask, capsys):
+    import torch
+
+    from captune.atomic import staged_dir, write_atomic
+    from captune.run.feature_cache import save_features
+    from tests.test_card import make_run
+
+    write_atomic(tmp_path / "a.json", "{}")
+    from safetensors.torch import save_file
+
+    with staged_dir(tmp_path / "folder") as tmp:
+        (tmp / "sub").mkdir(mode=0o700)
+        save_file({"w": torch.zeros(1)}, tmp / "sub" / "model.safetensors")  # safetensors writes 0600
+    save_features(tmp_path / "f" / "feats.safetensors", torch.zeros(2))
+    assert _mode(tmp_path / "a.json") == 0o664 and _mode(tmp_path / "folder") == 0o775
+    assert _mode(tmp_path / "folder" / "sub") == 0o775
+    assert _mode(tmp_path / "folder" / "sub" / "model.safetensors") == 0o664
+    assert _mode(tmp_path / "f" / "feats.safetensors") == 0o664
+    run = make_run(tmp_path / "run", [])
+    out = tmp_path / "staged"
+    assert main(["push", str(run), "--repo", "me/x", "--dry-run", "--out", str(out)]) == 0
+    assert _mode(out) == 0o775 and {_mode(p) for p in out.iterdir()} == {0o664}
