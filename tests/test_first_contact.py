@@ -93,3 +93,14 @@ def test_outputs_follow_the_umask(tmp_path, group_umask, capsys):
     out = tmp_path / "staged"
     assert main(["push", str(run), "--repo", "me/x", "--dry-run", "--out", str(out)]) == 0
     assert _mode(out) == 0o775 and {_mode(p) for p in out.iterdir()} == {0o664}
+
+
+@pytest.mark.parametrize("command", ["merge", "push"])
+def test_merge_and_push_of_a_missing_run_do_not_suggest_recipe(command, tmp_path, capsys):
+    extra = ["--out", str(tmp_path / "m")] if command == "merge" else ["--repo", "me/x"]
+    assert main([command, str(tmp_path / "nonexist"), *extra]) == 2
+    err = _error(capsys)
+    assert err == (
+        f"{tmp_path / 'nonexist'}: folder not found; {command} needs a trained run folder "
+        "(made by 'captune run RECIPE --out RUN')"
+    )

@@ -291,16 +291,20 @@ def cmd_caption(args) -> int:
     return 0
 
 
-def _run_config(run: Path):
+def _run_config(run: Path, command: str):
+    """The saved config of a finished run; ``command`` (merge, push) takes no --recipe, so say what it needs."""
     from captune.pipeline import Run
 
+    if not (run / "config.yaml").is_file():
+        what = "folder not found" if not run.exists() else "not a run folder (no config.yaml)"
+        raise UserError(f"{run}: {what}; {command} needs a trained run folder (made by 'captune run RECIPE --out RUN')")
     return Run.open(run, None, log=_log).cfg
 
 
 def cmd_merge(args) -> int:
     from captune.hub import merge
 
-    out = merge(Path(args.run), _run_config(Path(args.run)), Path(args.out))
+    out = merge(Path(args.run), _run_config(Path(args.run), "merge"), Path(args.out))
     _log(f"merged model written to {out} (load it with Blip2ForConditionalGeneration.from_pretrained)")
     return 0
 
@@ -311,7 +315,7 @@ def cmd_push(args) -> int:
     from captune.hub import get_token, hub_base_model, not_on_hub, push, stage_upload
 
     run = Path(args.run)
-    cfg = _run_config(run)
+    cfg = _run_config(run, "push")
     repo = args.repo or cfg.hub.repo_id
     if not repo or repo.count("/") != 1 or not all(repo.split("/")):
         raise UserError("give the target as --repo OWNER/NAME (or set hub.repo_id in the recipe)")
@@ -512,8 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         why = _disk_problem(exc)
         if why is None:
             raise
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"captune: error: cannot write{where}: {why}; free space or choose another --out", file=sys.stderr)
+        print(f"captune: error: {_disk_message(exc, why, argv)}", file=sys.stderr)
         return 2
     except MemoryError:
         print("captune: error: out of memory; lower train.batch_size or eval.batch_size", file=sys.stderr)
@@ -522,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         code = re.search(r"os error (\d+)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
         why = _disk_problem(OSError(int(code.group(1)), "")) if code else None
         if why is not None:  # safetensors reports I/O failures as its own error type
-            print(f"captune: error: cannot write: {why}; free space or choose another --out", file=sys.stderr)
+            print(f"captune: error: {_disk_message(OSError(), why, argv)}", file=sys.stderr)
             return 2
         if type(exc).__name__ == "OutOfMemoryError":
             print(
@@ -532,6 +535,33 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         raise
+
+
+# The option that chooses where each command writes.
+OUTPUT_OPTION = {"caption": "--output", "bench": "--workdir", "run": "--out", "merge": "--out", "push": "--out"}
+TEMP_NAME = re.compile(r"^\.(?P<name>.+?)(\.tmp-\w+|\.\w{8})$")  # staged_dir / mkstemp temporaries
+
+
+def _disk_message(exc: OSError, why: str, argv: list[str]) -> str:
+    """One line naming the output (not captune's temp file), the cause and the fix for this command."""
+    where = ""
+    if getattr(exc, "filename", None):
+        parts = list(Path(exc.filename).parts)
+        for i, part in enumerate(parts):
+            match = TEMP_NAME.match(part)
+            if match:  # name the output being written, not its temporary stand-in
+                parts = [*parts[:i], match["name"]]
+                break
+        where = f" {Path(*parts)}"
+    command = argv[0] if argv else ""
+    option = OUTPUT_OPTION.get(command)
+    if command == "data" and argv[1:2] == ["prepare"]:
+        option = "--out"
+    target = f"another {option}" if option else "another run folder"
+    fix = f"free space or choose {target}" if "space" in why or "quota" in why else f"choose {target}"
+    if "permission" in why:
+        fix = f"fix its permissions or choose {target}"
+    return f"cannot write{where}: {why}; {fix}"
 
 
 def _disk_problem(exc: OSError) -> str | None:

@@ -119,9 +119,9 @@ def read_uploads(paths: list[str], limits: ServeLimits) -> tuple[list[Upload], l
         except OSError as exc:
             errors.append(f"{name}: cannot be read ({exc.strerror or exc})")
             continue
-        reason = check_image(data, limits.max_pixels)
+        reason = check_image(data, limits.max_pixels, limit=f"the limit of {limits.max_pixels} pixels")
         if reason:
-            errors.append(f"{name}: {reason.replace('data.max_pixels', 'the limit of')}")
+            errors.append(f"{name}: {reason}")
         else:
             ok.append(Upload(name, data))
     return ok, errors
