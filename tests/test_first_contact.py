@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +106,34 @@ def test_merge_and_push_of_a_missing_run_do_not_suggest_recipe(command, tmp_path
         f"{tmp_path / 'nonexist'}: folder not found; {command} needs a trained run folder "
         "(made by 'captune run RECIPE --out RUN')"
     )
+
+
+def _closed_pipe(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run the console script with its stdout already closed by the reader (like ``| head -0``)."""
+    import os
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "captune.cli", *argv], stdout=write, stderr=subprocess.PIPE, text=True, env=env
+        )
+    finally:
+        os.close(write)
+
+
+def test_broken_pipe_exits_quietly(tmp_path, capsys):
+    from tests.test_card import make_run
+
+    cache = tmp_path / "cache"
+    assert main(["data", "prepare", "--source", "demo:shapes-plain", "--num-images", "20", "--out", str(cache)]) == 0
+    run = make_run(tmp_path / "run", [])
+    for argv in (
+        ["data", "inspect", str(cache), "--json"],
+        ["data", "inspect", str(cache)],
+        ["push", str(run), "--repo", "me/x", "--dry-run"],
+    ):
+        done = _closed_pipe(argv)
+        assert done.returncode == 141 and done.stderr == "", (argv, done.stderr[-500:])

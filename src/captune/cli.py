@@ -512,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("captune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as cat and grep do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not complain either
+        return 128 + 13  # SIGPIPE
     except OSError as exc:
         why = _disk_problem(exc)
         if why is None:
