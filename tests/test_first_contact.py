@@ -137,3 +137,26 @@ def test_broken_pipe_exits_quietly(tmp_path, capsys):
     ):
         done = _closed_pipe(argv)
         assert done.returncode == 141 and done.stderr == "", (argv, done.stderr[-500:])
+
+
+def test_impossible_lora_targets_stop_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "demo", "--out", str(out), "lora.target_modules=[foo]"]) == 2
+    err = _error(capsys)
+    assert err.startswith("lora.target_modules ['foo'] match no linear layer of the language model")
+    assert "q_proj" in err and "fc1" in err
+    assert not out.exists()  # no data prep, no baseline, no partial run folder
+
+
+def test_lora_targets_checked_on_the_meta_device(tiny_t5_dir):
+    import pytest as _pytest
+
+    from captune.config import LoraConfig, ModelConfig
+    from captune.errors import UserError
+    from captune.model.lora import check_targets
+
+    model = ModelConfig(name_or_path=str(tiny_t5_dir))
+    check_targets(model, LoraConfig(target_modules="all-linear"))
+    check_targets(model, LoraConfig(target_modules=["q", "v"]))
+    with _pytest.raises(UserError, match="its linear layers are named: k, lm_head, o, q, v, wi_0, wi_1, wo"):
+        check_targets(model, LoraConfig(target_modules=["q_proj"]))

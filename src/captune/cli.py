@@ -50,8 +50,8 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     out = Path(args.out or Path("runs") / cfg.name)
+    preflight(cfg)  # before the run folder is made: an impossible recipe leaves nothing behind
     run = Run.open(out, cfg, force=args.force, log=_log)
-    preflight(cfg)
     from captune.distributed import world
     from captune.evaluation.metrics import prewarm
 
