@@ -20,6 +20,7 @@ def _metrics(scale: float) -> dict:
     for k, metric in enumerate(("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")):
         doc[metric] = scale * (0.1 + k / 10)
         doc["per_image"][metric] = [scale * (0.1 + k / 10)] * 3
+    doc["seed_compatible"] = {"metrics": {"BLEU-4": 0.2 * scale}, "protocol": "first reference", "unavailable": {}}
     return doc
 
 
@@ -77,6 +78,8 @@ def test_card_metadata_parses_with_model_index(tmp_path, local_model, capsys):
         ("imagefolder:pets", "test", "image-to-text")
     }
     text = card.text
+    assert "Single-reference scores (first reference per image)" in text and "eed-comparable" not in text
+    assert "seed notebook" not in text
     assert "Intended use and limitations" in text and "num_beams 3" in text and "peft " in text
     assert 'PeftModel.from_pretrained(base, "me/pets")' in text and 'from_pretrained("org/blip2-x")' in text
     assert "https://huggingface.co/org/blip2-x" in text and "github.com" not in text

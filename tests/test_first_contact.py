@@ -160,3 +160,9 @@ def test_lora_targets_checked_on_the_meta_device(tiny_t5_dir):
     check_targets(model, LoraConfig(target_modules=["q", "v"]))
     with _pytest.raises(UserError, match="its linear layers are named: k, lm_head, o, q, v, wi_0, wi_1, wo"):
         check_targets(model, LoraConfig(target_modules=["q_proj"]))
+
+
+def test_no_seed_jargon_for_users(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "coco5k-seed" in out and "seed notebook" not in out and "blip2-lora-coco5k notebook" in out

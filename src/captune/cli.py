@@ -100,7 +100,7 @@ def cmd_score(args) -> int:
             if "image_id" not in row or not isinstance(row.get("captions"), list):
                 raise UserError(f"{args.references} line {n}: needs 'image_id' and a 'captions' list")
             refs[str(row["image_id"])] = [str(c) for c in row["captions"]]
-    from captune.evaluation.seed_metrics import seed_compatible
+    from captune.evaluation.seed_metrics import LABEL, seed_compatible
 
     scores = score_captions(preds, refs, spice=True)
     seed = seed_compatible(preds, refs)
@@ -121,7 +121,7 @@ def cmd_score(args) -> int:
             print(f"{k:8s} {v:.4f}")
         for k, why in scores.unavailable.items():
             print(f"{k:8s} unavailable: {why}")
-        print("seed-comparable (first reference only):")
+        print(f"{LABEL[0].lower()}{LABEL[1:]}:")
         for k, v in seed["metrics"].items():
             print(f"{k:8s} {v:.4f}")
         for k, why in seed["unavailable"].items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from captune.evaluation.metrics import OFFICIAL, corpus_bleu_from_stats
+from captune.evaluation.seed_metrics import LABEL
 
 EXACT_MEAN = ("CIDEr", "ROUGE-L")
 
@@ -149,7 +150,7 @@ def markdown_table(comparison: dict) -> str:
     if seed.get("rows"):
         lines += [
             "",
-            "Seed-comparable (one reference per image, the seed notebook's formulas):",
+            f"{LABEL}:",
             "",
             "| metric | baseline | fine-tuned | change % |",
             "| --- | ---: | ---: | ---: |",
@@ -158,5 +159,5 @@ def markdown_table(comparison: dict) -> str:
             pct = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.2f}%"
             lines.append(f"| {r['metric']} | {_fmt(r['baseline'])} | {_fmt(r['finetuned'])} | {pct} |")
         for metric, why in seed.get("unavailable", {}).items():
-            lines.append(f"\n{metric} (seed-comparable): unavailable, {why}.")
+            lines.append(f"\n{metric} (single-reference): unavailable, {why}.")
     return "\n".join(lines)
