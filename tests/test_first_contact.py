@@ -166,3 +166,10 @@ def test_no_seed_jargon_for_users(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "coco5k-seed" in out and "seed notebook" not in out and "blip2-lora-coco5k notebook" in out
+
+
+def test_list_override_without_brackets_suggests_them(capsys):
+    assert main(["run", "demo", "data.ratios=0.5,0.5"]) == 2
+    assert _error(capsys) == (
+        "data.ratios: expected a list of numbers, got '0.5,0.5'; write a list in brackets: data.ratios=[0.5,0.5]"
+    )

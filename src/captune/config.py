@@ -322,7 +322,9 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+        return f"a list of {plural.get(item, _type_name(item))}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
         tp, "null" if tp is type(None) else str(tp)
     )
@@ -384,7 +386,10 @@ def _set(section: Any, key: str, value: Any, where: str) -> None:
     try:
         coerced = _coerce(value, tp)
     except TypeError:
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}") from None
+        hint = ""
+        if isinstance(value, str) and "," in value and "list of" in _type_name(tp):
+            hint = f"; write a list in brackets: {where}=[{value}]"
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}{hint}") from None
     setattr(section, key, coerced)
 
 
