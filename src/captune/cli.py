@@ -592,6 +592,8 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+    # transformers 5 deprecates the attribute PEFT still reads on every adapter load; nothing for a user to do
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("transformers", "peft", "datasets", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
