@@ -173,3 +173,28 @@ def test_list_override_without_brackets_suggests_them(capsys):
     assert _error(capsys) == (
         "data.ratios: expected a list of numbers, got '0.5,0.5'; write a list in brackets: data.ratios=[0.5,0.5]"
     )
+
+
+def test_merge_keeps_an_existing_out_without_force(tmp_path, capsys):
+    from tests.test_card import make_run
+
+    run = make_run(tmp_path / "run", [])
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["merge", str(run), "--out", str(out)]) == 2
+    assert _error(capsys) == f"--out {out} already exists and is not empty; add --force to replace it, or choose another"
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_compare_and_report_of_a_finished_run_show_their_result(tmp_path, capsys):
+    from tests.test_card import make_run
+
+    run = make_run(tmp_path / "run", [])
+    (run / "report").mkdir()
+    (run / "report" / "index.html").write_text("<html></html>")
+    assert main(["compare", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "complete, skipped" in out and "| CIDEr | 0.5000 | 0.7500 |" in out
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"report: {run / 'report' / 'index.html'}")

@@ -80,7 +80,20 @@ def cmd_phase(args) -> int:
     if args.command == "eval" and not run.done("train"):
         phases = ("baseline",)
     run_phases(run, phases, force=args.force)
+    _show_result(run, args.command)
     return 0
+
+
+def _show_result(run, command: str) -> None:
+    """What compare and report made (also when it was already there): the table, the report's path."""
+    if command == "compare" and run.done("compare"):
+        from captune.evaluation.compare import markdown_table
+
+        comparison = json.loads(run.path("comparison.json").read_text())
+        _log(f"\nBefore / after on {run.cfg.eval.split} ({run.path('comparison.md')}):\n")
+        _log(markdown_table(comparison))
+    elif command == "report" and run.done("report"):
+        _log(f"report: {run.path('report', 'index.html')}")
 
 
 def cmd_score(args) -> int:
@@ -304,7 +317,10 @@ def _run_config(run: Path, command: str):
 def cmd_merge(args) -> int:
     from captune.hub import merge
 
-    out = merge(Path(args.run), _run_config(Path(args.run), "merge"), Path(args.out))
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise UserError(f"--out {out} already exists and is not empty; add --force to replace it, or choose another")
+    out = merge(Path(args.run), _run_config(Path(args.run), "merge"), out)
     _log(f"merged model written to {out} (load it with Blip2ForConditionalGeneration.from_pretrained)")
     return 0
 
@@ -443,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="save the base model with the run's adapter merged in")
     mg.add_argument("run", help="run folder")
     mg.add_argument("--out", required=True, help="folder for the merged model")
+    mg.add_argument("--force", action="store_true", help="replace an existing --out folder")
     mg.set_defaults(func=cmd_merge)
 
     ps = sub.add_parser("push", help="upload the adapter, processor and a model card to the Hub")
