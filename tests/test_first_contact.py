@@ -183,7 +183,8 @@ def test_merge_keeps_an_existing_out_without_force(tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main(["merge", str(run), "--out", str(out)]) == 2
-    assert _error(capsys) == f"--out {out} already exists and is not empty; add --force to replace it, or choose another"
+    expected = f"--out {out} already exists and is not empty; add --force to replace it, or choose another"
+    assert _error(capsys) == expected
     assert (out / "keep.txt").read_text() == "mine"
 
 
