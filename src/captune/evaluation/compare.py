@@ -15,6 +15,15 @@ from captune.evaluation.metrics import OFFICIAL, corpus_bleu_from_stats
 from captune.evaluation.seed_metrics import LABEL
 
 EXACT_MEAN = ("CIDEr", "ROUGE-L")
+# Below this baseline a relative change says nothing (0.04 -> 4.0 reads +9900%): only the absolute one is shown.
+MIN_BASELINE_FOR_PCT = 0.05
+
+
+def change_pct(baseline: float, finetuned: float) -> float | None:
+    """The change in percent of the baseline, or None when the baseline is too small for it to mean much."""
+    if abs(baseline) < MIN_BASELINE_FOR_PCT:
+        return None
+    return (finetuned - baseline) / baseline * 100
 
 
 def bootstrap(
@@ -98,7 +107,7 @@ def compare(baseline: dict, finetuned: dict, *, samples: int = 1000, seed: int =
             "baseline": b,
             "finetuned": f,
             "change": f - b,
-            "change_pct": (f - b) / b * 100 if abs(b) > 1e-6 else None,
+            "change_pct": change_pct(b, f),
         }
         row.update(stats.get(metric, {}))
         rows.append(row)
@@ -113,7 +122,7 @@ def compare(baseline: dict, finetuned: dict, *, samples: int = 1000, seed: int =
                     "baseline": b,
                     "finetuned": f,
                     "change": f - b,
-                    "change_pct": (f - b) / b * 100 if abs(b) > 1e-6 else None,
+                    "change_pct": change_pct(b, f),
                 }
             )
     return {
