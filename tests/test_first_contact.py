@@ -199,3 +199,40 @@ def test_compare_and_report_of_a_finished_run_show_their_result(tmp_path, capsys
     assert "complete, skipped" in out and "| CIDEr | 0.5000 | 0.7500 |" in out
     assert main(["report", str(run)]) == 0
     assert capsys.readouterr().out.strip().endswith(f"report: {run / 'report' / 'index.html'}")
+
+
+def _help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_data_actions_and_defaults(capsys):
+    text = _help(["data"], capsys)
+    assert "captune data prepare --source SOURCE --out DIR" in text and "captune data inspect DIR" in text
+    text = " ".join(_help(["caption"], capsys).split())
+    assert "(default: 32)" in text and "(default: builtin:demo)" in text and "(default: )" not in text
+    assert "(default: None)" not in text
+
+
+def test_config_command_lists_every_key_with_default_and_doc(capsys):
+    import dataclasses
+
+    from captune.config import Config
+
+    assert main(["config", "demo", "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    keys = [line.split(" = ")[0] for line in lines if not line.startswith(" ")]
+    expected = []
+    for section in dataclasses.fields(Config):
+        value = getattr(Config(), section.name)
+        if dataclasses.is_dataclass(value):
+            expected += [f"{section.name}.{f.name}" for f in dataclasses.fields(value)]
+        else:
+            expected.append(section.name)
+    assert keys == expected
+    assert "train.epochs = 3  (default 2)" in lines
+    assert lines[lines.index("train.epochs = 3  (default 2)") + 1].strip() == "Passes over the training pairs."
+    assert "eval.num_beams = 1  (default)" in lines

@@ -26,7 +26,21 @@ PHASE_COMMANDS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except where there is none or the help already words it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, "", argparse.SUPPRESS) or "default" in text or not text:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit 2, like every other user error
         raise UserError(message if self.prog == "captune" else f"{self.prog.split()[-1]}: {message}")
 
@@ -402,6 +416,22 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """Print every SECTION.KEY with the recipe's value, the default (when different) and its docstring."""
+    import textwrap
+
+    from captune.config import describe_keys, load_config
+
+    for key, value, default, doc in describe_keys(load_config(args.recipe, args.overrides)):
+        shown = json.dumps(value, ensure_ascii=False)
+        if len(shown) > 60:
+            shown = shown[:57] + '..."'
+        same = "(default)" if value == default else f"(default {json.dumps(default)})"
+        print(f"{key} = {shown}  {same}")
+        print(textwrap.fill(doc, width=100, initial_indent="    ", subsequent_indent="    "))
+    return 0
+
+
 def cmd_demo_build(args) -> int:
     from captune.demo.base_model import DemoBuildSpec, build_demo_model
 
@@ -429,8 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
         "compare": "baseline vs fine-tuned table with intervals and p-values",
         "report": "write RUN/report/index.html and report.md",
     }
+    epilogs = {
+        "data": "also:\n  captune data prepare --source SOURCE --out DIR   read a source into a cache (see "
+        "'captune data prepare --help')\n  captune data inspect DIR                        counts, splits, "
+        "samples and skipped files of a cache or run folder",
+    }
     for name, text in helps.items():
-        s = sub.add_parser(name, help=text)
+        s = sub.add_parser(name, help=text, description=text, epilog=epilogs.get(name))
         s.add_argument("run", help="run folder")
         s.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides (with --recipe)")
         s.add_argument("--recipe", help="start the run folder from this recipe")
@@ -446,14 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("caption", help="caption image files, folders and globs")
     cp.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
     cp.add_argument("--model", default="builtin:demo", help="Hub id, local folder or builtin:demo")
-    cp.add_argument("--adapter", help="PEFT adapter folder or Hub id (e.g. RUN/adapter)")
+    cp.add_argument("--adapter", help="PEFT adapter folder, a run folder (its adapter) or a Hub id")
     cp.add_argument("--format", choices=["text", "jsonl", "csv"], default="text", help="output format")
     cp.add_argument("--output", help="write here instead of stdout")
     cp.add_argument("--batch-size", type=int, default=32, help="images per batch")
     cp.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
     cp.add_argument("--max-new-tokens", type=int, default=30, help="longest caption in tokens")
     cp.add_argument("--prompt", default="", help="text prompt, removed from the output")
-    cp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    cp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
     cp.set_defaults(func=cmd_caption)
 
     mg = sub.add_parser("merge", help="save the base model with the run's adapter merged in")
@@ -487,10 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="web page: base vs fine-tuned captions side by side (captune[serve])")
     sv.add_argument("run", nargs="?", help="run folder (its base model, adapter, test images and metrics)")
     sv.add_argument("--model", help="base model instead of the run's (Hub id, folder or builtin:demo)")
-    sv.add_argument("--adapter", help="PEFT adapter folder or Hub id instead of RUN/adapter")
+    sv.add_argument("--adapter", help="PEFT adapter folder, run folder or Hub id instead of RUN/adapter")
     sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     sv.add_argument("--port", type=int, default=7860, help="TCP port")
-    sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
     sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted file")
     sv.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image (width x height)")
     sv.add_argument("--max-images", type=int, default=16, help="images per request")
@@ -498,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recipes", help="list the built-in recipes")
     rc.set_defaults(func=cmd_recipes)
+
+    cf = sub.add_parser("config", help="every config key of a recipe: its value, default and meaning")
+    cf.add_argument("recipe", help="built-in recipe name or a YAML file")
+    cf.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides to apply first")
+    cf.set_defaults(func=cmd_config)
 
     db = sub.add_parser("demo-build", help="rebuild the demo base model (pre-training on the CPU)")
     db.add_argument("--out", required=True, help="folder to write the model to")

@@ -514,6 +514,40 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a config dataclass (the string right after each field), by field name."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        is_doc = isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and is_doc:
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def describe_keys(cfg: Config) -> list[tuple[str, Any, Any, str]]:
+    """Every SECTION.KEY of ``cfg`` with its value, its default and its docstring (``captune config``)."""
+    rows = []
+    defaults = Config()
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(value):
+            rows.append(
+                (section.name, value, getattr(defaults, section.name), field_docs(Config).get(section.name, ""))
+            )
+            continue
+        docs = field_docs(type(value))
+        for f in dataclasses.fields(value):
+            default = getattr(getattr(defaults, section.name), f.name)
+            rows.append((f"{section.name}.{f.name}", getattr(value, f.name), default, docs.get(f.name, "")))
+    return rows
+
+
 def config_from_dict(mapping: dict[str, Any]) -> Config:
     cfg = Config()
     apply_mapping(cfg, mapping)
