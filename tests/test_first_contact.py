@@ -236,3 +236,32 @@ def test_config_command_lists_every_key_with_default_and_doc(capsys):
     assert "train.epochs = 3  (default 2)" in lines
     assert lines[lines.index("train.epochs = 3  (default 2)") + 1].strip() == "Passes over the training pairs."
     assert "eval.num_beams = 1  (default)" in lines
+
+
+def test_inspect_names_the_skipped_files(tmp_path, capsys):
+    root = tmp_path / "src"
+    root.mkdir()
+    rows = []
+    for i in range(4):
+        (root / f"ok{i}.jpg").write_bytes(jpeg_bytes((i * 40, 5, 5)))
+        rows.append({"image": f"ok{i}.jpg", "caption": f"a box {i}"})
+    (root / "broken.jpg").write_bytes(b"not an image")
+    rows += [{"image": "broken.jpg", "caption": "x"}, {"image": "gone.jpg", "caption": "x"}]
+    (root / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cache = tmp_path / "cache"
+    assert main(["data", "prepare", "--source", f"manifest:{root / 'm.jsonl'}", "--out", str(cache)]) == 0
+    capsys.readouterr()
+    assert main(["data", "inspect", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert f"      1  not an image file\n         {root / 'm.jsonl'} line 5\n" in out
+    assert f"{root / 'm.jsonl'} line 6" in out
+
+
+def test_too_few_images_names_the_reason_and_an_example(tmp_path, capsys):
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(jpeg_bytes())
+    (root / "m.jsonl").write_text(json.dumps({"image": "a.jpg", "caption": "x"}) + "\n" + '{"image": "b.jpg"}\n')
+    assert main(["data", "prepare", "--source", f"manifest:{root / 'm.jsonl'}", "--out", str(tmp_path / "c")]) == 2
+    err = _error(capsys)
+    assert "gave 1 usable image(s)" in err and "1 x image file not found" in err and "data inspect" not in err

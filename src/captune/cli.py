@@ -233,7 +233,7 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_data_inspect(args) -> int:
-    from captune.data.prepare import SPLITS, load_split, read_manifest
+    from captune.data.prepare import SPLITS, load_split, read_manifest, skip_reasons
 
     root = Path(args.dir)
     if (root / "data" / "manifest.json").is_file():
@@ -260,12 +260,13 @@ def cmd_data_inspect(args) -> int:
         print(f"{s:11s} {len(ex)} images, {sum(len(e.captions) for e in ex)} references")
     for e in splits["train"][:3]:
         print(f"  {e.image_id}: " + " | ".join(e.captions[:3]))
-    reasons: dict[str, int] = {}
-    for item in manifest["skipped"]:
-        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
     print(f"skipped     {len(manifest['skipped'])}")
-    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
-        print(f"  {n:5d}  {reason}")
+    for reason, items in skip_reasons(manifest["skipped"]).items():
+        print(f"  {len(items):5d}  {reason}")
+        for item in items[:5]:  # the files themselves, so the user can look at them
+            print(f"         {item}")
+        if len(items) > 5:
+            print(f"         ... and {len(items) - 5} more (--json lists all)")
     return 0
 
 

@@ -170,9 +170,12 @@ def prepare(
         first = "; ".join(f"{s['item']}: {s['reason']}" for s in skipped[:3])
         raise UserError(f"--strict: {len(skipped)} item(s) skipped, first: {first}")
     if len(kept) < 3:
+        top = "; ".join(
+            f"{len(items)} x {reason} (e.g. {items[0]})" for reason, items in list(skip_reasons(skipped).items())[:2]
+        )
         raise UserError(
             f"data.source '{cfg.source}' gave {len(kept)} usable image(s); at least 3 are needed "
-            f"(skipped {len(skipped)}; see 'captune data inspect')"
+            f"(skipped {len(skipped)}{': ' + top if top else ''})"
         )
 
     by_id = {g.image_id: g for g in kept}
@@ -230,6 +233,14 @@ def load_split(data_dir: Path, split: str) -> list[Example]:
         for row in pq.read_table(shard).to_pylist():
             out.append(Example(row["image_id"], row["image"], list(row["captions"])))
     return out
+
+
+def skip_reasons(skipped: list[dict]) -> dict[str, list[str]]:
+    """The skipped items grouped by reason, the most frequent reason first (items in source order)."""
+    groups: dict[str, list[str]] = {}
+    for entry in skipped:
+        groups.setdefault(entry["reason"], []).append(entry["item"])
+    return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
 
 
 def read_manifest(data_dir: Path) -> dict:
