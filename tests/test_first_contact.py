@@ -265,3 +265,29 @@ def test_too_few_images_names_the_reason_and_an_example(tmp_path, capsys):
     assert main(["data", "prepare", "--source", f"manifest:{root / 'm.jsonl'}", "--out", str(tmp_path / "c")]) == 2
     err = _error(capsys)
     assert "gave 1 usable image(s)" in err and "1 x image file not found" in err and "data inspect" not in err
+
+
+def test_demo_model_on_other_captions_warns_with_the_unknown_share(tmp_path, capsys):
+    root = tmp_path / "pets"
+    root.mkdir()
+    rows = []
+    for i in range(6):
+        (root / f"{i}.jpg").write_bytes(jpeg_bytes((i * 40, 9, 9)))
+        rows.append({"file_name": f"{i}.jpg", "caption": f"a fluffy tabby kitten sleeping on a red sofa {i}"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run = tmp_path / "run"
+    assert main(["data", str(run), "--recipe", "demo", f"data.source=imagefolder:{root}", "data.num_images=0"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("warning:"))
+    assert "of the training words are unknown to the builtin:demo model" in line and "kitten" in line
+    share = int(line.split("%")[0].removeprefix("warning: "))
+    assert 40 <= share <= 95
+
+
+def test_demo_captions_raise_no_unknown_word_warning(tmp_path, capsys):
+    from captune.demo.vocabulary import unknown_words
+    from captune.demo.world import make_items
+
+    captions = [c for item in make_items("catalog", 50, seed=3) for c in item["captions"]]
+    seen, unknown = unknown_words(captions)
+    assert seen > 500 and not unknown

@@ -206,7 +206,10 @@ def preflight(cfg: Config) -> None:
 
 
 def phase_data(run: Run, force: bool = False) -> None:
+    from captune.demo.vocabulary import warn_unknown_words
+
     prepare(run.cfg.data, run.path("data"), force=force, log=run.log)
+    warn_unknown_words(run.cfg, run.path("data"), run.log)  # the demo model on other captions
 
 
 def _eval_examples(run: Run):
