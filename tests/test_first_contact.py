@@ -291,3 +291,18 @@ def test_demo_captions_raise_no_unknown_word_warning(tmp_path, capsys):
     captions = [c for item in make_items("catalog", 50, seed=3) for c in item["captions"]]
     seen, unknown = unknown_words(captions)
     assert seen > 500 and not unknown
+
+
+def test_orphan_annotations_and_dropped_captions_are_counted(tmp_path, image_folder, capsys):
+    doc = json.loads((image_folder / "captions.json").read_text())
+    doc["annotations"] += [{"image_id": 999, "caption": "an image nobody listed"}]
+    doc["annotations"] += [{"image_id": 100, "caption": "   "}, {"image_id": 100, "caption": "caption 0 of image 0"}]
+    (image_folder / "captions.json").write_text(json.dumps(doc))
+    cache = tmp_path / "cache"
+    argv = ["data", "prepare", "--source", f"coco:{image_folder / 'captions.json'}", "--out", str(cache)]
+    assert main([*argv, "--num-images", "0"]) == 0
+    capsys.readouterr()
+    assert main(["data", "inspect", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "captions    dropped 1 empty, 1 repeated on the same image" in out
+    assert "annotations for an image id missing from 'images'" in out and "annotations of image 999" in out

@@ -256,6 +256,9 @@ def cmd_data_inspect(args) -> int:
         f"images      {manifest['images']}  references {manifest['references']}  "
         f"merged duplicates {manifest.get('merged_duplicate_images', 0)}"
     )
+    dropped = manifest.get("dropped_captions")
+    if dropped:
+        print(f"captions    dropped {dropped['empty']} empty, {dropped['repeated']} repeated on the same image")
     for s, ex in splits.items():
         print(f"{s:11s} {len(ex)} images, {sum(len(e.captions) for e in ex)} references")
     for e in splits["train"][:3]:

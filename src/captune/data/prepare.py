@@ -119,6 +119,7 @@ def prepare(
     by_digest: dict[str, str] = {}
     skipped: list[dict] = []
     merged_duplicates = 0
+    dropped = {"empty": 0, "repeated": 0}  # captions left out of an image that keeps others
     want = cfg.num_images if cfg.sample == "first" else 0
     last_key = None
     for item in read_source(cfg):
@@ -152,6 +153,8 @@ def prepare(
             cap = clean_caption(cap)
             if cap and cap not in group.captions:
                 group.captions.append(cap)
+            else:
+                dropped["repeated" if cap else "empty"] += 1
         if progress and len(groups) % 200 == 0:
             _progress(len(groups), want, started)
     if progress and sys.stderr.isatty():
@@ -191,6 +194,7 @@ def prepare(
         "images": len(kept),
         "references": sum(len(g.captions) for g in kept),
         "merged_duplicate_images": merged_duplicates,
+        "dropped_captions": dropped,
         "skipped": skipped,
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -225,6 +225,7 @@ def read_coco(annotations: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
     for ann in doc["annotations"]:
         if isinstance(ann, dict) and "image_id" in ann:
             caps.setdefault(str(ann["image_id"]), []).extend(_as_captions(ann.get("caption")))
+    listed = {str(img["id"]) for img in doc["images"] if isinstance(img, dict) and "id" in img}
     for i, img in enumerate(doc["images"]):
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
             yield Skip(f"{path} images[{i}]", "entry lacks 'id' or 'file_name'")
@@ -235,6 +236,8 @@ def read_coco(annotations: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
             yield data
             continue
         yield RawItem(data, caps.get(str(img["id"]), []), str(img["id"]), where)
+    for image_id in sorted(caps.keys() - listed):  # annotations whose image is not in 'images': say so, not drop
+        yield Skip(f"{path} annotations of image {image_id}", "annotations for an image id missing from 'images'")
 
 
 def _read_rows(path: Path) -> Iterator[tuple[int, dict]]:
