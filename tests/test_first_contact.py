@@ -306,3 +306,15 @@ def test_orphan_annotations_and_dropped_captions_are_counted(tmp_path, image_fol
     out = capsys.readouterr().out
     assert "captions    dropped 1 empty, 1 repeated on the same image" in out
     assert "annotations for an image id missing from 'images'" in out and "annotations of image 999" in out
+
+
+def test_rerun_after_a_user_error_takes_the_corrected_config(tmp_path, capsys):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.jpg", "text": "a red box"}) + "\n")
+    out = tmp_path / "run"
+    argv = ["run", "demo", "--out", str(out), f"data.source=manifest:{tmp_path / 'm.jsonl'}"]
+    assert main(argv) == 2
+    assert "set data.caption_column=text" in _error(capsys)
+    assert main([*argv, "data.caption_column=text"]) == 2  # now the data itself is too small
+    assert "gave 1 usable image(s)" in _error(capsys)
+    assert "caption_column: text" in (out / "config.yaml").read_text()
