@@ -166,6 +166,9 @@ def test_no_seed_jargon_for_users(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "coco5k-seed" in out and "seed notebook" not in out and "blip2-lora-coco5k notebook" in out
+    from captune.evaluation.seed_metrics import UNAVAILABLE
+
+    assert not [why for why in UNAVAILABLE.values() if "seed" in why]
 
 
 def test_list_override_without_brackets_suggests_them(capsys):

@@ -22,7 +22,7 @@ import re
 from collections import Counter
 
 UNAVAILABLE = {
-    "METEOR": "the seed's METEOR is NLTK's and needs the WordNet corpus, which is not installed "
+    "METEOR": "the notebook's METEOR is NLTK's and needs the WordNet corpus, which is not installed "
     "(not on PyPI); use the official METEOR 1.5"
 }
 
