@@ -321,3 +321,20 @@ def test_rerun_after_a_user_error_takes_the_corrected_config(tmp_path, capsys):
     assert main([*argv, "data.caption_column=text"]) == 2  # now the data itself is too small
     assert "gave 1 usable image(s)" in _error(capsys)
     assert "caption_column: text" in (out / "config.yaml").read_text()
+
+
+def test_deepspeed_cpu_notice_is_silenced(capsys):
+    import logging
+
+    assert main(["recipes"]) == 0
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger("DeepSpeed")
+    logger.addHandler(handler)
+    try:
+        logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        logger.warning("a real DeepSpeed warning")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["a real DeepSpeed warning"]

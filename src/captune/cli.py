@@ -648,6 +648,10 @@ def _disk_problem(exc: OSError) -> str | None:
     return None
 
 
+def _no_cpu_accelerator_warning(record) -> bool:
+    return "unable to detect it" not in record.getMessage()
+
+
 def _quiet_libraries() -> None:
     import logging
     import warnings
@@ -658,6 +662,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("transformers", "peft", "datasets", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed (imported by accelerate/peft when installed) warns on every CPU-only import that it
+    # "was unable to detect" a GPU; it sets its logger's level itself, so a filter drops that line.
+    ds_logger = logging.getLogger("DeepSpeed")
+    if _no_cpu_accelerator_warning not in ds_logger.filters:
+        ds_logger.addFilter(_no_cpu_accelerator_warning)
     try:
         from transformers.utils import logging as hf_logging
 
