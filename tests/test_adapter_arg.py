@@ -26,9 +26,9 @@ def _one_line(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("command", ["caption", "serve"])
+@pytest.mark.parametrize("command", ["caption", "serve", "serve-adapter-only"])
 def test_wrong_adapter_folder(command, tmp_path, image, capsys):
-    head = ["caption", str(image)] if command == "caption" else ["serve", "--model", "builtin:demo"]
+    head = {"caption": ["caption", str(image)], "serve": ["serve", "--model", "builtin:demo"]}.get(command, ["serve"])
     t0 = time.perf_counter()
     assert main([*head, "--adapter", str(tmp_path / "runs" / "demo" / "adaptr")]) == 2
     assert "folder not found" in _one_line(capsys)

@@ -400,6 +400,11 @@ def cmd_bench(args) -> int:
 def cmd_serve(args) -> int:
     from captune.serve import ServeLimits, serve, target_from_args
 
+    if args.adapter and not args.run and not args.model:
+        from captune.model.adapter import adapter_base, resolve_adapter
+
+        args.adapter = resolve_adapter(args.adapter)  # a wrong --adapter is named first
+        args.model = adapter_base(args.adapter)
     if not args.run and not args.model:
         raise UserError("serve needs a run folder or --model (and --adapter); e.g. captune serve runs/demo")
     limits = ServeLimits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_images=args.max_images)

@@ -55,3 +55,14 @@ def resolve_adapter(name: str, option: str = "--adapter") -> str:
     if not (Path(local) / CONFIG).is_file():
         raise UserError(f"{option} {name}: the Hub repo has no {CONFIG}; is it a PEFT adapter?")
     return local
+
+
+def adapter_base(folder: str) -> str | None:
+    """The base model an adapter folder names (adapter_config.json's base_model_name_or_path), if any."""
+    import json
+
+    try:
+        name = json.loads((Path(folder) / CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
