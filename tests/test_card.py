@@ -150,3 +150,4 @@ def test_title_and_description_follow_an_overridden_source(tmp_path, local_model
     assert main(["push", str(run), "--repo", "me/x", "--dry-run", "--out", str(out), "--base-model", "o/b"]) == 0
     card = (out / "README.md").read_text()
     assert "product-catalog" not in card and "imagefolder:pets" in card
+    assert "product-catalog" not in (out / "captune_config.yaml").read_text()

@@ -263,9 +263,10 @@ def public_config(cfg: Config, base: str | None) -> Config:
     """The run's config as it may leave the machine: no local paths (model, data, images)."""
     import copy
 
-    from captune.summary import public_source
+    from captune.summary import description, public_source
 
     out = copy.deepcopy(cfg)
+    out.description = description(cfg)  # not the recipe's text about data this run did not use
     if base:
         out.model.name_or_path = base
     elif out.model.name_or_path != "builtin:demo":
