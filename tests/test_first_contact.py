@@ -202,6 +202,13 @@ def test_compare_and_report_of_a_finished_run_show_their_result(tmp_path, capsys
     assert "complete, skipped" in out and "| CIDEr | 0.5000 | 0.7500 |" in out
     assert main(["report", str(run)]) == 0
     assert capsys.readouterr().out.strip().endswith(f"report: {run / 'report' / 'index.html'}")
+    from tests.test_card import _metrics
+
+    for side, scale in (("baseline", 1.0), ("finetuned", 1.5)):
+        (run / side).mkdir()
+        (run / side / "metrics.json").write_text(json.dumps(_metrics(scale)))
+    assert main(["compare", str(run), "--force"]) == 0
+    assert capsys.readouterr().out.count("| CIDEr |") == 1  # shown once when the phase runs
 
 
 def _help(argv: list[str], capsys) -> str:

@@ -93,8 +93,10 @@ def cmd_phase(args) -> int:
         preflight(run.cfg)
     if args.command == "eval" and not run.done("train"):
         phases = ("baseline",)
+    skipped = args.command in ("compare", "report") and run.done(args.command) and not args.force
     run_phases(run, phases, force=args.force)
-    _show_result(run, args.command)
+    if skipped:  # the phase shows its result when it runs; a skipped one still should
+        _show_result(run, args.command)
     return 0
 
 
