@@ -169,6 +169,7 @@ def test_no_seed_jargon_for_users(capsys):
     from captune.evaluation.seed_metrics import UNAVAILABLE
 
     assert not [why for why in UNAVAILABLE.values() if "seed" in why]
+    assert "seed's" not in _help([], capsys) and "seed recipe" not in _help(["bench"], capsys)
 
 
 def test_list_override_without_brackets_suggests_them(capsys):

@@ -519,13 +519,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ps.set_defaults(func=cmd_push)
 
-    bn = sub.add_parser("bench", help="GPU benchmark: the seed's recipe vs captune, same run (no downloads)")
+    bn = sub.add_parser(
+        "bench", help="GPU benchmark: the blip2-lora-coco5k notebook's recipe vs captune, same run (no downloads)"
+    )
     bn.add_argument("--arch", default="blip2-opt-2.7b", help="architecture built with random weights")
     bn.add_argument("--images", type=int, default=5000, help="synthetic COCO-size JPEGs for the end-to-end job")
     bn.add_argument("--no-e2e", action="store_true", help="skip the end-to-end coco5k job")
     bn.add_argument("--e2e-only", action="store_true", help="only the end-to-end coco5k job")
     bn.add_argument("--captioning-only", action="store_true", help="only the captioning measurements")
-    bn.add_argument("--seed-steps", type=int, default=40, help="optimizer steps of the seed recipe to time")
+    bn.add_argument("--seed-steps", type=int, default=40, help="optimizer steps of the notebook's recipe to time")
     bn.add_argument("--workdir", help="where the e2e model, data and run folder go (default $TMPDIR)")
     bn.add_argument("--json-out", default="bench-result.json", help="write the results here")
     bn.set_defaults(func=cmd_bench)
