@@ -135,3 +135,15 @@ def test_small_split_warns():
     assert "40 test images" in markdown_table(small)
     big = compare(_doc(rng.normal(0.5, 0.2, 150)), _doc(rng.normal(0.6, 0.2, 150)), samples=100, seed=0)
     assert big["warnings"] == []
+
+
+def test_change_in_percent_only_on_a_meaningful_baseline():
+    def doc(cider, bleu):
+        return {"image_ids": ["a"], "CIDEr": cider, "BLEU-4": bleu}
+
+    result = compare(doc(0.04, 0.2), doc(4.0, 0.3), samples=0)
+    rows = {r["metric"]: r for r in result["rows"]}
+    assert rows["CIDEr"]["change_pct"] is None and rows["CIDEr"]["change"] == pytest.approx(3.96)
+    assert rows["BLEU-4"]["change_pct"] == pytest.approx(50.0)
+    table = markdown_table(result)
+    assert "9900" not in table and "+50.00%" in table

@@ -56,3 +56,26 @@ def test_read_only_output(read_only, capsys):
     assert main(["run", "demo", "--out", str(read_only / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert "read-only" in err and "\n" not in err
+
+
+def test_read_only_caption_output_names_the_file_and_option(read_only, tmp_path, capsys):
+    from captune.demo import world
+
+    (tmp_path / "a.png").write_bytes(world.make_items("plain", 1, seed=1)[0]["image"])
+    out = read_only / "caps.txt"
+    assert main(["caption", str(tmp_path / "a.png"), "--output", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"captune: error: cannot write {out}: the file system is read-only; choose another --output"
+
+
+def test_disk_message_names_the_output_not_the_temporary():
+    import errno
+
+    from captune.cli import _disk_message
+
+    exc = OSError(errno.EROFS, "x", "/r/runs/demo/.adapter.tmp-k2j4_x/adapter_model.safetensors")
+    msg = _disk_message(exc, "the file system is read-only", ["train", "/r/runs/demo"])
+    assert msg == "cannot write /r/runs/demo/adapter: the file system is read-only; choose another run folder"
+    exc = OSError(errno.ENOSPC, "x", "/r/m/.config.yaml.ab12cd_9")
+    msg = _disk_message(exc, "no space left on the device", ["merge", "RUN", "--out", "/r/m"])
+    assert msg == "cannot write /r/m/config.yaml: no space left on the device; free space or choose another --out"

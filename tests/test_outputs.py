@@ -85,8 +85,8 @@ def test_push_dry_run_writes_card_and_adapter(demo_run, tmp_path, capsys):
         "comparison.json",
     } <= names
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "library_name: peft" in card and "base_model: builtin:demo" in card
-    assert "| CIDEr |" in card and "PeftModel.from_pretrained" in card
+    assert card.startswith("---\n") and "library_name: peft" in card and "model-index:" in card
+    assert "| CIDEr |" in card and "huggingface.co/builtin" not in card  # the demo base is not on the Hub
 
 
 def test_push_calls_hub_up_to_the_network(demo_run, monkeypatch, capsys):
@@ -109,7 +109,7 @@ def test_push_calls_hub_up_to_the_network(demo_run, monkeypatch, capsys):
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    assert main(["push", str(demo_run), "--repo", "someone/demo", "--private"]) == 0
+    assert main(["push", str(demo_run), "--repo", "someone/demo", "--private", "--base-model", "org/base"]) == 0
     assert calls[0] == ("init", FAKE_TOKEN)
     assert calls[1] == ("create_repo", "someone/demo", True, True, "model")
     assert calls[2][0] == "upload_folder" and "README.md" in calls[2][2] and "adapter_model.safetensors" in calls[2][2]
@@ -120,7 +120,7 @@ def test_push_calls_hub_up_to_the_network(demo_run, monkeypatch, capsys):
 def test_push_without_token_is_one_clear_line(demo_run, monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert main(["push", str(demo_run), "--repo", "someone/demo"]) == 2
+    assert main(["push", str(demo_run), "--repo", "someone/demo", "--base-model", "org/base"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "captune: error: no Hugging Face token: set HF_TOKEN or run 'hf auth login', then push again"
 

@@ -342,8 +342,8 @@ def run_recipe(
     say = _logger(quiet, log)
     root = Path(out) if out is not None else Path("runs") / cfg.name
     wanted = _phase_list(phases)
+    pl.preflight(cfg)  # before the run folder is made: an impossible recipe leaves nothing behind
     session = pl.Run.open(root, cfg, force=force, log=say)
-    pl.preflight(cfg)
     from captune.distributed import world
     from captune.evaluation.metrics import prewarm
 
@@ -521,15 +521,16 @@ def load_model(
     if device is not None:
         mcfg.device = device
     mcfg.check()
+    if adapter is not None:  # before the model loads: a typo costs one line at once
+        from captune.model.adapter import resolve_adapter
+
+        adapter = resolve_adapter(str(adapter), option="adapter")
     loaded = load_base(mcfg)
     net = loaded.model
     if adapter is not None:
         from peft import PeftModel
 
-        where = Path(adapter)
-        if where.is_dir() and not (where / "adapter_config.json").is_file():
-            raise UserError(f"{where} is not a PEFT adapter folder (no adapter_config.json)")
-        net = PeftModel.from_pretrained(net, str(adapter)).eval()
+        net = PeftModel.from_pretrained(net, adapter).eval()
         if merged:
             net = net.merge_and_unload().eval()
     return Captioner(net, loaded.processor, mcfg.prompt, ecfg, loaded.device, loaded.source)
@@ -726,26 +727,41 @@ def push(
     dry_run: bool = False,
     out: PathLike | None = None,
     private: bool = False,
+    base_model: str | None = None,
 ) -> str:
     """Upload a run's adapter, processor, model card and comparison to the Hugging Face Hub.
 
-    ``repo``: OWNER/NAME (default the recipe's ``hub.repo_id``). ``dry_run`` writes the
-    exact upload folder (default RUN/push) and returns its path; nothing is sent. The
-    token comes from ``HF_TOKEN`` or the cached login and is never printed or saved.
+    ``repo``: OWNER/NAME (default the recipe's ``hub.repo_id``). ``base_model``: the Hub id of the
+    base model when the run loaded a local copy of it (default ``hub.base_model``); a card without
+    a Hub base model is refused (a dry run still writes its folder). ``dry_run`` writes the exact
+    upload folder (default RUN/push) and returns its path; nothing is sent. The token comes from
+    ``HF_TOKEN`` or the cached login and is never printed or saved.
     """
     import tempfile
 
-    from captune.hub import get_token, stage_upload
+    from captune.hub import get_token, hub_base_model, not_on_hub, stage_upload
     from captune.hub import push as upload
 
     root = Path(run)
-    cfg = _pipeline().Run.open(root, None, log=lambda message: None).cfg
+    cfg = run_config(root, "push")
     repo = repo or cfg.hub.repo_id
     if not repo or repo.count("/") != 1 or not all(repo.split("/")):
         raise UserError("give the target as --repo OWNER/NAME (or set hub.repo_id in the recipe)")
+    base = hub_base_model(cfg, base_model)
     if dry_run:
-        return str(stage_upload(root, cfg, repo, Path(out) if out is not None else root / "push"))
+        return str(stage_upload(root, cfg, repo, Path(out) if out is not None else root / "push", base_model=base))
+    if base is None:
+        raise UserError(f"not pushing: {not_on_hub(cfg)}")
     token = get_token()
     with tempfile.TemporaryDirectory(prefix="captune-push-") as tmp:
-        folder = stage_upload(root, cfg, repo, Path(tmp) / "upload")
+        folder = stage_upload(root, cfg, repo, Path(tmp) / "upload", base_model=base, online=True)
         return upload(folder, repo, private=private or cfg.hub.private, token=token)
+
+
+def run_config(run: PathLike, command: str) -> Config:
+    """The saved config of a finished run; ``command`` (merge, push) takes no recipe, so say what it needs."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        what = "folder not found" if not run.exists() else "not a run folder (no config.yaml)"
+        raise UserError(f"{run}: {what}; {command} needs a trained run folder (made by 'captune run RECIPE --out RUN')")
+    return _pipeline().Run.open(run, None, log=lambda message: None).cfg

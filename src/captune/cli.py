@@ -26,7 +26,21 @@ PHASE_COMMANDS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except where there is none or the help already words it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, "", argparse.SUPPRESS) or "default" in text or not text:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit 2, like every other user error
         raise UserError(message if self.prog == "captune" else f"{self.prog.split()[-1]}: {message}")
 
@@ -70,15 +84,30 @@ def cmd_phase(args) -> int:
         preflight(run.cfg)
     if args.command == "eval" and not run.done("train"):
         phases = ("baseline",)
+    skipped = args.command in ("compare", "report") and run.done(args.command) and not args.force
     run_phases(run, phases, force=args.force)
+    if skipped:  # the phase shows its result when it runs; a skipped one still should
+        _show_result(run, args.command)
     return 0
+
+
+def _show_result(run, command: str) -> None:
+    """What compare and report made (also when it was already there): the table, the report's path."""
+    if command == "compare" and run.done("compare"):
+        from captune.evaluation.compare import markdown_table
+
+        comparison = json.loads(run.path("comparison.json").read_text())
+        _log(f"\nBefore / after on {run.cfg.eval.split} ({run.path('comparison.md')}):\n")
+        _log(markdown_table(comparison))
+    elif command == "report" and run.done("report"):
+        _log(f"report: {run.path('report', 'index.html')}")
 
 
 def cmd_score(args) -> int:
     from captune.evaluation.caption_files import image_files, read_predictions, read_references
     from captune.evaluation.clipscore import add_clip_scores
     from captune.evaluation.metrics import score_captions
-    from captune.evaluation.seed_metrics import seed_compatible
+    from captune.evaluation.seed_metrics import LABEL, seed_compatible
 
     found = read_predictions(Path(args.predictions))
     preds, refs, coco_files = found.predictions, found.references, {}
@@ -113,7 +142,7 @@ def cmd_score(args) -> int:
         print(f"{k:8s} {v:.4f}")
     for k, why in scores.unavailable.items():
         print(f"{k:8s} unavailable: {why}")
-    print("seed-comparable (first reference only):")
+    print(f"{LABEL[0].lower()}{LABEL[1:]}:")
     for k, v in seed["metrics"].items():
         print(f"{k:8s} {v:.4f}")
     for k, why in seed["unavailable"].items():
@@ -175,7 +204,7 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_data_inspect(args) -> int:
-    from captune.data.prepare import SPLITS, load_split, read_manifest
+    from captune.data.prepare import SPLITS, load_split, read_manifest, skip_reasons
 
     root = Path(args.dir)
     if (root / "data" / "manifest.json").is_file():
@@ -198,40 +227,52 @@ def cmd_data_inspect(args) -> int:
         f"images      {manifest['images']}  references {manifest['references']}  "
         f"merged duplicates {manifest.get('merged_duplicate_images', 0)}"
     )
+    dropped = manifest.get("dropped_captions")
+    if dropped:
+        print(f"captions    dropped {dropped['empty']} empty, {dropped['repeated']} repeated on the same image")
     for s, ex in splits.items():
         print(f"{s:11s} {len(ex)} images, {sum(len(e.captions) for e in ex)} references")
     for e in splits["train"][:3]:
         print(f"  {e.image_id}: " + " | ".join(e.captions[:3]))
-    reasons: dict[str, int] = {}
-    for item in manifest["skipped"]:
-        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
     print(f"skipped     {len(manifest['skipped'])}")
-    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
-        print(f"  {n:5d}  {reason}")
+    for reason, items in skip_reasons(manifest["skipped"]).items():
+        print(f"  {len(items):5d}  {reason}")
+        for item in items[:5]:  # the files themselves, so the user can look at them
+            print(f"         {item}")
+        if len(items) > 5:
+            print(f"         ... and {len(items) - 5} more (--json lists all)")
     return 0
 
 
 def cmd_caption(args) -> int:
     import csv
 
-    from captune.api import caption, load_model
+    from captune.config import EvalConfig, ModelConfig
     from captune.data.files import collect_paths, read_images
+    from captune.model.load import load_model, resolve_model_path
+    from captune.ops.generation import caption_images
 
+    ecfg = EvalConfig(batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    ecfg.check()
+    model_path = resolve_model_path(args.model, option="--model")
+    adapter = None
+    if args.adapter:
+        from captune.model.adapter import resolve_adapter
+
+        adapter = resolve_adapter(args.adapter)  # before the model loads: a typo costs one line at once
     paths, missing = collect_paths(args.paths)
     images, bad = read_images(paths)
     for where, why in missing + bad:
         print(f"captune: skipped {where}: {why}", file=sys.stderr)
     if not images:
         raise UserError("no readable image among the given paths")
-    captioner = load_model(model=args.model, adapter=args.adapter, device=args.device)
-    captions = caption(
-        [b for _, b in images],
-        captioner,
-        batch_size=args.batch_size,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        prompt=args.prompt,
-    )
+    loaded = load_model(ModelConfig(name_or_path=model_path, device=args.device))
+    model = loaded.model
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    captions = caption_images(model, loaded.processor, [b for _, b in images], ecfg, args.prompt)
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
     try:
         if args.format == "jsonl":
@@ -252,32 +293,42 @@ def cmd_caption(args) -> int:
     return 0
 
 
-def _run_config(run: Path):
-    from captune.run.folder import Run
+def _run_config(run: Path, command: str):
+    """The saved config of a finished run; ``command`` (merge, push) takes no --recipe, so say what it needs."""
+    from captune.api import run_config
 
-    return Run.open(run, None, log=_log).cfg
+    return run_config(run, command)
 
 
 def cmd_merge(args) -> int:
     from captune.hub import merge
 
-    out = merge(Path(args.run), _run_config(Path(args.run)), Path(args.out))
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise UserError(f"--out {out} already exists and is not empty; add --force to replace it, or choose another")
+    out = merge(Path(args.run), _run_config(Path(args.run), "merge"), out)
     _log(f"merged model written to {out} (load it with Blip2ForConditionalGeneration.from_pretrained)")
     return 0
 
 
 def cmd_push(args) -> int:
     from captune.api import push
+    from captune.hub import not_on_hub
 
     run = Path(args.run)
     if args.dry_run:
-        out = Path(push(run, args.repo, dry_run=True, out=args.out))
-        repo = args.repo or _run_config(run).hub.repo_id
+        out = Path(push(run, args.repo, dry_run=True, out=args.out, base_model=args.base_model))
+        from captune.hub import hub_base_model
+
+        cfg = _run_config(run, "push")
+        repo, base = args.repo or cfg.hub.repo_id, hub_base_model(cfg, args.base_model)
         _log(f"dry run: the folder that would be uploaded to {repo} is {out}")
         for f in sorted(out.iterdir()):
             _log(f"  {f.name}  {f.stat().st_size} bytes")
+        if base is None:
+            print(f"captune: warning: a push would be refused: {not_on_hub(cfg)}", file=sys.stderr)
         return 0
-    url = push(run, args.repo, private=args.private)
+    url = push(run, args.repo, private=args.private, base_model=args.base_model)
     _log(f"pushed to {url}")
     return 0
 
@@ -309,6 +360,11 @@ def cmd_bench(args) -> int:
 def cmd_serve(args) -> int:
     from captune.serve import ServeLimits, serve, target_from_args
 
+    if args.adapter and not args.run and not args.model:
+        from captune.model.adapter import adapter_base, resolve_adapter
+
+        args.adapter = resolve_adapter(args.adapter)  # a wrong --adapter is named first
+        args.model = adapter_base(args.adapter)
     if not args.run and not args.model:
         raise UserError("serve needs a run folder or --model (and --adapter); e.g. captune serve runs/demo")
     limits = ServeLimits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_images=args.max_images)
@@ -326,6 +382,22 @@ def cmd_recipes(args) -> int:
 
     for name in list_recipes():
         print(f"{name:14s} {load_config(name).description}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    """Print every SECTION.KEY with the recipe's value, the default (when different) and its docstring."""
+    import textwrap
+
+    from captune.config import describe_keys, load_config
+
+    for key, value, default, doc in describe_keys(load_config(args.recipe, args.overrides)):
+        shown = json.dumps(value, ensure_ascii=False)
+        if len(shown) > 60:
+            shown = shown[:57] + '..."'
+        same = "(default)" if value == default else f"(default {json.dumps(default)})"
+        print(f"{key} = {shown}  {same}")
+        print(textwrap.fill(doc, width=100, initial_indent="    ", subsequent_indent="    "))
     return 0
 
 
@@ -356,8 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
         "compare": "baseline vs fine-tuned table with intervals and p-values",
         "report": "write RUN/report/index.html and report.md",
     }
+    epilogs = {
+        "data": "also:\n  captune data prepare --source SOURCE --out DIR   read a source into a cache (see "
+        "'captune data prepare --help')\n  captune data inspect DIR                        counts, splits, "
+        "samples and skipped files of a cache or run folder",
+    }
     for name, text in helps.items():
-        s = sub.add_parser(name, help=text)
+        s = sub.add_parser(name, help=text, description=text, epilog=epilogs.get(name))
         s.add_argument("run", help="run folder")
         s.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides (with --recipe)")
         s.add_argument("--recipe", help="start the run folder from this recipe")
@@ -378,19 +455,20 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("caption", help="caption image files, folders and globs")
     cp.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
     cp.add_argument("--model", default="builtin:demo", help="Hub id, local folder or builtin:demo")
-    cp.add_argument("--adapter", help="PEFT adapter folder or Hub id (e.g. RUN/adapter)")
+    cp.add_argument("--adapter", help="PEFT adapter folder, a run folder (its adapter) or a Hub id")
     cp.add_argument("--format", choices=["text", "jsonl", "csv"], default="text", help="output format")
     cp.add_argument("--output", help="write here instead of stdout")
     cp.add_argument("--batch-size", type=int, default=32, help="images per batch")
     cp.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
     cp.add_argument("--max-new-tokens", type=int, default=30, help="longest caption in tokens")
     cp.add_argument("--prompt", default="", help="text prompt, removed from the output")
-    cp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    cp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
     cp.set_defaults(func=cmd_caption)
 
     mg = sub.add_parser("merge", help="save the base model with the run's adapter merged in")
     mg.add_argument("run", help="run folder")
     mg.add_argument("--out", required=True, help="folder for the merged model")
+    mg.add_argument("--force", action="store_true", help="replace an existing --out folder")
     mg.set_defaults(func=cmd_merge)
 
     ps = sub.add_parser("push", help="upload the adapter, processor and a model card to the Hub")
@@ -399,15 +477,20 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--private", action="store_true", help="create the repository as private")
     ps.add_argument("--dry-run", action="store_true", help="write the upload folder, upload nothing")
     ps.add_argument("--out", help="dry-run folder (default RUN/push)")
+    ps.add_argument(
+        "--base-model", help="Hub id of the base model when model.name_or_path is a local copy (or hub.base_model)"
+    )
     ps.set_defaults(func=cmd_push)
 
-    bn = sub.add_parser("bench", help="GPU benchmark: the seed's recipe vs captune, same run (no downloads)")
+    bn = sub.add_parser(
+        "bench", help="GPU benchmark: the blip2-lora-coco5k notebook's recipe vs captune, same run (no downloads)"
+    )
     bn.add_argument("--arch", default="blip2-opt-2.7b", help="architecture built with random weights")
     bn.add_argument("--images", type=int, default=5000, help="synthetic COCO-size JPEGs for the end-to-end job")
     bn.add_argument("--no-e2e", action="store_true", help="skip the end-to-end coco5k job")
     bn.add_argument("--e2e-only", action="store_true", help="only the end-to-end coco5k job")
     bn.add_argument("--captioning-only", action="store_true", help="only the captioning measurements")
-    bn.add_argument("--seed-steps", type=int, default=40, help="optimizer steps of the seed recipe to time")
+    bn.add_argument("--seed-steps", type=int, default=40, help="optimizer steps of the notebook's recipe to time")
     bn.add_argument("--workdir", help="where the e2e model, data and run folder go (default $TMPDIR)")
     bn.add_argument("--json-out", default="bench-result.json", help="write the results here")
     bn.set_defaults(func=cmd_bench)
@@ -415,10 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="web page: base vs fine-tuned captions side by side (captune[serve])")
     sv.add_argument("run", nargs="?", help="run folder (its base model, adapter, test images and metrics)")
     sv.add_argument("--model", help="base model instead of the run's (Hub id, folder or builtin:demo)")
-    sv.add_argument("--adapter", help="PEFT adapter folder or Hub id instead of RUN/adapter")
+    sv.add_argument("--adapter", help="PEFT adapter folder, run folder or Hub id instead of RUN/adapter")
     sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     sv.add_argument("--port", type=int, default=7860, help="TCP port")
-    sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
     sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted file")
     sv.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image (width x height)")
     sv.add_argument("--max-images", type=int, default=16, help="images per request")
@@ -426,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recipes", help="list the built-in recipes")
     rc.set_defaults(func=cmd_recipes)
+
+    cf = sub.add_parser("config", help="every config key of a recipe: its value, default and meaning")
+    cf.add_argument("recipe", help="built-in recipe name or a YAML file")
+    cf.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides to apply first")
+    cf.set_defaults(func=cmd_config)
 
     db = sub.add_parser("demo-build", help="rebuild the demo base model (pre-training on the CPU)")
     db.add_argument("--out", required=True, help="folder to write the model to")
@@ -457,12 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("captune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as cat and grep do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not complain either
+        return 128 + 13  # SIGPIPE
     except OSError as exc:
         why = disk_problem(exc)
         if why is None:
             raise
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"captune: error: cannot write{where}: {why}; free space or choose another --out", file=sys.stderr)
+        print(f"captune: error: {_disk_message(exc, why, argv)}", file=sys.stderr)
         return 2
     except MemoryError:
         print("captune: error: out of memory; lower train.batch_size or eval.batch_size", file=sys.stderr)
@@ -471,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         code = re.search(r"os error (\d+)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
         why = disk_problem(OSError(int(code.group(1)), "")) if code else None
         if why is not None:  # safetensors reports I/O failures as its own error type
-            print(f"captune: error: cannot write: {why}; free space or choose another --out", file=sys.stderr)
+            print(f"captune: error: {_disk_message(OSError(), why, argv)}", file=sys.stderr)
             return 2
         if is_out_of_memory(exc):
             print(f"captune: error: {out_of_memory('')}", file=sys.stderr)
@@ -479,14 +570,52 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+# The option that chooses where each command writes.
+OUTPUT_OPTION = {"caption": "--output", "bench": "--workdir", "run": "--out", "merge": "--out", "push": "--out"}
+TEMP_NAME = re.compile(r"^\.(?P<name>.+?)(\.tmp-\w+|\.\w{8})$")  # staged_dir / mkstemp temporaries
+
+
+def _disk_message(exc: OSError, why: str, argv: list[str]) -> str:
+    """One line naming the output (not captune's temp file), the cause and the fix for this command."""
+    where = ""
+    if getattr(exc, "filename", None):
+        parts = list(Path(exc.filename).parts)
+        for i, part in enumerate(parts):
+            match = TEMP_NAME.match(part)
+            if match:  # name the output being written, not its temporary stand-in
+                parts = [*parts[:i], match["name"]]
+                break
+        where = f" {Path(*parts)}"
+    command = argv[0] if argv else ""
+    option = OUTPUT_OPTION.get(command)
+    if command == "data" and argv[1:2] == ["prepare"]:
+        option = "--out"
+    target = f"another {option}" if option else "another run folder"
+    fix = f"free space or choose {target}" if "space" in why or "quota" in why else f"choose {target}"
+    if "permission" in why:
+        fix = f"fix its permissions or choose {target}"
+    return f"cannot write{where}: {why}; {fix}"
+
+
+def _no_cpu_accelerator_warning(record) -> bool:
+    return "unable to detect it" not in record.getMessage()
+
+
 def _quiet_libraries() -> None:
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+    # transformers 5 deprecates the attribute PEFT still reads on every adapter load; nothing for a user to do
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("transformers", "peft", "datasets", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed (imported by accelerate/peft when installed) warns on every CPU-only import that it
+    # "was unable to detect" a GPU; it sets its logger's level itself, so a filter drops that line.
+    ds_logger = logging.getLogger("DeepSpeed")
+    if _no_cpu_accelerator_warning not in ds_logger.filters:
+        ds_logger.addFilter(_no_cpu_accelerator_warning)
     try:
         from transformers.utils import logging as hf_logging
 

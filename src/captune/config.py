@@ -8,6 +8,7 @@ typo or an impossible value costs the user one line, not a half-finished run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -257,6 +258,10 @@ class HubConfig:
     """Hub repository for `captune push` (OWNER/NAME)."""
     private: bool = False
     """Create the repository as private."""
+    base_model: str | None = None
+    """Hub id of the base model (OWNER/NAME) for the model card, when model.name_or_path is a local copy of it."""
+    license: str | None = None
+    """License of the pushed adapter (a Hub license id); default: the base model's."""
 
     def check(self) -> None:
         if self.repo_id is not None:
@@ -265,6 +270,8 @@ class HubConfig:
                 "hub.repo_id",
                 "must look like OWNER/NAME",
             )
+        if self.base_model is not None:
+            _require(is_hub_id(self.base_model), "hub.base_model", "must be a Hub model id like OWNER/NAME")
 
 
 @dataclass
@@ -294,6 +301,14 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def is_hub_id(name: str) -> bool:
+    """True for a Hub repo id (OWNER/NAME) that is not also an existing local path."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not Path(name).expanduser().exists()
+
+
 def _require(ok: bool, key: str, what: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {what}")
@@ -309,7 +324,9 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+        return f"a list of {plural.get(item, _type_name(item))}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
         tp, "null" if tp is type(None) else str(tp)
     )
@@ -371,7 +388,10 @@ def _set(section: Any, key: str, value: Any, where: str) -> None:
     try:
         coerced = _coerce(value, tp)
     except TypeError:
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}") from None
+        hint = ""
+        if isinstance(value, str) and "," in value and "list of" in _type_name(tp):
+            hint = f"; write a list in brackets: {where}=[{value}]"
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}{hint}") from None
     setattr(section, key, coerced)
 
 
@@ -494,6 +514,40 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> Config:
     apply_overrides(cfg, overrides or [])
     cfg.check()
     return cfg
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a config dataclass (the string right after each field), by field name."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        is_doc = isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and is_doc:
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def describe_keys(cfg: Config) -> list[tuple[str, Any, Any, str]]:
+    """Every SECTION.KEY of ``cfg`` with its value, its default and its docstring (``captune config``)."""
+    rows = []
+    defaults = Config()
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(value):
+            rows.append(
+                (section.name, value, getattr(defaults, section.name), field_docs(Config).get(section.name, ""))
+            )
+            continue
+        docs = field_docs(type(value))
+        for f in dataclasses.fields(value):
+            default = getattr(getattr(defaults, section.name), f.name)
+            rows.append((f"{section.name}.{f.name}", getattr(value, f.name), default, docs.get(f.name, "")))
+    return rows
 
 
 def config_from_dict(mapping: dict[str, Any]) -> Config:

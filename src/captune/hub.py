@@ -50,26 +50,136 @@ def _dataset_ids(cfg: Config) -> list[str]:
     return [rest.split("@")[0]] if kind == "hub" else []
 
 
-def model_card(cfg: Config, comparison: dict | None, repo_id: str, base_model: str) -> str:
-    """README.md with Hub metadata, the metric table, the recipe and a usage snippet."""
-    import yaml
+# Licenses of the BLIP-2 checkpoints Salesforce publishes (their model cards say mit), for offline pushes.
+KNOWN_LICENSES = {"Salesforce/blip2-": "mit"}
 
-    meta = {
-        "base_model": base_model,
-        "library_name": "peft",
-        "pipeline_tag": "image-to-text",
-        "tags": ["image-captioning", "blip-2", "lora", "peft", "captune"],
-        "license": "mit",
-    }
+
+def hub_base_model(cfg: Config, override: str | None = None) -> str | None:
+    """The base model's Hub id: --base-model, hub.base_model, or model.name_or_path when it is one."""
+    from captune.config import is_hub_id
+
+    if override is not None:
+        if not is_hub_id(override):
+            raise UserError(f"--base-model '{override}' is not a Hub model id; give it as OWNER/NAME")
+        return override
+    for name in (cfg.hub.base_model, cfg.model.name_or_path):
+        if name and is_hub_id(name):
+            return name
+    return None
+
+
+def not_on_hub(cfg: Config) -> str:
+    """Why the card has no base model, and the fix."""
+    if cfg.model.name_or_path == "builtin:demo":
+        return (
+            "the base model builtin:demo exists only inside captune, so nobody could load this adapter "
+            "from the Hub; train on a Hub model (model.name_or_path=OWNER/NAME) to push"
+        )
+    return (
+        f"the base model is the local folder '{Path(cfg.model.name_or_path).name}', not a Hub id; "
+        "name the Hub model it is a copy of with --base-model OWNER/NAME (or set hub.base_model)"
+    )
+
+
+def base_license(cfg: Config, base: str | None, *, online: bool) -> str:
+    """hub.license, else the base model's license: its local model card, a known one, or the Hub's."""
+    if cfg.hub.license:
+        return cfg.hub.license
+    local = Path(cfg.model.name_or_path).expanduser() / "README.md"
+    if local.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            found = ModelCard.load(local).data.license
+        except Exception:
+            found = None
+        if found:
+            return str(found)
+    if base is None:
+        return "other"
+    for prefix, license_id in KNOWN_LICENSES.items():
+        if base.startswith(prefix):
+            return license_id
+    if online:
+        from huggingface_hub import model_info
+
+        try:
+            found = (model_info(base, timeout=10).card_data or {}).get("license")
+        except Exception:
+            found = None
+        if found:
+            return str(found)
+    return "other"
+
+
+def _eval_results(cfg: Config, comparison: dict | None) -> list:
+    """model-index entries: the fine-tuned test metrics on the run's dataset and split."""
+    from huggingface_hub import EvalResult
+
+    from captune.summary import public_source
+
+    if not comparison:
+        return []
     datasets = _dataset_ids(cfg)
-    if datasets:
-        meta["datasets"] = datasets
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {repo_id.split('/')[-1]}", ""]
-    lines += [
-        f"A LoRA adapter for [`{base_model}`](https://huggingface.co/{base_model}) trained with "
-        f"[captune](https://github.com/captune/captune), recipe `{cfg.name}`.",
+    source = public_source(cfg.data.source)
+    return [
+        EvalResult(
+            task_type="image-to-text",
+            task_name="Image captioning",
+            dataset_type=datasets[0] if datasets else source.partition(":")[0],
+            dataset_name=source,
+            dataset_split=cfg.eval.split,
+            metric_type=row["metric"].lower(),
+            metric_name=row["metric"],
+            metric_value=round(float(row["finetuned"]), 4),
+        )
+        for row in comparison["rows"]
+    ]
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("captune", "transformers", "peft", "torch"):
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(out)
+
+
+def model_card(
+    cfg: Config,
+    comparison: dict | None,
+    repo_id: str,
+    base_model: str | None,
+    *,
+    license_id: str = "other",
+    processor_in_repo: bool = True,
+) -> str:
+    """README.md: Hub metadata (model-index with the test metrics), results, use, limits, loading."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from captune import summary
+
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="peft",
+        pipeline_tag="image-to-text",
+        license=license_id,
+        datasets=_dataset_ids(cfg) or None,
+        tags=["image-captioning", "blip-2", "lora", "peft", "captune"],
+        model_name=repo_id.split("/")[-1],
+        eval_results=_eval_results(cfg, comparison) or None,
+    )
+    base_text = f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else summary.model_label(cfg)
+    lines = [
+        f"# {repo_id.split('/')[-1]}",
         "",
-        cfg.description,
+        f"A LoRA adapter for {base_text}, trained with captune (recipe `{cfg.name}`).",
+        "",
+        summary.description(cfg),
         "",
     ]
     if comparison:
@@ -85,46 +195,102 @@ def model_card(cfg: Config, comparison: dict | None, repo_id: str, base_model: s
             markdown_table(comparison),
             "",
         ]
-    lines += [
+    lines += _card_body(cfg, comparison, repo_id, base_model, processor_in_repo)
+    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)))
+
+
+def _card_body(cfg: Config, comparison: dict | None, repo_id: str, base: str | None, own_processor: bool) -> list[str]:
+    from captune.summary import public_source
+
+    e = cfg.eval
+    prompt = f', text="{cfg.model.prompt}"' if cfg.model.prompt else ""
+    scope = f"{comparison['images']} test images" if comparison else "its held-out split"
+    lines = [
+        "## Intended use and limitations",
+        "",
+        f"Captioning images like those of `{public_source(cfg.data.source)}`, in the caption style of that data. "
+        f"The scores above hold for {scope} of the same source; on other images or styles expect the base "
+        "model's behaviour or worse. The adapter inherits the base model's biases and failure modes, "
+        "and captions are in the language of the training captions.",
+        "",
         "## Training",
         "",
         f"- LoRA r {cfg.lora.r}, alpha {cfg.lora.alpha}, dropout {cfg.lora.dropout}, "
-        f"targets `{cfg.lora.target_modules}` (language model only)",
+        f"targets `{cfg.lora.target_modules}`",
         f"- {cfg.train.epochs} epochs, batch {cfg.train.batch_size} x {cfg.train.grad_accum}, lr {cfg.train.lr:g} "
         f"({cfg.train.schedule}), adapter kept by validation {cfg.train.select}",
-        f"- data: `{cfg.data.source}`, {cfg.data.num_images or 'all'} images, split {cfg.data.ratios} by image",
+        f"- data: `{public_source(cfg.data.source)}`, {cfg.data.num_images or 'all'} images, "
+        f"split {cfg.data.ratios} by image",
         "",
         "The full resolved recipe is in `captune_config.yaml`.",
         "",
-        "## Usage",
+        "## Decoding",
+        "",
+        f"num_beams {e.num_beams}, max_new_tokens {e.max_new_tokens}, min_new_tokens {e.min_new_tokens}, "
+        f"repetition_penalty {e.repetition_penalty:g}, length_penalty {e.length_penalty:g}"
+        + (f", prompt `{cfg.model.prompt}` (removed from the output)" if cfg.model.prompt else ""),
+        "",
+        "## Framework versions",
+        "",
+        _versions(),
+        "",
+    ]
+    if base is None:
+        return lines
+    processor = repo_id if own_processor else base
+    return lines + [
+        "## How to load it",
         "",
         "```python",
         "from peft import PeftModel",
         "from PIL import Image",
         "from transformers import Blip2ForConditionalGeneration, Blip2Processor",
         "",
-        f'base = Blip2ForConditionalGeneration.from_pretrained("{base_model}")',
-        f'model = PeftModel.from_pretrained(base, "{repo_id}")',
-        f'processor = Blip2Processor.from_pretrained("{repo_id}")',
-        'inputs = processor(images=Image.open("photo.jpg"), return_tensors="pt")',
-        "print(processor.batch_decode(model.generate(**inputs, max_new_tokens=30), skip_special_tokens=True))",
+        f'base = Blip2ForConditionalGeneration.from_pretrained("{base}")',
+        f'model = PeftModel.from_pretrained(base, "{repo_id}").eval()',
+        f'processor = Blip2Processor.from_pretrained("{processor}")',
+        f'inputs = processor(images=Image.open("photo.jpg"){prompt}, return_tensors="pt")',
+        f"out = model.generate(**inputs, num_beams={e.num_beams}, max_new_tokens={e.max_new_tokens})",
+        "print(processor.batch_decode(out, skip_special_tokens=True))",
         "```",
         "",
-        "Or with captune: `captune caption photo.jpg --model " + base_model + " --adapter " + repo_id + "`.",
+        f"Or with captune: `captune caption photo.jpg --model {base} --adapter {repo_id}`.",
         "",
     ]
-    return "\n".join(lines)
 
 
-def stage_upload(run: Path, cfg: Config, repo_id: str, out: Path) -> Path:
-    """Write the exact folder that would be uploaded: adapter, processor, card, recipe, metrics."""
+def public_config(cfg: Config, base: str | None) -> Config:
+    """The run's config as it may leave the machine: no local paths (model, data, images)."""
+    import copy
+
+    from captune.summary import description, public_source
+
+    out = copy.deepcopy(cfg)
+    out.description = description(cfg)  # not the recipe's text about data this run did not use
+    if base:
+        out.model.name_or_path = base
+    elif out.model.name_or_path != "builtin:demo":
+        out.model.name_or_path = Path(out.model.name_or_path).name
+    out.data.source = public_source(out.data.source)
+    if out.data.images:
+        out.data.images = Path(out.data.images).name
+    return out
+
+
+def stage_upload(
+    run: Path, cfg: Config, repo_id: str, out: Path, *, base_model: str | None = None, online: bool = False
+) -> Path:
+    """Write the exact folder that would be uploaded: adapter, processor, card, recipe, metrics.
+
+    Nothing in it names a local path; ``base_model`` is the Hub id (None when there is none).
+    """
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{run} has no adapter; train it first ('captune train {run}')")
     comparison = json.loads((run / "comparison.json").read_text()) if (run / "comparison.json").is_file() else None
-    base_model = cfg.model.name_or_path
     from captune.atomic import staged_dir
 
+    license_id = base_license(cfg, base_model, online=online)
     with staged_dir(out) as tmp:
         for name in ADAPTER_FILES + PROCESSOR_FILES:
             if (adapter / name).is_file():
@@ -132,10 +298,12 @@ def stage_upload(run: Path, cfg: Config, repo_id: str, out: Path) -> Path:
         config = json.loads((tmp / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = base_model
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "captune_config.yaml").write_text(cfg.to_yaml())
+        (tmp / "captune_config.yaml").write_text(public_config(cfg, base_model).to_yaml())
         if comparison:
             (tmp / "comparison.json").write_text(json.dumps(comparison, indent=2))
-        (tmp / "README.md").write_text(model_card(cfg, comparison, repo_id, base_model), encoding="utf-8")
+        own_processor = (tmp / "preprocessor_config.json").is_file() or (tmp / "processor_config.json").is_file()
+        card = model_card(cfg, comparison, repo_id, base_model, license_id=license_id, processor_in_repo=own_processor)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     return out
 
 

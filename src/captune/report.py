@@ -14,6 +14,7 @@ import json
 import random
 from pathlib import Path
 
+from captune import summary
 from captune.data.images import load_rgb
 from captune.evaluation.compare import format_p, interval_note, is_clear_change, markdown_table
 
@@ -208,9 +209,9 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
     skipped = manifest.get("skipped", [])
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>captune report: {esc(cfg.name)}</title><style>{CSS}</style></head><body>
-<h1>captune report: {esc(cfg.name)}</h1>
-<p class="sub">{esc(cfg.description)}</p>
+<title>captune report: {esc(summary.title(cfg))}</title><style>{CSS}</style></head><body>
+<h1>captune report: {esc(summary.title(cfg))}</h1>
+<p class="sub">{esc(summary.description(cfg))}</p>
 <h2>Recipe and data</h2>
 <dl><dt>base model</dt><dd>{esc(cfg.model.name_or_path)}</dd>
 <dt>LoRA</dt><dd>r {cfg.lora.r}, alpha {cfg.lora.alpha}, dropout {cfg.lora.dropout},
@@ -232,9 +233,9 @@ official COCO scorer (PTB tokenization, CIDEr-D)</dd></dl>
 </body></html>
 """
     md = [
-        f"# captune report: {cfg.name}",
+        f"# captune report: {summary.title(cfg)}",
         "",
-        cfg.description,
+        summary.description(cfg),
         "",
         f"Base model `{cfg.model.name_or_path}`, data `{manifest['source']}`: "
         f"{manifest['images']} images, {manifest['references']} references "

@@ -122,9 +122,9 @@ def read_uploads(paths: list[str], limits: ServeLimits) -> tuple[list[Upload], l
         except OSError as exc:
             errors.append(f"{name}: cannot be read ({exc.strerror or exc})")
             continue
-        reason = check_image(data, limits.max_pixels)
+        reason = check_image(data, limits.max_pixels, limit=f"the limit of {limits.max_pixels} pixels")
         if reason:
-            errors.append(f"{name}: {reason.replace('data.max_pixels', 'the limit of')}")
+            errors.append(f"{name}: {reason}")
         else:
             ok.append(Upload(name, data))
     return ok, errors
@@ -229,6 +229,10 @@ def target_from_args(
     run: str | None, model: str | None, adapter: str | None, device: str, split_limit: int = 24
 ) -> ServeTarget:
     """What to serve: a run folder (its base model, adapter and eval settings) or --model/--adapter."""
+    if adapter:
+        from captune.model.adapter import resolve_adapter
+
+        adapter = resolve_adapter(adapter)
     if run:
         root = Path(run)
         saved = root / "config.yaml"

@@ -9,8 +9,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 
-def check_image(data: bytes, max_pixels: int) -> str | None:
+def check_image(data: bytes, max_pixels: int, limit: str | None = None) -> str | None:
     """Return why ``data`` is not a usable image, or None when it is.
+
+    ``limit`` words the pixel limit in the message (default: the config key data.max_pixels).
 
     The whole stream is decoded (JPEGs at 1/8 scale through ``draft``, which is
     fast) so truncated files are caught here and not in the middle of training.
@@ -23,7 +25,7 @@ def check_image(data: bytes, max_pixels: int) -> str | None:
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
-                return f"image has {w * h} pixels, over data.max_pixels={max_pixels}"
+                return f"image has {w * h} pixels, over {limit or f'data.max_pixels={max_pixels}'}"
             if w == 0 or h == 0:
                 return "image has no pixels"
             if img.format == "JPEG":

@@ -104,6 +104,7 @@ class _Collector:
         self.by_digest: dict[str, str] = {}
         self.skipped: list[dict] = []
         self.merged_duplicates = 0
+        self.dropped = {"empty": 0, "repeated": 0}  # captions left out of an image that keeps others
         self.want = cfg.num_images if cfg.sample == "first" else 0
         self.last_key = None
 
@@ -141,6 +142,8 @@ class _Collector:
             cap = clean_caption(cap)
             if cap and cap not in group.captions:
                 group.captions.append(cap)
+            else:
+                self.dropped["repeated" if cap else "empty"] += 1
 
     def kept(self, strict: bool) -> list[_Group]:
         """The images with a caption (a seeded sample of them with ``data.sample=random``), checked."""
@@ -157,9 +160,13 @@ class _Collector:
             first = "; ".join(f"{s['item']}: {s['reason']}" for s in skipped[:3])
             raise UserError(f"--strict: {len(skipped)} item(s) skipped, first: {first}")
         if len(kept) < 3:
+            top = "; ".join(
+                f"{len(items)} x {reason} (e.g. {items[0]})"
+                for reason, items in list(skip_reasons(skipped).items())[:2]
+            )
             raise UserError(
                 f"data.source '{cfg.source}' gave {len(kept)} usable image(s); at least 3 are needed "
-                f"(skipped {len(skipped)}; see 'captune data inspect')"
+                f"(skipped {len(skipped)}{': ' + top if top else ''})"
             )
         return kept
 
@@ -212,6 +219,7 @@ def prepare(
         "images": len(kept),
         "references": sum(len(g.captions) for g in kept),
         "merged_duplicate_images": collector.merged_duplicates,
+        "dropped_captions": collector.dropped,
         "skipped": skipped,
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -254,6 +262,14 @@ def load_split(data_dir: Path, split: str) -> list[Example]:
         for row in pq.read_table(shard).to_pylist():
             out.append(Example(row["image_id"], row["image"], list(row["captions"])))
     return out
+
+
+def skip_reasons(skipped: list[dict]) -> dict[str, list[str]]:
+    """The skipped items grouped by reason, the most frequent reason first (items in source order)."""
+    groups: dict[str, list[str]] = {}
+    for entry in skipped:
+        groups.setdefault(entry["reason"], []).append(entry["item"])
+    return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
 
 
 def read_manifest(data_dir: Path) -> dict:

@@ -128,14 +128,7 @@ def read_demo(name: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
 def _rows_to_items(rows: Iterator[dict], cfg: DataConfig, label: str) -> Iterator[RawItem | Skip]:
     for i, row in enumerate(rows):
         where = f"{label} row {i}"
-        if cfg.image_column not in row:
-            raise UserError(
-                f"{label}: no column '{cfg.image_column}'; columns are {', '.join(row)}; set data.image_column"
-            )
-        if cfg.caption_column not in row:
-            raise UserError(
-                f"{label}: no column '{cfg.caption_column}'; columns are {', '.join(row)}; set data.caption_column"
-            )
+        check_columns(row, label, {cfg.image_column: "data.image_column", cfg.caption_column: "data.caption_column"})
         data = _image_bytes(row[cfg.image_column])
         if data is None:
             yield Skip(where, "no image bytes in this row")
@@ -155,13 +148,16 @@ def read_hub(spec: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
     name, _, revision = spec.partition("@")
     try:
         ds = datasets.load_dataset(name, split=cfg.split, streaming=True, revision=revision or None)
-        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     except Exception as exc:  # datasets raises many types for "cannot reach the Hub"
         raise UserError(
             f"cannot open Hub dataset '{name}' split '{cfg.split}' ({type(exc).__name__}); "
             "check the name and your internet connection, or download it and use "
             "parquet:PATH / arrow:PATH"
         ) from None
+    if ds.features is not None:
+        needed = {cfg.image_column: "data.image_column", cfg.caption_column: "data.caption_column"}
+        check_columns(dict(ds.features), f"hub:{name}", needed)
+    ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     yield from _rows_to_items(iter(ds), cfg, f"hub:{name}")
 
 
@@ -192,6 +188,8 @@ def read_arrow(path: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
         if cfg.split not in ds:
             raise UserError(f"arrow:{path}: no split '{cfg.split}'; splits are {', '.join(ds)}")
         ds = ds[cfg.split]
+    needed = {cfg.image_column: "data.image_column", cfg.caption_column: "data.caption_column"}
+    check_columns(dict(ds.features), f"arrow:{Path(path).name}", needed)
     ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     yield from _rows_to_items(iter(ds), cfg, path)
 
@@ -255,6 +253,7 @@ def read_coco(annotations: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
     for ann in doc["annotations"]:
         if isinstance(ann, dict) and "image_id" in ann:
             caps.setdefault(str(ann["image_id"]), []).extend(_as_captions(ann.get("caption")))
+    listed = {str(img["id"]) for img in doc["images"] if isinstance(img, dict) and "id" in img}
     for i, img in enumerate(doc["images"]):
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
             yield Skip(f"{path} images[{i}]", "entry lacks 'id' or 'file_name'")
@@ -265,6 +264,8 @@ def read_coco(annotations: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
             yield data
             continue
         yield RawItem(data, caps.get(str(img["id"]), []), str(img["id"]), where)
+    for image_id in sorted(caps.keys() - listed):  # annotations whose image is not in 'images': say so, not drop
+        yield Skip(f"{path} annotations of image {image_id}", "annotations for an image id missing from 'images'")
 
 
 def _read_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -317,8 +318,32 @@ def _csv_captions(row: dict, column: str) -> list[str]:
     return found
 
 
-def _read_listing(path: Path, cfg: DataConfig, file_column: str) -> Iterator[RawItem | Skip]:
-    for line, row in _read_rows(path):
+CAPTION_LIKE = ("caption", "captions", "text", "sentence", "sentences", "description", "label", "prompt")
+
+
+def check_columns(row: dict, label: str, needed: dict[str, str | None]) -> None:
+    """Columns the config names must exist (checked on the first row); say which ones do.
+
+    ``needed`` maps a column name to the config key that chose it (None: fixed by the layout). Without this, a wrong
+    caption column reads as "every row has no caption" and ends with 0 usable images.
+    """
+    for column, key in needed.items():
+        if column in row:
+            continue
+        present = [str(k) for k in row]
+        guess = ""
+        if key == "data.caption_column":
+            guess = next((c for c in CAPTION_LIKE if c in present), "")
+        fix = f"set {key}={guess}" if guess else f"set {key} to one of them"
+        if key is None:
+            fix = f"the imagefolder layout needs a '{column}' column"
+        raise UserError(f"no column '{column}' in {label}; columns are {', '.join(present)}; {fix}")
+
+
+def _read_listing(path: Path, cfg: DataConfig, file_column: str, file_key: str) -> Iterator[RawItem | Skip]:
+    for n, (line, row) in enumerate(_read_rows(path)):
+        if n == 0:
+            check_columns(row, path.name, {file_column: file_key, cfg.caption_column: "data.caption_column"})
         where = f"{path} line {line}"
         name = row.get(file_column)
         if not isinstance(name, str) or not name:
@@ -335,14 +360,16 @@ def _read_listing(path: Path, cfg: DataConfig, file_column: str) -> Iterator[Raw
 
 
 def read_manifest(path: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
-    yield from _read_listing(Path(path), cfg, cfg.image_column)
+    yield from _read_listing(Path(path), cfg, cfg.image_column, "data.image_column")
 
 
 def read_imagefolder(folder: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
     root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"imagefolder:{folder}: folder not found")
     for name in ("metadata.jsonl", "metadata.csv"):
         if (root / name).is_file():
-            yield from _read_listing(root / name, cfg, "file_name")
+            yield from _read_listing(root / name, cfg, "file_name", None)
             return
     raise UserError(f"imagefolder:{folder}: needs metadata.jsonl or metadata.csv with file_name")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from captune.evaluation.metrics import OFFICIAL, corpus_bleu_from_stats, corpus_meteor_from_stats, meteor_summable
+from captune.evaluation.seed_metrics import LABEL
 
 EXTRA = ("SPICE", "CLIPScore", "RefCLIPScore")
 # Below this many test images the intervals are too wide (and too unstable) to mean much.
@@ -54,6 +55,17 @@ def _exact_corpus(counts: np.ndarray, base_bleu, tuned_bleu, base_meteor, tuned_
             float(corpus_meteor_from_stats(mt.sum(axis=0))),
         )
     return out
+
+
+# Below this baseline a relative change says nothing (0.04 -> 4.0 reads +9900%): only the absolute one is shown.
+MIN_BASELINE_FOR_PCT = 0.05
+
+
+def change_pct(baseline: float, finetuned: float) -> float | None:
+    """The change in percent of the baseline, or None when the baseline is too small for it to mean much."""
+    if abs(baseline) < MIN_BASELINE_FOR_PCT:
+        return None
+    return (finetuned - baseline) / baseline * 100
 
 
 def bootstrap(
@@ -165,7 +177,7 @@ def compare(baseline: dict, finetuned: dict, *, samples: int = 1000, seed: int =
             "baseline": b,
             "finetuned": f,
             "change": f - b,
-            "change_pct": (f - b) / b * 100 if abs(b) > 1e-6 else None,
+            "change_pct": change_pct(b, f),
         }
         row.update(stats.get(metric, {}))
         rows.append(row)
@@ -180,7 +192,7 @@ def compare(baseline: dict, finetuned: dict, *, samples: int = 1000, seed: int =
                     "baseline": b,
                     "finetuned": f,
                     "change": f - b,
-                    "change_pct": (f - b) / b * 100 if abs(b) > 1e-6 else None,
+                    "change_pct": change_pct(b, f),
                 }
             )
     images = len(baseline.get("image_ids", []))
@@ -234,7 +246,7 @@ def markdown_table(comparison: dict) -> str:
     if seed.get("rows"):
         lines += [
             "",
-            "Seed-comparable (one reference per image, the seed notebook's formulas):",
+            f"{LABEL}:",
             "",
             "| metric | baseline | fine-tuned | change % |",
             "| --- | ---: | ---: | ---: |",
@@ -243,5 +255,5 @@ def markdown_table(comparison: dict) -> str:
             pct = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.2f}%"
             lines.append(f"| {r['metric']} | {_fmt(r['baseline'])} | {_fmt(r['finetuned'])} | {pct} |")
         for metric, why in seed.get("unavailable", {}).items():
-            lines.append(f"\n{metric} (seed-comparable): unavailable, {why}.")
+            lines.append(f"\n{metric} (single-reference): unavailable, {why}.")
     return "\n".join(lines)

@@ -10,6 +10,9 @@ corpus, a download that is not on PyPI: it is reported as unavailable, never gue
 
 These numbers exist only to hold a run against the seed's published table; the
 official, multi-reference numbers are in ``metrics.py``.
+
+Users see them as "single-reference scores" (``LABEL``): "seed-comparable" means nothing
+to someone who has not read the notebook.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import re
 from collections import Counter
 
 UNAVAILABLE = {
-    "METEOR": "the seed's METEOR is NLTK's and needs the WordNet corpus, which is not installed "
+    "METEOR": "the notebook's METEOR is NLTK's and needs the WordNet corpus, which is not installed "
     "(not on PyPI); use the official METEOR 1.5"
 }
 
@@ -87,6 +90,10 @@ def rouge_f(predictions: list[str], references: list[str], kind: str) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
+NOTEBOOK = "the blip2-lora-coco5k notebook"
+LABEL = f"Single-reference scores (first reference per image), computed like {NOTEBOOK}'s table"
+
+
 def seed_compatible(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
     """The seed's table: first reference only, its libraries' formulas."""
     from pycocoevalcap.cider.cider import Cider
@@ -94,7 +101,7 @@ def seed_compatible(predictions: dict[str, str], references: dict[str, list[str]
     ids = list(predictions)
     preds = [predictions[i] for i in ids]
     first = [references[i][0] for i in ids]
-    out: dict = {"protocol": "one reference per image (the first), as the seed notebook scored"}
+    out: dict = {"protocol": f"one reference per image (the first), as {NOTEBOOK} scored"}
     metrics: dict[str, float] = {}
     for n in range(1, 5):
         metrics[f"BLEU-{n}"] = hf_bleu(preds, [[r] for r in first], max_order=n)

@@ -56,8 +56,10 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
 
 
-def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
-    """A local folder holding the checkpoint, downloading from the Hub when needed."""
+def resolve_model_path(name_or_path: str, revision: str | None = None, option: str = "model.name_or_path") -> str:
+    """A local folder holding the checkpoint, downloading from the Hub when needed.
+
+    ``option`` names the setting in messages (``--model`` for ``caption``)."""
     if name_or_path == BUILTIN_DEMO:
         path = demo_model_dir()
         if not (path / "config.json").is_file():
@@ -74,21 +76,23 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
             )
         return str(local)
     if name_or_path.count("/") != 1 or name_or_path.startswith(("/", ".")):
-        raise UserError(f"model.name_or_path '{name_or_path}' is neither a local folder nor a Hub id (OWNER/NAME)")
+        raise UserError(f"{option} '{name_or_path}' is neither a local folder nor a Hub id (OWNER/NAME)")
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+    try:  # already downloaded: no network, no retry loop
+        return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass
+    fix = f"download it elsewhere ('hf download {name_or_path}') and set {option} to that folder"
+    from captune.pipeline import _hub_reachable
+
+    if not _hub_reachable(timeout=3.0):
+        raise UserError(f"cannot get model '{name_or_path}': the Hugging Face Hub cannot be reached; {fix}")
     try:
-        return snapshot_download(
-            name_or_path,
-            revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
-        )
-    except Exception as exc:  # offline, unknown repo, gated, ...
-        raise UserError(
-            f"cannot get model '{name_or_path}' from the Hub ({type(exc).__name__}); when offline, "
-            f"download it elsewhere ('hf download {name_or_path}') and set "
-            "model.name_or_path to that folder"
-        ) from None
+        return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
+    except Exception as exc:  # unknown repo, gated, ...
+        raise UserError(f"cannot get model '{name_or_path}' from the Hub ({type(exc).__name__}); {fix}") from None
 
 
 def model_classes(path: str) -> tuple[type, type]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from captune.config import LoraConfig
+from captune.config import LoraConfig, ModelConfig
 from captune.errors import UserError
 from captune.model.family import language_family
 from captune.model.load import is_quantized
@@ -80,20 +82,7 @@ def attach_lora(model, lora: LoraConfig):
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias, target_modules=pattern
         )
         return get_peft_model(model, config)
-    names = target_modules(model, lora)
-    lm_prefix = "language_model."
-    leaves = {
-        n.rsplit(".", 1)[-1]
-        for n, m in model.named_modules()
-        if n.startswith(lm_prefix) and isinstance(m, torch.nn.Linear)  # bitsandbytes layers are Linear too
-    }
-    missing = [t for t in names if t not in leaves]
-    present = [t for t in names if t in leaves]
-    if not present or (isinstance(lora.target_modules, list) and missing):
-        raise UserError(
-            f"lora.target_modules {missing or names} match no linear layer of the language model; "
-            f"its linear layers are named: {', '.join(sorted(leaves))}"
-        )
+    present = _present_targets(model, lora)
     if is_quantized(model):
         prepare_kbit_training(model)
     # Anchor the names to the language model so the vision tower and Q-Former stay frozen
@@ -107,6 +96,61 @@ def attach_lora(model, lora: LoraConfig):
         target_modules=pattern,
     )
     return get_peft_model(model, config)
+
+
+def _present_targets(model, lora: LoraConfig) -> list[str]:
+    """The target names found among the language model's linear layers; a UserError naming those
+    layers when an explicit name is missing (or a preset matches nothing)."""
+    names = target_modules(model, lora)
+    leaves = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if n.startswith("language_model.") and isinstance(m, torch.nn.Linear)  # bitsandbytes layers are Linear too
+    }
+    missing = [t for t in names if t not in leaves]
+    present = [t for t in names if t in leaves]
+    if not present or (isinstance(lora.target_modules, list) and missing):
+        raise UserError(
+            f"lora.target_modules {missing or names} match no linear layer of the language model; "
+            f"its linear layers are named: {', '.join(sorted(leaves))}"
+        )
+    return present
+
+
+def check_targets(model_cfg: ModelConfig, lora: LoraConfig) -> None:
+    """Fail before any work when lora.target_modules names no layer of the model.
+
+    The model is built from its config.json on the meta device (no weights read, no memory
+    used), so the check costs about a second even for a large checkpoint. A Hub model not yet
+    downloaded is left to the check in ``attach_lora``: nothing is fetched here.
+    """
+    if lora.target_modules == "qformer":
+        return
+    config_file = _local_config(model_cfg)
+    if config_file is None:
+        return
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    config = Blip2Config.from_pretrained(config_file.parent)
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config)
+    _present_targets(model, lora)
+
+
+def _local_config(model_cfg: ModelConfig) -> Path | None:
+    """config.json of the model when it is on this machine (builtin, a folder, or the Hub cache)."""
+    from captune.model.load import BUILTIN_DEMO, demo_model_dir
+
+    name = model_cfg.name_or_path
+    local = demo_model_dir() if name == BUILTIN_DEMO else Path(name).expanduser()
+    if local.exists():
+        return local / "config.json" if (local / "config.json").is_file() else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name, "config.json", revision=model_cfg.revision, local_files_only=True))
+    except Exception:  # not downloaded yet, or not a Hub id: preflight and the loader say so
+        return None
 
 
 def count_parameters(model) -> tuple[int, int]:

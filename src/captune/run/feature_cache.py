@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,10 +142,13 @@ def save_features(path: Path, feats: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".features.", dir=path.parent)
+    from captune.atomic import mkstemp_like_open, mode_for
+
+    fd, tmp = mkstemp_like_open(".features.", path.parent)
     os.close(fd)
     try:
         save_file({"features": feats.contiguous().cpu()}, tmp)
+        os.chmod(tmp, mode_for(False))  # safetensors writes owner-only files
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

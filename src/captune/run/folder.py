@@ -54,7 +54,8 @@ class Run:
                     "'captune run RECIPE --out RUN' or pass --recipe"
                 )
             cfg = config_from_dict(load_yaml(saved.read_text(), str(saved)))
-        elif saved.is_file() and not force:
+        elif saved.is_file() and not force and any(p.name != "config.yaml" for p in root.iterdir()):
+            # (a folder with only its config, left by a run that stopped at a user error, takes the new one)
             if load_yaml(saved.read_text(), str(saved)) != cfg.to_dict():
                 raise UserError(
                     f"{root} holds a run with a different config; use --force to redo it "
@@ -64,7 +65,7 @@ class Run:
         w = world()
         if w.is_main:
             run.remove_stale_temporaries()
-            if not saved.is_file() or force:
+            if not saved.is_file() or force or load_yaml(saved.read_text(), str(saved)) != cfg.to_dict():
                 write_atomic(saved, cfg.to_yaml())
         else:
             run.log = lambda message: None  # one process talks

@@ -17,7 +17,10 @@ from captune.training.memory import train_within_memory
 
 
 def phase_data(run: Run, force: bool = False) -> None:
+    from captune.demo.vocabulary import warn_unknown_words
+
     prepare(run.cfg.data, run.path("data"), force=force, log=run.log)
+    warn_unknown_words(run.cfg, run.path("data"), run.log)  # the demo model on other captions
 
 
 def phase_baseline(run: Run, force: bool = False) -> None:

@@ -48,3 +48,6 @@ def preflight(cfg: Config) -> None:
             "data.source / model.name_or_path at local copies"
         )
     resolve_device(cfg.model.device)
+    from captune.model.lora import check_targets
+
+    check_targets(cfg.model, cfg.lora)  # from the model's config on the meta device: no weights loaded
