@@ -413,6 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="captune", description="Adapt BLIP-2 captioners with LoRA; measure before and after.")
     p.add_argument("--version", action="version", version=f"captune {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run(sub)
+    _add_phases(sub)
+    _add_score(sub)
+    _add_caption(sub)
+    _add_merge(sub)
+    _add_push(sub)
+    _add_bench(sub)
+    _add_serve(sub)
+    _add_recipes(sub)
+    _add_config(sub)
+    _add_demo_build(sub)
+    return p
+
+
+def _add_run(sub) -> None:
 
     r = sub.add_parser("run", help="run every phase of a recipe into a run folder")
     r.add_argument("recipe", help="built-in recipe name (see 'captune recipes') or a YAML file")
@@ -421,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="redo phases whose outputs exist")
     r.set_defaults(func=cmd_run)
 
+
+def _add_phases(sub) -> None:
     helps = {
         "data": "prepare the data cache of a run folder (also: data prepare, data inspect)",
         "train": "train the LoRA adapter of a run folder",
@@ -441,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--force", action="store_true", help="redo the phase even if complete")
         s.set_defaults(func=cmd_phase)
 
+
+def _add_score(sub) -> None:
     sc = sub.add_parser("score", help="official COCO metrics of a caption file")
     sc.add_argument("predictions", help="JSONL of {image_id, caption[, references]} or a COCO results JSON array")
     sc.add_argument("--references", help="JSONL of {image_id, captions: [...]} or COCO caption annotations JSON")
@@ -452,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--images", help="folder of the images (COCO file_name or <image_id>.jpg), for --clip-model")
     sc.set_defaults(func=cmd_score)
 
+
+def _add_caption(sub) -> None:
     cp = sub.add_parser("caption", help="caption image files, folders and globs")
     cp.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
     cp.add_argument("--model", default="builtin:demo", help="Hub id, local folder or builtin:demo")
@@ -465,12 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
     cp.set_defaults(func=cmd_caption)
 
+
+def _add_merge(sub) -> None:
     mg = sub.add_parser("merge", help="save the base model with the run's adapter merged in")
     mg.add_argument("run", help="run folder")
     mg.add_argument("--out", required=True, help="folder for the merged model")
     mg.add_argument("--force", action="store_true", help="replace an existing --out folder")
     mg.set_defaults(func=cmd_merge)
 
+
+def _add_push(sub) -> None:
     ps = sub.add_parser("push", help="upload the adapter, processor and a model card to the Hub")
     ps.add_argument("run", help="run folder")
     ps.add_argument("--repo", help="OWNER/NAME (default hub.repo_id)")
@@ -482,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ps.set_defaults(func=cmd_push)
 
+
+def _add_bench(sub) -> None:
     bn = sub.add_parser(
         "bench", help="GPU benchmark: the blip2-lora-coco5k notebook's recipe vs captune, same run (no downloads)"
     )
@@ -495,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json-out", default="bench-result.json", help="write the results here")
     bn.set_defaults(func=cmd_bench)
 
+
+def _add_serve(sub) -> None:
     sv = sub.add_parser("serve", help="web page: base vs fine-tuned captions side by side (captune[serve])")
     sv.add_argument("run", nargs="?", help="run folder (its base model, adapter, test images and metrics)")
     sv.add_argument("--model", help="base model instead of the run's (Hub id, folder or builtin:demo)")
@@ -507,18 +536,23 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-images", type=int, default=16, help="images per request")
     sv.set_defaults(func=cmd_serve)
 
+
+def _add_recipes(sub) -> None:
     rc = sub.add_parser("recipes", help="list the built-in recipes")
     rc.set_defaults(func=cmd_recipes)
 
+
+def _add_config(sub) -> None:
     cf = sub.add_parser("config", help="every config key of a recipe: its value, default and meaning")
     cf.add_argument("recipe", help="built-in recipe name or a YAML file")
     cf.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides to apply first")
     cf.set_defaults(func=cmd_config)
 
+
+def _add_demo_build(sub) -> None:
     db = sub.add_parser("demo-build", help="rebuild the demo base model (pre-training on the CPU)")
     db.add_argument("--out", required=True, help="folder to write the model to")
     db.set_defaults(func=cmd_demo_build)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

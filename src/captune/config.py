@@ -351,31 +351,30 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise TypeError
         (item,) = typing.get_args(tp)
         return [_coerce(v, item) for v in value]
-    if tp is type(None):
-        if value is None:
-            return None
-        raise TypeError
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _as_float(value)
+    if tp in _PLAIN and _PLAIN[tp](value):
+        return value
+    raise TypeError
+
+
+# plain types: what a value must be to pass as it is (bools are not integers here)
+_PLAIN = {
+    type(None): lambda v: v is None,
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise TypeError from None
-        raise TypeError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError
+        except ValueError:
+            raise TypeError from None
     raise TypeError
 
 
