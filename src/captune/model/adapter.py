@@ -41,9 +41,9 @@ def resolve_adapter(name: str, option: str = "--adapter") -> str:
         return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
     except Exception:
         pass
-    from captune.pipeline import _hub_reachable
+    from captune.online import hub_reachable
 
-    if _offline() or not _hub_reachable(timeout=3.0):
+    if _offline() or not hub_reachable(timeout=3.0):
         raise UserError(
             f"{option} {name}: no folder of that name, and the Hugging Face Hub cannot be reached to download "
             f"it; download it elsewhere ('hf download {name}') and give that folder"

@@ -85,9 +85,9 @@ def resolve_model_path(name_or_path: str, revision: str | None = None, option: s
     except Exception:
         pass
     fix = f"download it elsewhere ('hf download {name_or_path}') and set {option} to that folder"
-    from captune.pipeline import _hub_reachable
+    from captune.online import hub_reachable
 
-    if not _hub_reachable(timeout=3.0):
+    if not hub_reachable(timeout=3.0):
         raise UserError(f"cannot get model '{name_or_path}': the Hugging Face Hub cannot be reached; {fix}")
     try:
         return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)

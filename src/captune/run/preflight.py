@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 from captune.config import Config
 from captune.data.sources import parse_source
 from captune.errors import UserError
-
-
-def _hub_reachable(timeout: float = 5.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+from captune.online import hub_reachable
 
 
 def preflight(cfg: Config) -> None:
@@ -41,7 +28,7 @@ def preflight(cfg: Config) -> None:
             )
         except Exception:
             needs_hub.append(f"model {name}")
-    if needs_hub and not _hub_reachable():
+    if needs_hub and not hub_reachable():
         raise UserError(
             f"recipe '{cfg.name}' needs the Hugging Face Hub for {' and '.join(needs_hub)}, and the Hub "
             "cannot be reached; run it on a machine with internet, or download them and point "
