@@ -29,7 +29,7 @@ def _prompt_embeds(blip, tok, feats, prompt=""):
         image_token_id=blip.config.image_token_index,
         prompt=prompt,
     )
-    return embed_with_features(blip, ids.input_ids, feats)
+    return embed_with_features(blip, ids.input_ids.to(feats.device), feats)
 
 
 @torch.no_grad()
@@ -146,7 +146,7 @@ def test_cuda_graph_sampler_equals_eager_and_reference():
     images = [it["image"] for it in world.make_items("catalog", 6, seed=5)]
     feats = image_features(loaded.model, loaded.processor, images)
     blip, tok = unwrap(loaded.model), loaded.processor.tokenizer
-    embeds = _prompt_embeds(blip, tok, feats.cpu()).cuda()
+    embeds = _prompt_embeds(blip, tok, feats)  # the prompt's ids go to the model's device
     spec = SamplingSpec(k=5, max_new_tokens=14, top_p=0.95)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     out = []
