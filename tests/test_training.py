@@ -134,6 +134,11 @@ def test_resume_equals_uninterrupted(tmp_path, stop_at, every):
     assert [r["step"] for r in logged if r["type"] == "validation"] == [
         h["step"] for h in full.history if h["type"] == "validation"
     ]
+    # the pace after a resume counts the pairs trained since the process started, not those before it
+    resumed = 4 if every else 6  # the newest checkpoint when the first run stopped (20 pairs a step)
+    first_new = next(r for r in logged if r["type"] == "train" and r["step"] > resumed)
+    pairs = first_new["samples_per_s"] * first_new["elapsed_s"]
+    assert pairs < 25, f"{pairs:.1f} pairs since the resume (one step of 20), not those of the earlier run too"
 
 
 def test_early_stop_after_patience():
@@ -331,3 +336,19 @@ def test_label_counter_equals_the_batch_count(tiny_model_dir):
     flat = LabelCounter(tok, blip, cfg)
     assert flat(pairs) == label_tokens(encode_pairs(tok, blip, [c for _, c in pairs], cfg).labels, False)
     assert flat(pairs[:2]) + flat(pairs[2:]) == flat(pairs) and set(flat.known) == set(pairs)
+
+
+def test_validation_is_announced_before_the_steps_that_train_while_it_is_scored():
+    """With CIDEr scored in the background, the validation's loss is printed at once: the next
+    epoch's step lines no longer seem to come before the validation they follow."""
+    train_ex, val_ex = _examples(16, 7), _examples(4, 8)
+    cfg = _cfg(epochs=2, validate_every=1, select="CIDEr")
+    loaded = load_model(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    model = attach_lora(loaded.model, cfg.lora)
+    lines: list[str] = []
+    train(model, loaded.processor, train_ex, val_ex, cfg, log=lines.append, score_fn=lambda caps, refs: 1.0)
+    first = next(i for i, line in enumerate(lines) if "validation after epoch 1" in line)
+    assert "CIDEr scoring in the background" in lines[first]
+    steps_before = [line for line in lines[:first] if line.lstrip().startswith("step ")]
+    assert steps_before and all("epoch 1 " in line for line in steps_before), lines[: first + 1]

@@ -213,6 +213,14 @@ class TrainLog:
             + (f" GPU {row['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in row else ""),
         )
 
+    def validation_started(self, row: dict) -> None:
+        """A validation whose CIDEr is being scored in the background: its loss now, the rest once scored."""
+        self.bar.write(
+            self.say,
+            f"  validation after epoch {row['epoch']} (step {row['step']}): loss {row['loss']:.4f}, "
+            "CIDEr scoring in the background",
+        )
+
     def validation(self, row: dict, times: dict) -> None:
         self.record(row)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("loss", "CIDEr"))

@@ -137,6 +137,8 @@ class Validator:
             self.pending.append((row, times, submit(_timed_call, self.score_fn, caps, refs), state))
             if self.settle_now:
                 self.settle()
+            else:  # said now, so the steps logged meanwhile do not seem to come before it
+                self.log.validation_started(row)
         else:
             self._conclude(row, times, state)
         model.train()
