@@ -21,6 +21,7 @@ PHASE_COMMANDS = {
     "data": ("data",),
     "train": ("train",),
     "eval": ("baseline", "finetuned"),
+    "scst": ("scst",),
     "compare": ("compare",),
     "report": ("report",),
 }
@@ -442,6 +443,7 @@ def _add_phases(sub) -> None:
         "data": "prepare the data cache of a run folder (also: data prepare, data inspect)",
         "train": "train the LoRA adapter of a run folder",
         "eval": "caption and score the eval split (baseline, and fine-tuned once trained)",
+        "scst": "self-critical training (rl.*) of the adapter, then its evaluation in RUN/finetuned-scst",
         "compare": "baseline vs fine-tuned table with intervals and p-values",
         "report": "write RUN/report/index.html and report.md",
     }

@@ -201,6 +201,70 @@ class TrainConfig:
 
 
 @dataclass
+class RLConfig:
+    enabled: bool = False
+    """Self-critical sequence training (SCST) after LoRA training: optimise CIDEr-D directly."""
+    epochs: int = 1
+    """Passes over the training images."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = no limit)."""
+    batch_size: int = 16
+    """Training images per step (each with rl.samples sampled captions)."""
+    lr: float = 1e-5
+    """Learning rate (constant after warm-up)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    samples: int = 5
+    """Captions sampled per image (K)."""
+    temperature: float = 1.0
+    """Sampling temperature (above 0)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    max_new_tokens: int = 20
+    """Longest sampled caption, in new tokens."""
+    baseline: Literal["mean_others", "greedy"] = "mean_others"
+    """Reward baseline: the mean of the image's other K-1 samples, or its greedy caption's reward."""
+    normalize: Literal["sequence", "token"] = "sequence"
+    """Loss per sampled caption, or per sampled token (see ops/scst.py)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus per sampled token (0 = off)."""
+    kl_coef: float = 0.0
+    """Penalty on the KL to the cross-entropy adapter per sampled token (0 = off)."""
+    validate_every: int = 1
+    """Validate (greedy captions, CIDEr) every N epochs (0 = only the start and the end)."""
+    select: Literal["CIDEr", "last"] = "CIDEr"
+    """Which adapter to keep: the best validation CIDEr (the starting adapter included), or the last."""
+    log_every: int = 10
+    """Log every N steps."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N steps (0 = at epoch ends only)."""
+    seed: int = 0
+    """Seed for the image order and the sampling."""
+
+    def check(self) -> None:
+        _require(self.epochs >= 1 or self.max_steps >= 1, "rl.epochs", "must be 1 or more")
+        _require(self.epochs >= 0 and self.max_steps >= 0, "rl.max_steps", "must not be negative")
+        _require(self.batch_size >= 1, "rl.batch_size", "must be 1 or more")
+        _require(0 < self.lr < 1, "rl.lr", "must be between 0 and 1")
+        _require(self.warmup_steps >= 0, "rl.warmup_steps", "must not be negative")
+        _require(self.samples >= 1, "rl.samples", "must be 1 or more")
+        _require(
+            self.baseline != "mean_others" or self.samples >= 2, "rl.samples", "must be 2 or more with mean_others"
+        )
+        _require(self.temperature > 0, "rl.temperature", "must be above 0")
+        _require(self.top_k >= 0, "rl.top_k", "must be 0 (off) or more")
+        _require(0 < self.top_p <= 1, "rl.top_p", "must be in (0, 1]")
+        _require(self.max_new_tokens >= 1, "rl.max_new_tokens", "must be 1 or more")
+        _require(self.entropy_coef >= 0, "rl.entropy_coef", "must not be negative")
+        _require(self.kl_coef >= 0, "rl.kl_coef", "must not be negative")
+        _require(self.validate_every >= 0, "rl.validate_every", "must not be negative")
+        _require(self.log_every >= 1, "rl.log_every", "must be 1 or more")
+        _require(self.checkpoint_every >= 0, "rl.checkpoint_every", "must be 0 (epoch ends) or more")
+
+
+@dataclass
 class EvalConfig:
     split: Literal["test", "validation"] = "test"
     """Which split the before/after comparison is scored on."""
@@ -284,6 +348,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     hub: HubConfig = field(default_factory=HubConfig)

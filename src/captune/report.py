@@ -153,6 +153,57 @@ def metrics_table_html(comparison: dict) -> str:
     )
 
 
+def metrics_table_pair_html(comparison: dict, labels: tuple[str, str], table_id: str) -> str:
+    """``metrics_table_html`` with its two sides named ``labels`` (e.g. cross-entropy vs SCST)."""
+    page = metrics_table_html(comparison).replace('<table id="metrics">', f'<table id="{table_id}">', 1)
+    return page.replace("<th>baseline</th><th>fine-tuned</th>", f"<th>{labels[0]}</th><th>{labels[1]}</th>", 1)
+
+
+def scst_section(run: Path, comparison: dict) -> tuple[str, list[str]]:
+    """The SCST part of the report (html, markdown lines): the cross-entropy adapter vs the SCST
+    adapter with paired intervals, and the curves of reward and validation CIDEr over SCST steps.
+    Empty when the run has no SCST comparison."""
+    pair = comparison.get("scst")
+    if not pair:
+        return "", []
+    labels = ("cross-entropy", "SCST")
+    log = read_jsonl(run / "logs" / "scst.jsonl")
+    steps = [r for r in log if r.get("type") == "scst"]
+    val = [r for r in log if r.get("type") == "validation" and "CIDEr" in r]
+    plots = [
+        svg_line_plot(
+            {
+                "reward (CIDEr-D)": [(r["step"], r["reward"]) for r in steps],
+                "baseline": [(r["step"], r["baseline"]) for r in steps],
+            },
+            title="SCST reward",
+            x_label="SCST step",
+        ),  # fmt: skip
+        svg_line_plot(
+            {"advantage std": [(r["step"], r["advantage_std"]) for r in steps]},
+            title="SCST advantage spread",
+            x_label="SCST step",
+        ),  # fmt: skip
+        svg_line_plot(
+            {"caption length": [(r["step"], r["caption_length"]) for r in steps]},
+            title="Sampled caption length (tokens)",
+            x_label="SCST step",
+        ),  # fmt: skip
+        svg_line_plot(
+            {"validation CIDEr": [(r["step"], r["CIDEr"]) for r in val]},
+            title="SCST validation CIDEr-D",
+            x_label="SCST step",
+        ),  # fmt: skip
+    ]
+    figures = "".join(f"<figure>{p}</figure>" for p in plots if p)
+    page = (
+        "<h2>Cross-entropy adapter vs SCST adapter</h2>"
+        + metrics_table_pair_html(pair, labels, "metrics-scst")
+        + f"<h2>Self-critical training</h2><div class='plots'>{figures}</div>"
+    )
+    return page, ["## Cross-entropy adapter vs SCST adapter", "", markdown_table(pair, labels), ""]
+
+
 def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
     """(html, markdown) for the run folder ``run``."""
     comparison = json.loads((run / "comparison.json").read_text())
@@ -207,6 +258,7 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
     counts = manifest["counts"]
     timing_rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.get("phases", {}).items())
     skipped = manifest.get("skipped", [])
+    scst_html, scst_md = scst_section(run, comparison)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>captune report: {esc(summary.title(cfg))}</title><style>{CSS}</style></head><body>
@@ -226,6 +278,7 @@ train {counts["train"]} / validation {counts["validation"]} / test {counts["test
 official COCO scorer (PTB tokenization, CIDEr-D)</dd></dl>
 <h2>Before and after</h2>
 {metrics_table_html(comparison)}
+{scst_html}
 <h2>Training</h2><div class="plots">{"".join(f"<figure>{p}</figure>" for p in plots if p)}</div>
 <h2>Examples</h2><div class="gallery" id="gallery">{"".join(cards)}</div>
 <h2>Timings</h2><table id="timings"><tbody>{timing_rows}</tbody></table>
@@ -246,6 +299,7 @@ official COCO scorer (PTB tokenization, CIDEr-D)</dd></dl>
         "",
         markdown_table(comparison),
         "",
+        *scst_md,
         "## Examples",
         "",
     ]

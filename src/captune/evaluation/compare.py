@@ -226,9 +226,10 @@ def interval_note(comparison: dict) -> str:
     return note + "."
 
 
-def markdown_table(comparison: dict) -> str:
+def markdown_table(comparison: dict, labels: tuple[str, str] = ("baseline", "fine-tuned")) -> str:
+    """The comparison as Markdown; ``labels`` name its two sides (the columns baseline / finetuned)."""
     lines = [
-        "| metric | baseline | fine-tuned | change | change % | 95% CI of change | p |",
+        f"| metric | {labels[0]} | {labels[1]} | change | change % | 95% CI of change | p |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in comparison["rows"]:

@@ -22,7 +22,7 @@ from captune.config import Config, config_from_dict, load_yaml
 from captune.distributed import barrier, world
 from captune.errors import UserError
 
-PHASES = ("data", "baseline", "train", "finetuned", "compare", "report")
+PHASES = ("data", "baseline", "train", "finetuned", "scst", "compare", "report")
 
 
 # temp files of write_atomic / the feature cache, left only by a killed process
@@ -74,7 +74,7 @@ class Run:
 
     def remove_stale_temporaries(self) -> None:
         """Temp folders and files left by a killed process (never a complete output) are removed."""
-        folders = [self.root, self.root / "checkpoints", *self.root.glob("features/*")]
+        folders = [self.root, self.root / "checkpoints", self.root / "checkpoints-scst", *self.root.glob("features/*")]
         for folder in folders:
             if not folder.is_dir():
                 continue
@@ -93,6 +93,7 @@ class Run:
             "baseline": self.path("baseline", "metrics.json"),
             "train": self.path("adapter", "adapter_config.json"),
             "finetuned": self.path("finetuned", "metrics.json"),
+            "scst": self.path("finetuned-scst", "metrics.json"),
             "compare": self.path("comparison.json"),
             "report": self.path("report", "index.html"),
         }[phase].is_file()

@@ -1,4 +1,8 @@
-"""The phases of a run, in order: data, baseline, train, finetuned, compare, report."""
+"""The phases of a run, in order: data, baseline, train, finetuned, scst, compare, report.
+
+``scst`` (self-critical training, ``rl.*``) runs only when ``rl.enabled``: it starts from the
+cross-entropy adapter (RUN/adapter), writes RUN/adapter-scst and scores it into
+RUN/finetuned-scst; RUN/finetuned stays the cross-entropy adapter's."""
 
 from __future__ import annotations
 
@@ -93,6 +97,73 @@ def phase_finetuned(run: Run, force: bool = False) -> None:
     evaluate(run, run.tuned(), run.base().processor, "finetuned")
 
 
+def phase_scst(run: Run, force: bool = False) -> None:
+    """SCST from the cross-entropy adapter: RUN/adapter-scst, then its evaluation in RUN/finetuned-scst.
+
+    The adapter is trained in place on the run's fine-tuned model; the cross-entropy weights are
+    put back afterwards, so that whatever reads ``run.tuned()`` later gets the adapter of RUN/adapter."""
+    from captune.model.lora import trainable_state
+
+    if not run.done("train"):
+        raise UserError(f"{run.root} has no adapter yet; run 'captune train {run.root}' first")
+    if force:
+        shutil.rmtree(run.path("checkpoints-scst"), ignore_errors=True)
+        shutil.rmtree(run.path("adapter-scst"), ignore_errors=True)
+    model, processor = run.tuned(), run.base().processor
+    for name, p in model.named_parameters():  # a loaded adapter is frozen: SCST trains its LoRA weights
+        p.requires_grad_("lora_" in name)
+    start = trainable_state(model)
+    try:
+        if run.path("adapter-scst", "adapter_config.json").is_file():
+            _load_adapter_weights(model, run.path("adapter-scst"))
+            run.log("  SCST adapter complete, loaded from adapter-scst (use --force to redo)")
+        else:
+            _train_scst(run, model, processor)
+        evaluate(run, model, processor, "finetuned-scst")
+    finally:
+        import torch
+
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in start.items():
+                params[name].copy_(value)
+        model.eval()
+
+
+def _load_adapter_weights(model, folder) -> None:
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+
+
+def _train_scst(run: Run, model, processor) -> None:
+    from captune.training.scst import train_scst
+
+    result = train_scst(
+        model,
+        processor,
+        load_split(run.path("data"), "train"),
+        load_split(run.path("data"), "validation"),
+        run.cfg,
+        log_path=run.path("logs", "scst.jsonl"),
+        log=run.log,
+        score_fn=cider_scorer(),
+        feature_fn=run.features,
+        checkpoint_dir=run.path("checkpoints-scst"),
+    )
+    if not world().is_main:
+        return
+    with staged_dir(run.path("adapter-scst")) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "captune_config.yaml").write_text(run.cfg.to_yaml())
+        doc = {"steps": result.steps, "best_step": result.best_step, "best_validation": result.best,
+               "images_per_s": result.images_per_s, "seconds": result.seconds}  # fmt: skip
+        (tmp / "training.json").write_text(json.dumps(doc, indent=2))
+    run.log(f"  SCST adapter written to {run.path('adapter-scst')}")
+
+
 def phase_compare(run: Run, force: bool = False) -> dict:
     from captune.evaluation.compare import compare, markdown_table
 
@@ -103,6 +174,11 @@ def phase_compare(run: Run, force: bool = False) -> dict:
     tuned = json.loads(run.path("finetuned", "metrics.json").read_text())
     comparison = compare(base, tuned, samples=run.cfg.eval.bootstrap, seed=run.cfg.eval.seed)
     table = markdown_table(comparison)
+    if run.cfg.rl.enabled and run.done("scst"):  # the cross-entropy adapter vs the SCST adapter
+        scst = json.loads(run.path("finetuned-scst", "metrics.json").read_text())
+        comparison["scst"] = compare(tuned, scst, samples=run.cfg.eval.bootstrap, seed=run.cfg.eval.seed)
+        labels = ("cross-entropy", "SCST")
+        table += "\n\nCross-entropy adapter vs SCST adapter:\n\n" + markdown_table(comparison["scst"], labels)
     write_atomic(run.path("comparison.json"), json.dumps(comparison, indent=2))
     write_atomic(run.path("comparison.md"), table + "\n")
     run.log("\n" + table + "\n")
@@ -127,6 +203,7 @@ PHASE_FUNCS = {
     "baseline": phase_baseline,
     "train": phase_train,
     "finetuned": phase_finetuned,
+    "scst": phase_scst,
     "compare": phase_compare,
     "report": phase_report,
 }
@@ -145,7 +222,7 @@ def run_phases(run: Run, phases: tuple[str, ...] = PHASES, *, force: bool = Fals
 
 # Phases every process takes part in under a launcher; the main process alone does the others
 # while the rest wait (if it fails, the launcher stops them).
-SHARED_PHASES = ("baseline", "train", "finetuned")
+SHARED_PHASES = ("baseline", "train", "finetuned", "scst")
 
 
 def _run_phases(run: Run, phases: tuple[str, ...], force: bool) -> None:
@@ -164,6 +241,9 @@ def _run_phases(run: Run, phases: tuple[str, ...], force: bool) -> None:
 def _run_phase(run: Run, phase: str, force: bool) -> None:
     if phase in ("compare", "report"):
         run.join()
+    if phase == "scst" and not run.cfg.rl.enabled:
+        run.log("[scst] off (rl.enabled is false), skipped")
+        return
     if run.done(phase) and not force:
         run.log(f"[{phase}] complete, skipped (use --force to redo)")
         return

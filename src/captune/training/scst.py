@@ -1,0 +1,344 @@
+"""Self-critical sequence training (SCST) of a LoRA adapter: CIDEr-D optimised directly.
+
+Starts from the cross-entropy adapter. Each step takes ``rl.batch_size`` training images,
+samples ``rl.samples`` captions per image from their cached features (no gradient),
+rewards each with CIDEr-D against the image's references (document frequencies from the
+whole training split's references), subtracts a baseline (the mean of the image's other
+samples, or its greedy caption's reward), and takes a REINFORCE step on the LoRA
+parameters from a teacher-forced forward of the sampled tokens (``ops/scst.py``).
+
+Both the sampling and the gradient forward run in eval mode (no LoRA dropout): the
+gradient is then that of the very policy that sampled the captions (on-policy REINFORCE;
+dropout would score them under a randomly thinned policy), a resume or a second process
+repeats it exactly, and the fast sampler's CUDA graph captures the modules as they are.
+
+The loop reuses the cross-entropy trainer's parts: the engine (one process or DDP), the
+checkpointer (its own folder; exact resume), the validator (greedy captions, CIDEr; the
+best adapter is kept, the starting one included) and the log (rows of type ``scst``).
+The sampling generator is seeded afresh each step from (rl.seed, step, rank), so a
+resumed run draws what the uninterrupted one drew and no generator state is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from captune import launch
+from captune.config import Config
+from captune.data.pairs import rank_share
+from captune.distributed import all_mean, world
+from captune.errors import UserError
+from captune.evaluation.cider import CiderD
+from captune.model.lora import adapter_touches_vision
+from captune.ops.batching import generation_prompt, is_encoder_decoder
+from captune.ops.features import image_features
+from captune.ops.lm import unwrap
+from captune.ops.sampling import SamplingSpec, sample_captions
+from captune.ops.scst import advantages, baseline, kl_to_start, policy_loss, sequence_logprobs
+from captune.training.checkpoint import Checkpointer, Position
+from captune.training.engines import make_engine
+from captune.training.progress import TrainLog, _quiet, eta
+from captune.training.steps import token_weight
+from captune.training.validation import Selection, Validator
+
+SUPPORTED_ENGINES = ("single", "ddp")
+
+
+@dataclass
+class ScstResult:
+    steps: int
+    best_step: int
+    best: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    images_per_s: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class ScstInputs:
+    """What SCST trains on, and where it writes."""
+
+    train_examples: list
+    val_examples: list
+    log_path: Path | None = None
+    score_fn: Callable[[list[str], list[list[str]]], float] | None = None  # validation CIDEr
+    feature_fn: Callable[[list[bytes]], torch.Tensor] | None = None
+    checkpoint_dir: Path | None = None
+    on_step: Callable[[int], None] | None = None
+
+
+class PolicyLoss(torch.nn.Module):
+    """The SCST loss as a module, so that DDP's hooks average the LoRA gradients."""
+
+    def __init__(self, model, rl):
+        super().__init__()
+        self.model, self.rl = model, rl
+
+    def forward(self, feats, ids, attn, tokens, mask, adv, start_logprobs=None):
+        rl = self.rl
+        token = sequence_logprobs(self.model, feats, ids, attn, tokens, mask, entropy=rl.entropy_coef > 0)
+        kl = kl_to_start(token.logprobs, start_logprobs, mask) if start_logprobs is not None else None
+        return policy_loss(token, mask, adv, normalize=rl.normalize, entropy_coef=rl.entropy_coef,
+                           kl=kl, kl_coef=rl.kl_coef)  # fmt: skip
+
+
+def check_scst_engine(cfg: Config, distributed: bool) -> None:
+    """One line for an engine SCST does not run on yet (FSDP and ZeRO shard what the sampler reads)."""
+    kind = launch.engine(cfg.train.distributed) if distributed else "single"
+    if kind not in SUPPORTED_ENGINES:
+        raise UserError(f"rl (SCST) runs on one process or under DDP, not {kind}; set train.distributed=ddp")
+
+
+class ScstTrainer:
+    """Trains the LoRA parameters of ``model`` (a PEFT model) in place with SCST; keeps the best ones."""
+
+    def __init__(self, model, processor, cfg: Config, inputs: ScstInputs, log: Callable[[str], None] = print):
+        self.model, self.processor, self.cfg, self.inputs = model, processor, cfg, inputs
+        self.rl = cfg.rl
+        self.blip = unwrap(model)
+        self.tokenizer = processor.tokenizer
+        self.device = next(self.blip.parameters()).device
+        self.world = world()
+        self.say = log if self.world.is_main else _quiet
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> ScstTrainer:
+        rl, cfg = self.rl, self.cfg
+        if adapter_touches_vision(self.model):
+            raise UserError("rl (SCST) trains on cached image features; use a lora preset without the Q-Former")
+        check_scst_engine(cfg, self.world.distributed)
+        torch.manual_seed(rl.seed)
+        self.rng = random.Random(rl.seed)
+        self.started = time.perf_counter()
+        self._setup_features()
+        self.engine = make_engine(
+            self.model, train_cfg=cfg.train, world=self.world, dtype=self.blip.dtype, device=self.device,
+            vision_trains=False, quantized=cfg.model.quantization != "none", log=self.say,
+        )  # fmt: skip
+        loss_module = PolicyLoss(self.model, rl)
+        self.engine.prepare(loss_module, self.blip)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=rl.lr, weight_decay=0.0, fused=self.device.type == "cuda")
+        self.engine.attach(self.optimizer, params)
+        n = len(self.inputs.train_examples)
+        self.per_epoch = math.ceil(n / rl.batch_size)
+        epochs = rl.epochs or math.ceil(rl.max_steps / self.per_epoch)
+        self.total_steps = min(epochs * self.per_epoch, rl.max_steps or epochs * self.per_epoch)
+        self.epochs = math.ceil(self.total_steps / self.per_epoch)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler("constant_with_warmup", self.optimizer, num_warmup_steps=rl.warmup_steps,
+                                       num_training_steps=self.total_steps)  # fmt: skip
+        self.start_state = self.engine.snapshot()  # the cross-entropy adapter (the KL penalty's reference)
+        self.selection = Selection(rl.select, self.engine.snapshot())
+        self._setup_position()
+        tcfg = dataclasses.replace(cfg.train, log_every=rl.log_every)
+        self.log = TrainLog(path=self.inputs.log_path, history=self.history, train_cfg=tcfg, config=cfg.to_dict(),
+                            total_steps=self.total_steps, position=self.position, say=self.say,
+                            main=self.world.is_main)  # fmt: skip
+        self.module = self.engine.wrap(loss_module, packed=False)
+        self.scorer = CiderD([e.captions for e in self.inputs.train_examples])
+        # the validator reads train.select: SCST's selection is rl.select
+        vcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select=rl.select))
+        self.validator = Validator(self.model, self.tokenizer, vcfg, self.inputs.val_examples, self.val_feats,
+                                   vision_trains=False, score_fn=self.inputs.score_fn, settle_now=True,
+                                   engine=self.engine, selection=self.selection, log=self.log)  # fmt: skip
+        self.spec = SamplingSpec(k=rl.samples, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                                 top_k=rl.top_k, top_p=rl.top_p)  # fmt: skip
+        self.greedy_spec = SamplingSpec(k=1, max_new_tokens=rl.max_new_tokens, temperature=0.0)
+        self.decoders: dict = {}
+        self.generator = torch.Generator(device=self.device)
+        self.running: list[dict] = []
+        return self
+
+    def _setup_features(self) -> None:
+        self.model.eval()
+        feature_fn = self.inputs.feature_fn
+        if feature_fn is None:
+            bs = self.cfg.eval.batch_size
+
+            def feature_fn(images):
+                return image_features(self.model, self.processor, images, batch_size=bs, device=self.device)
+
+        train_ex, val_ex = self.inputs.train_examples, self.inputs.val_examples
+        self.train_feats = feature_fn([e.image for e in train_ex])
+        self.val_feats = feature_fn([e.image for e in val_ex]) if val_ex else None
+
+    def _setup_position(self) -> None:
+        self.checkpointer = Checkpointer(self.inputs.checkpoint_dir, self.cfg.train.keep_checkpoints,
+                                         main=self.world.is_main)  # fmt: skip
+        self.position, self.history = Position(epoch_rng=self.rng.getstate()), []
+        self.restored = self.checkpointer.restore(self.engine, self.scheduler, self.selection, self.device)
+        if self.restored is not None:
+            self.position, self.history, folder = self.restored
+            self.say(f"  resuming SCST from {folder.name} (epoch {self.position.epoch}, step {self.position.step})")
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> ScstResult:
+        pos = self.position
+        try:
+            if self.restored is None and self.validator.has_data and self.rl.select != "last":
+                self.validator.validate(0, 0)  # the starting adapter is a candidate too
+            for epoch in range(pos.epoch, self.epochs + 1):
+                self._epoch(epoch)
+                if self._end_epoch(epoch):
+                    break
+            self.validator.settle()
+        finally:
+            self.validator.close()
+            self.log.close()
+        return self.finish()
+
+    def _epoch(self, epoch: int) -> None:
+        pos, rl = self.position, self.rl
+        self.rng.setstate(pos.epoch_rng)  # the epoch's image order is a function of this state alone
+        order = list(range(len(self.inputs.train_examples)))
+        self.rng.shuffle(order)
+        chunks = [order[i : i + rl.batch_size] for i in range(0, len(order), rl.batch_size)]
+        for i in range(pos.next_micro, len(chunks)):
+            stats = self.step(chunks[i], pos.step)
+            self.engine.step()
+            self.scheduler.step()
+            pos.step += 1
+            pos.seen += len(chunks[i])
+            self._log_step(stats, epoch)
+            if self.inputs.on_step is not None:
+                self.inputs.on_step(pos.step)
+            if pos.step >= self.total_steps:
+                break
+            if rl.checkpoint_every and pos.step % rl.checkpoint_every == 0 and i + 1 < len(chunks):
+                self._checkpoint(epoch, i + 1, pos.epoch_rng)
+
+    def _end_epoch(self, epoch: int) -> bool:
+        pos, rl = self.position, self.rl
+        last = pos.step >= self.total_steps
+        due = rl.validate_every and epoch % rl.validate_every == 0
+        if (due or last) and self.validator.has_data:
+            self.validator.validate(epoch, pos.step)
+        pos.next_micro, pos.epoch_rng = 0, self.rng.getstate()
+        self._checkpoint(epoch + 1, 0, pos.epoch_rng)
+        return last
+
+    def step(self, chunk: list[int], step: int) -> dict:
+        """Sample, reward, baseline and backward for this process's share of ``chunk`` (the
+        optimizer step is the caller's). Returns this share's statistics as floats."""
+        w, rl = self.world, self.rl
+        mine = rank_share(chunk, w.rank, w.size) if w.distributed else chunk
+        real = not (w.distributed and w.rank >= len(chunk))  # else one image repeated at weight 0
+        self.model.eval()
+        feats = self.train_feats[mine]
+        self.generator.manual_seed(random.Random(f"{rl.seed}:{step}:{w.rank}").getrandbits(63))
+        prompt = self.cfg.model.prompt
+        fast = self.cfg.eval.fast
+        samples = sample_captions(self.model, self.tokenizer, feats, self.spec, prompt=prompt,
+                                  generator=self.generator, decoders=self.decoders, fast=fast)  # fmt: skip
+        n, k = len(mine), rl.samples
+        rewards = self.scorer.score(samples.captions, np.repeat(np.asarray(mine), k))
+        rewards = torch.tensor(rewards, dtype=torch.float32, device=self.device).view(n, k)
+        greedy = None
+        if rl.baseline == "greedy":
+            g = sample_captions(self.model, self.tokenizer, feats, self.greedy_spec, prompt=prompt,
+                                decoders=self.decoders, fast=fast)  # fmt: skip
+            greedy = torch.tensor(self.scorer.score(g.captions, np.asarray(mine)), dtype=torch.float32,
+                                  device=self.device)  # fmt: skip
+        base = baseline(rewards, rl.baseline, greedy)
+        adv = advantages(rewards, base)
+        ids = generation_prompt(self.tokenizer, n, num_query_tokens=self.blip.config.num_query_tokens,
+                                image_token_id=self.blip.config.image_token_index, prompt=prompt,
+                                seq2seq=is_encoder_decoder(self.blip))  # fmt: skip
+        ids, attn = ids.input_ids.to(self.device), ids.attention_mask.to(self.device)
+        start = self._start_logprobs(feats, ids, attn, samples) if rl.kl_coef else None
+        loss = self.module(feats, ids, attn, samples.tokens, samples.mask, adv, start)
+        # DDP averages the processes' gradients: weight each by its share of the batch's rows
+        # (normalize=sequence) or sampled tokens (normalize=token), so the step is the global mean
+        own = (n * k if rl.normalize == "sequence" else int(samples.mask.sum())) if real else 0
+        weight = token_weight(own, w, self.device)
+        self.engine.backward(loss * weight)
+        lengths = samples.mask.sum(1).float()
+        return {
+            "loss": float(loss.detach()),
+            "reward": float(rewards.mean()),
+            "baseline": float(base.mean()),
+            "advantage_std": float(adv.std(unbiased=False)),
+            "caption_length": float(lengths.mean()),
+        }
+
+    @torch.no_grad()
+    def _start_logprobs(self, feats, ids, attn, samples) -> torch.Tensor:
+        """The sampled tokens' log-probs under the starting (cross-entropy) adapter: its weights
+        are swapped in for one forward and the current ones put back."""
+        current = self.engine.snapshot()
+        self.engine.load_trainable(self.start_state)
+        try:
+            return sequence_logprobs(self.model, feats, ids, attn, samples.tokens, samples.mask).logprobs
+        finally:
+            self.engine.load_trainable(current)
+
+    def _log_step(self, stats: dict, epoch: int) -> None:
+        """A row of type ``scst`` every ``rl.log_every`` steps and at the last: the means since the
+        last row, averaged over the processes (every process calls this)."""
+        pos, log = self.position, self.log
+        self.running.append(stats)
+        if pos.step % self.rl.log_every and pos.step != self.total_steps:
+            log.bar.update(pos.step)
+            return
+        elapsed = time.perf_counter() - log.started
+        row: dict = {"type": "scst", "step": pos.step, "epoch": epoch}
+        for key in stats:
+            row[key] = all_mean(sum(s[key] for s in self.running) / len(self.running))
+        row["lr"] = self.scheduler.get_last_lr()[0]
+        row["images_per_s"] = (pos.seen - log.first_seen) / max(elapsed, 1e-9)
+        row["elapsed_s"] = round(elapsed, 3)
+        self.running.clear()
+        log.record(row)
+        log.bar.update(pos.step)
+        left = eta(elapsed, pos.step - log.first_step, self.total_steps - pos.step)
+        log.bar.write(self.say, f"  scst step {pos.step}/{self.total_steps} epoch {epoch} reward {row['reward']:.4f} "
+                                f"baseline {row['baseline']:.4f} adv std {row['advantage_std']:.4f} "
+                                f"length {row['caption_length']:.1f} {row['images_per_s']:.0f} images/s "
+                                f"ETA {left}")  # fmt: skip
+
+    def _checkpoint(self, epoch: int, next_micro: int, epoch_rng) -> None:
+        if self.checkpointer.root is None:
+            return
+        self.validator.settle()
+        at = Position(self.position.step, self.position.seen, epoch, next_micro, epoch_rng)
+        plan = SimpleNamespace(batch_size=self.rl.batch_size, grad_accum=1)
+        self.checkpointer.save(self.engine, self.scheduler, self.selection, self.history, at, plan)
+
+    def finish(self) -> ScstResult:
+        sel, pos = self.selection, self.position
+        if sel.chosen:
+            self.engine.load_trainable(sel.best_state)
+            self.say(f"  kept the SCST adapter from step {sel.best_step} (best validation CIDEr)")
+        self.model.eval()
+        elapsed = time.perf_counter() - self.log.started
+        return ScstResult(
+            steps=pos.step,
+            best_step=sel.best_step if sel.chosen else pos.step,
+            best=sel.best,
+            history=self.history,
+            images_per_s=(pos.seen - self.log.first_seen) / max(elapsed, 1e-9),
+            seconds=time.perf_counter() - self.started,
+        )
+
+
+def train_scst(model, processor, train_examples: list, val_examples: list, cfg: Config, *,
+               log_path: Path | None = None, log: Callable[[str], None] = print, score_fn=None,
+               feature_fn=None, checkpoint_dir: Path | None = None,
+               on_step: Callable[[int], None] | None = None) -> ScstResult:  # fmt: skip
+    """SCST on the LoRA parameters of ``model`` (a PEFT model, trainable), in place; keeps the best ones."""
+    inputs = ScstInputs(train_examples, val_examples, log_path, score_fn, feature_fn, checkpoint_dir, on_step)
+    return ScstTrainer(model, processor, cfg, inputs, log).setup().fit()
