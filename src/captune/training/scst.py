@@ -27,7 +27,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -39,8 +38,9 @@ from captune.data.pairs import rank_share
 from captune.distributed import all_mean, world
 from captune.errors import UserError
 from captune.evaluation.cider import CiderD
+from captune.model.family import is_encoder_decoder
 from captune.model.lora import adapter_touches_vision
-from captune.ops.batching import generation_prompt, is_encoder_decoder
+from captune.ops.batching import generation_prompt
 from captune.ops.features import image_features
 from captune.ops.lm import unwrap
 from captune.ops.sampling import SamplingSpec, sample_captions
@@ -49,6 +49,7 @@ from captune.training.checkpoint import Checkpointer, Position
 from captune.training.engines import make_engine
 from captune.training.progress import TrainLog, _quiet, eta
 from captune.training.steps import token_weight
+from captune.training.trainer import TrainInputs
 from captune.training.validation import Selection, Validator
 
 SUPPORTED_ENGINES = ("single", "ddp")
@@ -62,19 +63,6 @@ class ScstResult:
     history: list[dict] = field(default_factory=list)
     images_per_s: float = 0.0
     seconds: float = 0.0
-
-
-@dataclass
-class ScstInputs:
-    """What SCST trains on, and where it writes."""
-
-    train_examples: list
-    val_examples: list
-    log_path: Path | None = None
-    score_fn: Callable[[list[str], list[list[str]]], float] | None = None  # validation CIDEr
-    feature_fn: Callable[[list[bytes]], torch.Tensor] | None = None
-    checkpoint_dir: Path | None = None
-    on_step: Callable[[int], None] | None = None
 
 
 class PolicyLoss(torch.nn.Module):
@@ -102,7 +90,7 @@ def check_scst_engine(cfg: Config, distributed: bool) -> None:
 class ScstTrainer:
     """Trains the LoRA parameters of ``model`` (a PEFT model) in place with SCST; keeps the best ones."""
 
-    def __init__(self, model, processor, cfg: Config, inputs: ScstInputs, log: Callable[[str], None] = print):
+    def __init__(self, model, processor, cfg: Config, inputs: TrainInputs, log: Callable[[str], None] = print):
         self.model, self.processor, self.cfg, self.inputs = model, processor, cfg, inputs
         self.rl = cfg.rl
         self.blip = unwrap(model)
@@ -336,9 +324,8 @@ class ScstTrainer:
 
 
 def train_scst(model, processor, train_examples: list, val_examples: list, cfg: Config, *,
-               log_path: Path | None = None, log: Callable[[str], None] = print, score_fn=None,
-               feature_fn=None, checkpoint_dir: Path | None = None,
-               on_step: Callable[[int], None] | None = None) -> ScstResult:  # fmt: skip
-    """SCST on the LoRA parameters of ``model`` (a PEFT model, trainable), in place; keeps the best ones."""
-    inputs = ScstInputs(train_examples, val_examples, log_path, score_fn, feature_fn, checkpoint_dir, on_step)
-    return ScstTrainer(model, processor, cfg, inputs, log).setup().fit()
+               log: Callable[[str], None] = print, **inputs) -> ScstResult:  # fmt: skip
+    """SCST on the LoRA parameters of ``model`` (a PEFT model, trainable), in place; keeps the best ones.
+
+    ``inputs`` are ``TrainInputs``' other fields (log_path, score_fn, feature_fn, checkpoint_dir, on_step)."""
+    return ScstTrainer(model, processor, cfg, TrainInputs(train_examples, val_examples, **inputs), log).setup().fit()
