@@ -377,7 +377,7 @@ def cmd_recipes(args) -> int:
 def cmd_demo_build(args) -> int:
     from captune.demo.base_model import DemoBuildSpec, build_demo_model
 
-    out = build_demo_model(Path(args.out), DemoBuildSpec(), log=_log)
+    out = build_demo_model(Path(args.out), DemoBuildSpec(), log=_log, device=args.device)
     _log(f"demo base model written to {out}")
     return 0
 
@@ -467,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("recipes", help="list the built-in recipes")
     rc.set_defaults(func=cmd_recipes)
 
-    db = sub.add_parser("demo-build", help="rebuild the demo base model (pre-training on the CPU)")
+    db = sub.add_parser("demo-build", help="rebuild the demo base model (pre-training, offline)")
     db.add_argument("--out", required=True, help="folder to write the model to")
+    db.add_argument("--device", default="cpu", help="where to pre-train: cpu (about 30 min on 2 cores) or cuda")
     db.set_defaults(func=cmd_demo_build)
     return p
 
