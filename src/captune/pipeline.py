@@ -24,6 +24,7 @@ from captune.atomic import staged_dir, write_atomic
 from captune.config import Config, config_from_dict, load_yaml
 from captune.data.prepare import load_split, prepare
 from captune.data.sources import parse_source
+from captune.demo import attributes
 from captune.distributed import all_agree, barrier, gather_strided_objects, world
 from captune.errors import UserError
 
@@ -286,6 +287,7 @@ def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen
             for e, c in zip(examples, captions, strict=True):
                 f.write(json.dumps({"image_id": e.image_id, "caption": c, "references": e.captions}) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(doc, indent=2))
+        attributes.write_side(tmp, run.cfg.data.source, examples, captions)  # demo runs: attributes.json
     shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.corpus.items())
     run.log(f"  {out_name}: scored in {score_s:.1f}s: {shown}")
     return score_s
@@ -444,7 +446,9 @@ def phase_compare(run: Run, force: bool = False) -> dict:
     base = json.loads(run.path("baseline", "metrics.json").read_text())
     tuned = json.loads(run.path("finetuned", "metrics.json").read_text())
     comparison = compare(base, tuned, samples=run.cfg.eval.bootstrap, seed=run.cfg.eval.seed)
-    table = markdown_table(comparison)
+    if attributes.applies(run.cfg.data.source):
+        comparison["attributes"] = attributes.compare_sides(run.path("baseline"), run.path("finetuned"))
+    table = markdown_table(comparison) + attributes.markdown(comparison.get("attributes"))
     write_atomic(run.path("comparison.json"), json.dumps(comparison, indent=2))
     write_atomic(run.path("comparison.md"), table + "\n")
     run.log("\n" + table + "\n")

@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 
 from captune.data.images import load_rgb
+from captune.demo import attributes
 from captune.evaluation.compare import markdown_table
 
 CSS = """
@@ -165,6 +166,11 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
     picks = pick_examples(
         ids, base_m["per_image"]["CIDEr"], tuned_m["per_image"]["CIDEr"], cfg.report.examples, cfg.report.seed
     )
+    tuned_attrs = run / "finetuned" / "attributes.json"
+    if tuned_attrs.is_file():  # a demo run: a spread of right and wrong captions by the world's truth
+        picks = attributes.pick_spread(
+            json.loads(tuned_attrs.read_text())["per_image"], cfg.report.examples, cfg.report.seed
+        )
     cider_b = dict(zip(ids, base_m["per_image"]["CIDEr"], strict=False))
     cider_t = dict(zip(ids, tuned_m["per_image"]["CIDEr"], strict=False))
 
@@ -214,6 +220,7 @@ official COCO scorer (PTB tokenization, CIDEr-D)</dd></dl>
 <table id="metrics"><thead><tr><th>metric</th><th>baseline</th><th>fine-tuned</th><th>change</th>
 <th>change %</th><th>95% CI of change</th><th>p</th></tr></thead><tbody>{"".join(rows_html)}</tbody></table>
 <p class="sub">Intervals: {comparison["bootstrap_samples"]} paired bootstrap resamples of the test images.</p>
+{attributes.html_table(comparison.get("attributes"))}
 <h2>Training</h2><div class="plots">{"".join(f"<figure>{p}</figure>" for p in plots if p)}</div>
 <h2>Examples</h2><div class="gallery" id="gallery">{"".join(cards)}</div>
 <h2>Timings</h2><table id="timings"><tbody>{timing_rows}</tbody></table>
@@ -232,7 +239,7 @@ official COCO scorer (PTB tokenization, CIDEr-D)</dd></dl>
         "",
         "## Before and after",
         "",
-        markdown_table(comparison),
+        markdown_table(comparison) + attributes.markdown(comparison.get("attributes")),
         "",
         "## Examples",
         "",
