@@ -50,6 +50,27 @@ def test_metrics_and_comparison(demo_run):
         assert r["change_ci"][0] <= r["change"] <= r["change_ci"][1], r["metric"]
 
 
+def test_attribute_accuracy_in_run_folder_summary_and_report(demo_run):
+    from captune.demo.attributes import ATTRIBUTES, attribute_accuracy
+
+    for side in ("baseline", "finetuned"):
+        doc = json.loads((demo_run / side / "attributes.json").read_text())
+        rows = [json.loads(x) for x in (demo_run / side / "predictions.jsonl").read_text().splitlines()]
+        assert doc == attribute_accuracy(rows) and set(doc["share"]) == set(ATTRIBUTES)
+    comp = json.loads((demo_run / "comparison.json").read_text())
+    assert [r["attribute"] for r in comp["attributes"]["rows"]] == [*ATTRIBUTES, "all five"]
+    assert "Attribute accuracy" in (demo_run / "comparison.md").read_text()
+    page = (demo_run / "report" / "index.html").read_text()
+    assert "id='attributes'" in page and "Attribute accuracy" in (demo_run / "report" / "report.md").read_text()
+
+
+def test_no_caption_has_a_space_before_punctuation(demo_run):
+    for side in ("baseline", "finetuned"):
+        for line in (demo_run / side / "predictions.jsonl").read_text().splitlines():
+            caption = json.loads(line)["caption"]
+            assert " ," not in caption and " ." not in caption, caption
+
+
 def test_training_log_and_adapter_loads(demo_run):
     from peft import PeftConfig
 

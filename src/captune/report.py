@@ -16,6 +16,7 @@ from pathlib import Path
 
 from captune import summary
 from captune.data.images import load_rgb
+from captune.demo import attributes
 from captune.evaluation.compare import format_p, interval_note, is_clear_change, markdown_table
 
 CSS = """
@@ -204,20 +205,11 @@ def scst_section(run: Path, comparison: dict) -> tuple[str, list[str]]:
     return page, ["## Cross-entropy adapter vs SCST adapter", "", markdown_table(pair, labels), ""]
 
 
-def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
-    """(html, markdown) for the run folder ``run``."""
-    comparison = json.loads((run / "comparison.json").read_text())
-    base_m = json.loads((run / "baseline" / "metrics.json").read_text())
-    tuned_m = json.loads((run / "finetuned" / "metrics.json").read_text())
-    base_p = {r["image_id"]: r for r in read_jsonl(run / "baseline" / "predictions.jsonl")}
-    tuned_p = {r["image_id"]: r for r in read_jsonl(run / "finetuned" / "predictions.jsonl")}
-    manifest = json.loads((run / "data" / "manifest.json").read_text())
-    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
-    log = read_jsonl(run / "logs" / "train.jsonl")
-
+def training_plots(log: list[dict]) -> list[str]:
+    """Loss (train and validation), learning rate and validation CIDEr-D over optimizer steps, as SVG."""
     train_rows = [r for r in log if r.get("type") == "train"]
     val_rows = [r for r in log if r.get("type") == "validation"]
-    plots = [
+    return [
         svg_line_plot(
             {
                 "train loss": [(r["step"], r["loss"]) for r in train_rows],
@@ -237,13 +229,10 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
             x_label="optimizer step",
         ),
     ]
-    ids = base_m["image_ids"]
-    picks = pick_examples(
-        ids, base_m["per_image"]["CIDEr"], tuned_m["per_image"]["CIDEr"], cfg.report.examples, cfg.report.seed
-    )
-    cider_b = dict(zip(ids, base_m["per_image"]["CIDEr"], strict=False))
-    cider_t = dict(zip(ids, tuned_m["per_image"]["CIDEr"], strict=False))
 
+
+def gallery_cards(picks, base_p: dict, tuned_p: dict, cider_b: dict, cider_t: dict, images: dict) -> list[str]:
+    """One card per picked test image: both captions, their CIDEr-D, the references."""
     esc = html.escape
     cards = []
     for image_id, why in picks:
@@ -255,6 +244,35 @@ def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
             f"</div><div class='tuned'>after: {esc(tuned_p[image_id]['caption'])}</div>"
             f"<div class='tag'>references</div><ul>{refs}</ul></div>"
         )
+    return cards
+
+
+def build_report(run: Path, cfg, images: dict[str, bytes]) -> tuple[str, str]:
+    """(html, markdown) for the run folder ``run``."""
+    comparison = json.loads((run / "comparison.json").read_text())
+    base_m = json.loads((run / "baseline" / "metrics.json").read_text())
+    tuned_m = json.loads((run / "finetuned" / "metrics.json").read_text())
+    base_p = {r["image_id"]: r for r in read_jsonl(run / "baseline" / "predictions.jsonl")}
+    tuned_p = {r["image_id"]: r for r in read_jsonl(run / "finetuned" / "predictions.jsonl")}
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
+    log = read_jsonl(run / "logs" / "train.jsonl")
+
+    plots = training_plots(log)
+    ids = base_m["image_ids"]
+    picks = pick_examples(
+        ids, base_m["per_image"]["CIDEr"], tuned_m["per_image"]["CIDEr"], cfg.report.examples, cfg.report.seed
+    )
+    tuned_attrs = run / "finetuned" / "attributes.json"
+    if tuned_attrs.is_file():  # a demo run: a spread of right and wrong captions by the world's truth
+        picks = attributes.pick_spread(
+            json.loads(tuned_attrs.read_text())["per_image"], cfg.report.examples, cfg.report.seed
+        )
+    cider_b = dict(zip(ids, base_m["per_image"]["CIDEr"], strict=False))
+    cider_t = dict(zip(ids, tuned_m["per_image"]["CIDEr"], strict=False))
+
+    esc = html.escape
+    cards = gallery_cards(picks, base_p, tuned_p, cider_b, cider_t, images)
     counts = manifest["counts"]
     timing_rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.get("phases", {}).items())
     skipped = manifest.get("skipped", [])
@@ -279,6 +297,7 @@ official COCO scorer (PTB tokenization, CIDEr-D)</dd></dl>
 <h2>Before and after</h2>
 {metrics_table_html(comparison)}
 {scst_html}
+{attributes.html_table(comparison.get("attributes"))}
 <h2>Training</h2><div class="plots">{"".join(f"<figure>{p}</figure>" for p in plots if p)}</div>
 <h2>Examples</h2><div class="gallery" id="gallery">{"".join(cards)}</div>
 <h2>Timings</h2><table id="timings"><tbody>{timing_rows}</tbody></table>
@@ -297,7 +316,7 @@ official COCO scorer (PTB tokenization, CIDEr-D)</dd></dl>
         "",
         "## Before and after",
         "",
-        markdown_table(comparison),
+        markdown_table(comparison) + attributes.markdown(comparison.get("attributes")),
         "",
         *scst_md,
         "## Examples",

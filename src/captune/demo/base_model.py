@@ -30,7 +30,7 @@ class DemoBuildSpec:
     """How the demo base model is built. Changing any field changes the cache key."""
 
     images: int = 4000
-    epochs: int = 4
+    epochs: int = 12
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 1234
@@ -39,6 +39,8 @@ class DemoBuildSpec:
     text_hidden: int = 128
     layers: int = 2
     query_tokens: int = 8
+    patch_size: int = 8
+    vision_layers: int = 2
 
     def key(self) -> str:
         return f"demo-{DEMO_VERSION}-" + "-".join(str(v) for v in asdict(self).values())
@@ -47,7 +49,7 @@ class DemoBuildSpec:
 def build_tokenizer(seq2seq: bool = False):
     """A word-level fast tokenizer over the demo vocabulary, OPT-style (BOS = EOS = </s> before the
     text), or with ``seq2seq`` T5-style (no BOS, </s> after the text)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "</s>", "<unk>"]
@@ -56,6 +58,10 @@ def build_tokenizer(seq2seq: bool = False):
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     single, pair = ("$A </s>", "$A </s> $B </s>") if seq2seq else ("</s> $A", "</s> $A </s> $B")
+    # Words are joined with spaces, and punctuation back onto the word before it ("left, small"),
+    # the way the captions are written. The WordPiece decoder's cleanup is exactly that join; no
+    # demo word starts with its "##" continuation prefix.
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok.post_processor = processors.TemplateProcessing(
         single=single, pair=pair, special_tokens=[("</s>", vocab["</s>"])]
     )
@@ -88,10 +94,10 @@ def build_config(spec: DemoBuildSpec, vocab_size: int, image_token_id: int):
     vision = Blip2VisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_hidden * 2,
-        num_hidden_layers=spec.layers,
+        num_hidden_layers=spec.vision_layers,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
-        patch_size=8,
+        patch_size=spec.patch_size,
     )
     qformer = Blip2QFormerConfig(
         hidden_size=spec.qformer_hidden,
@@ -124,7 +130,7 @@ def build_config(spec: DemoBuildSpec, vocab_size: int, image_token_id: int):
     )
 
 
-def pretrain(model, processor, spec: DemoBuildSpec, log=print) -> list[float]:
+def pretrain(model, processor, spec: DemoBuildSpec, log=print, device: str = "cpu") -> list[float]:
     """Train every weight on the plain caption style; returns the loss per logged step."""
     import io
 
@@ -135,6 +141,8 @@ def pretrain(model, processor, spec: DemoBuildSpec, log=print) -> list[float]:
     pixels = processor.image_processor([Image.open(io.BytesIO(it["image"])) for it in items], return_tensors="pt")[
         "pixel_values"
     ]
+    model.to(device)
+    pixels = pixels.to(device)
     pairs = [(i, c) for i, it in enumerate(items) for c in it["captions"]]
     tokenizer = processor.tokenizer
     cfg = model.config
@@ -157,9 +165,9 @@ def pretrain(model, processor, spec: DemoBuildSpec, log=print) -> list[float]:
             )
             out = model(
                 pixel_values=pixels[[i for i, _ in chunk]],
-                input_ids=text.input_ids,
-                attention_mask=text.attention_mask,
-                labels=text.labels,
+                input_ids=text.input_ids.to(device),
+                attention_mask=text.attention_mask.to(device),
+                labels=text.labels.to(device),
             )
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -170,11 +178,11 @@ def pretrain(model, processor, spec: DemoBuildSpec, log=print) -> list[float]:
             if step == 1 or step % 25 == 0 or step == steps:
                 losses.append(out.loss.item())
                 log(f"  demo base pre-training step {step}/{steps} loss {losses[-1]:.3f}")
-    model.eval()
+    model.eval().to("cpu")
     return losses
 
 
-def build_demo_model(out_dir: Path, spec: DemoBuildSpec = DemoBuildSpec(), log=print) -> Path:
+def build_demo_model(out_dir: Path, spec: DemoBuildSpec = DemoBuildSpec(), log=print, device: str = "cpu") -> Path:
     """Build, pre-train and save the demo base model to ``out_dir`` (atomically)."""
     from transformers import Blip2ForConditionalGeneration
 
@@ -185,7 +193,7 @@ def build_demo_model(out_dir: Path, spec: DemoBuildSpec = DemoBuildSpec(), log=p
     config = build_config(spec, vocab_size=len(tokenizer), image_token_id=image_token_id)
     model = Blip2ForConditionalGeneration(config)
     t0 = time.perf_counter()
-    losses = pretrain(model, processor, spec, log=log)
+    losses = pretrain(model, processor, spec, log=log, device=device)
     out_dir = Path(out_dir)
     meta = {
         "spec": asdict(spec),

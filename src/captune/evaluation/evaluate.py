@@ -7,6 +7,7 @@ import time
 
 from captune.atomic import staged_dir
 from captune.data.prepare import load_split
+from captune.demo import attributes
 from captune.distributed import gather_strided_objects, world
 from captune.errors import UserError
 from captune.run.folder import Run
@@ -94,6 +95,7 @@ def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen
             for e, c in zip(examples, captions, strict=True):
                 f.write(json.dumps({"image_id": e.image_id, "caption": c, "references": e.captions}) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(doc, indent=2))
+        attributes.write_side(tmp, run.cfg.data.source, examples, captions)  # demo runs: attributes.json
     shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.corpus.items())
     run.log(f"  {out_name}: scored in {score_s:.1f}s: {shown}")
     return score_s

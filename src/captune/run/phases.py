@@ -13,6 +13,7 @@ import time
 
 from captune.atomic import staged_dir, write_atomic
 from captune.data.prepare import load_split, prepare
+from captune.demo import attributes
 from captune.distributed import all_agree, barrier, world
 from captune.errors import UserError, is_out_of_memory, out_of_memory
 from captune.evaluation.evaluate import cider_scorer, eval_examples, evaluate
@@ -173,7 +174,9 @@ def phase_compare(run: Run, force: bool = False) -> dict:
     base = json.loads(run.path("baseline", "metrics.json").read_text())
     tuned = json.loads(run.path("finetuned", "metrics.json").read_text())
     comparison = compare(base, tuned, samples=run.cfg.eval.bootstrap, seed=run.cfg.eval.seed)
-    table = markdown_table(comparison)
+    if attributes.applies(run.cfg.data.source):
+        comparison["attributes"] = attributes.compare_sides(run.path("baseline"), run.path("finetuned"))
+    table = markdown_table(comparison) + attributes.markdown(comparison.get("attributes"))
     if run.cfg.rl.enabled and run.done("scst"):  # the cross-entropy adapter vs the SCST adapter
         scst = json.loads(run.path("finetuned-scst", "metrics.json").read_text())
         comparison["scst"] = compare(tuned, scst, samples=run.cfg.eval.bootstrap, seed=run.cfg.eval.seed)
