@@ -78,32 +78,11 @@ def synthetic_captions(n: int, seed: int = 0, per_image: int = 5) -> list[list[s
 def build_tokenizer(vocab_size: int, image_token_index: int, seq2seq: bool = False):
     """A word-level tokenizer whose ids cover the model's whole vocabulary, with OPT's specials in
     place (BOS = EOS = </s> before the text) or T5's (pad 0, </s> 1 after the text, no BOS)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from captune.demo.tokenizer import OPT_SPECIALS, word_tokenizer
 
-    if seq2seq:
-        vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    else:
-        vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    while len(vocab) < image_token_index:
-        vocab[f"<unused{len(vocab)}>"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    eos = vocab["</s>"]
-    template = "$A </s>" if seq2seq else "</s> $A"
-    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", eos)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=None if seq2seq else "</s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_max_length=512,
-    )
-    return fast, vocab_size
+    specials = ("<pad>", "</s>", "<unk>") if seq2seq else OPT_SPECIALS
+    tok = word_tokenizer(WORDS, seq2seq=seq2seq, specials=specials, size=image_token_index, max_length=512)
+    return tok, vocab_size
 
 
 def build_processor(cfg):

@@ -49,30 +49,9 @@ class DemoBuildSpec:
 def build_tokenizer(seq2seq: bool = False):
     """A word-level fast tokenizer over the demo vocabulary, OPT-style (BOS = EOS = </s> before the
     text), or with ``seq2seq`` T5-style (no BOS, </s> after the text)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from captune.demo.tokenizer import word_tokenizer
 
-    specials = ["<pad>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + world.vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    single, pair = ("$A </s>", "$A </s> $B </s>") if seq2seq else ("</s> $A", "</s> $A </s> $B")
-    # Words are joined with spaces, and punctuation back onto the word before it ("left, small"),
-    # the way the captions are written. The WordPiece decoder's cleanup is exactly that join; no
-    # demo word starts with its "##" continuation prefix.
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=[("</s>", vocab["</s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=None if seq2seq else "</s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_max_length=64,
-    )
+    return word_tokenizer(world.vocabulary(), seq2seq=seq2seq)
 
 
 def build_processor(spec: DemoBuildSpec, seq2seq: bool = False):
