@@ -163,9 +163,9 @@ class RunResult:
     @property
     def data(self) -> PreparedData:
         """The run's data cache (RUN/data): counts, skipped items, splits."""
-        from captune.data.prepare import read_manifest
+        from captune.data.prepare import read_cache_manifest
 
-        return PreparedData(self.root / "data", read_manifest(self.root / "data"))
+        return PreparedData(self.root / "data", read_cache_manifest(self.root / "data"))
 
     @property
     def metrics(self) -> dict[str, dict[str, float]]:

@@ -205,12 +205,12 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_data_inspect(args) -> int:
-    from captune.data.prepare import SPLITS, load_split, read_manifest, skip_reasons
+    from captune.data.prepare import SPLITS, load_split, read_cache_manifest, skip_reasons
 
     root = Path(args.dir)
     if (root / "data" / "manifest.json").is_file():
         root = root / "data"
-    manifest = read_manifest(root)
+    manifest = read_cache_manifest(root)
     splits = {s: load_split(root, s) for s in SPLITS}
     if args.json:
         print(

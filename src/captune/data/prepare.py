@@ -272,7 +272,7 @@ def skip_reasons(skipped: list[dict]) -> dict[str, list[str]]:
     return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
 
 
-def read_manifest(data_dir: Path) -> dict:
+def read_cache_manifest(data_dir: Path) -> dict:
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise UserError(f"{data_dir} is not a prepared data cache; run 'captune data' first")

@@ -359,7 +359,7 @@ def _read_listing(path: Path, cfg: DataConfig, file_column: str, file_key: str) 
         )
 
 
-def read_manifest(path: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
+def read_manifest_file(path: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
     yield from _read_listing(Path(path), cfg, cfg.image_column, "data.image_column")
 
 
@@ -380,7 +380,7 @@ READERS = {
     "parquet": read_parquet,
     "arrow": read_arrow,
     "coco": read_coco,
-    "manifest": read_manifest,
+    "manifest": read_manifest_file,
     "imagefolder": read_imagefolder,
     "dataset": _in_memory_only,
 }

@@ -35,7 +35,9 @@ def generation_kwargs(cfg: EvalConfig, tokenizer) -> dict:
     return kwargs
 
 
-def clean_caption(text: str, prompt: str = "") -> str:
+def tidy_generated(text: str, prompt: str = "") -> str:
+    """A decoded generation as a caption: whitespace collapsed, the prompt it repeats removed.
+    (``data.prepare.clean_caption`` is the reference side's: whitespace only.)"""
     text = " ".join(text.split())
     if prompt and text.lower().startswith(prompt.lower()):
         text = text[len(prompt) :].strip()
@@ -68,7 +70,7 @@ def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, 
         if ready is not None:
             ready.synchronize()  # this batch's copy only; the GPU goes on with the next batch
         texts = tokenizer.batch_decode(tokens[:real].tolist(), skip_special_tokens=True)
-        captions.extend(clean_caption(t, "" if seq2seq else prompt) for t in texts)
+        captions.extend(tidy_generated(t, "" if seq2seq else prompt) for t in texts)
 
     for start in range(0, total, size):
         feats = features[start : start + size]

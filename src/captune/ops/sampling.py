@@ -21,7 +21,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from captune.model.family import can_fast_decode, is_encoder_decoder
 from captune.ops.batching import generation_prompt
 from captune.ops.fast_decode import SamplingOPT
-from captune.ops.generation import clean_caption
+from captune.ops.generation import tidy_generated
 from captune.ops.lm import embed_with_features, generate_from_features, unwrap
 
 
@@ -129,7 +129,7 @@ def sample_captions(
     mask = sequence_mask(tokens, eos)
     tokens = tokens.masked_fill(~mask, pad)
     texts = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
-    captions = [clean_caption(t, "" if seq2seq else prompt) for t in texts]
+    captions = [tidy_generated(t, "" if seq2seq else prompt) for t in texts]
     return Samples(tokens=tokens, mask=mask, captions=captions)
 
 
