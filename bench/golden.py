@@ -171,6 +171,17 @@ def _checkpoints(root: Path) -> dict:
     return out
 
 
+def _base_model_digest() -> str:
+    """SHA-256 over the shipped demo base model's files (weights, tokenizer, configs): the numbers are
+    of these weights, so a rebuilt demo model needs golden values recorded again."""
+    folder = Path(__file__).resolve().parents[1] / "src" / "captune" / "demo" / "base"
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -191,12 +202,17 @@ def main(argv=None) -> int:
             results[name] = json.loads(part.read_text())
         print(f"{name}: {results[name]['steps']} steps, best step {results[name]['best_step']}", flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    doc = {"commit": commit.stdout.strip(), "configs": results}
+    doc = {"commit": commit.stdout.strip(), "base_model": _base_model_digest(), "configs": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     if args.check is None:
         return 0
-    golden = json.loads(args.check.read_text())["configs"]
+    golden_doc = json.loads(args.check.read_text())
+    if golden_doc.get("base_model") != doc["base_model"]:
+        print("the golden values were recorded with another demo base model (weights or tokenizer); record them "
+              "again at the old commit with this model folder copied in", flush=True)  # fmt: skip
+        return 1
+    golden = golden_doc["configs"]
     bad = [n for n in results if results[n] != golden.get(n)]
     for n in bad:
         for key in results[n]:
