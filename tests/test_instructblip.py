@@ -223,7 +223,7 @@ def test_lora_training_on_cached_features_learns(which, request):
     down on a planted pairing of images and captions, for both language models."""
     from captune.config import Config
     from captune.model.lora import attach_lora
-    from captune.training import flat_loss
+    from captune.training.steps import flat_loss
 
     loaded = _load(request.getfixturevalue(f"tiny_instructblip{'_t5' if which == 't5' else ''}_dir"))
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ def test_notebook_is_stored_without_outputs():
 def test_progress_bar_auto_shows_in_jupyter_only(monkeypatch):
     import io
 
-    from captune import tracking
+    from captune.training import progress as tracking
 
     assert not tracking.in_notebook()  # pytest is no Jupyter kernel
     assert tracking.ProgressBar("auto", 10, stream=io.StringIO()).bar is None
