@@ -7,6 +7,7 @@ from captune.config import ModelConfig
 from captune.model.load import load_model
 from captune.ops.batching import generation_prompt
 from captune.ops.lm import embed_with_features, unwrap
+from captune.ops.sampling import SamplingSpec, warp
 from captune.ops.scst import (
     TokenLogprobs,
     advantages,
@@ -81,6 +82,28 @@ def test_logprobs_and_entropy_equal_the_plain_forward(model_dir):
                 ref = _reference_logprob(blip, feats, prompt, tokens, row, t)
                 torch.testing.assert_close(got.logprobs[row, t], ref[tokens[row, t]], atol=1e-10, rtol=1e-10)
                 torch.testing.assert_close(got.entropy[row, t], -(ref.exp() * ref).sum(), atol=1e-10, rtol=1e-10)
+
+
+def test_logprobs_of_the_sampling_distribution(tiny_model_dir):
+    """With the sampler's spec the log-probs are those of the tempered, top-k-cut distribution the
+    tokens were drawn from (on-policy REINFORCE), renormalised, and the entropy stays finite."""
+    model, blip, feats, prompt, tokens, mask = _setup(tiny_model_dir)
+    ids, attn = prompt.input_ids, prompt.attention_mask
+    with torch.no_grad():
+        plain = sequence_logprobs(model, feats, ids, attn, tokens, mask)
+        for spec in (SamplingSpec(k=K, temperature=0.4), SamplingSpec(k=K, temperature=0.7, top_k=5)):
+            ref = sequence_logprobs(model, feats, ids, attn, tokens, mask, entropy=True, spec=spec)
+            assert torch.isfinite(ref.entropy).all() and not torch.equal(ref.logprobs, plain.logprobs)
+            for row in range(B * K):
+                for t in range(int(mask[row].sum())):
+                    lp = _reference_logprob(blip, feats, prompt, tokens, row, t)
+                    want = torch.log_softmax(warp(lp.unsqueeze(0), 0, spec, eos_token_id=-1), -1)[0]
+                    if spec.top_k and torch.isinf(want[tokens[row, t]]):
+                        assert torch.isinf(ref.logprobs[row, t])  # a random token outside the top k
+                        continue
+                    torch.testing.assert_close(ref.logprobs[row, t], want[tokens[row, t]], atol=1e-10, rtol=1e-10)
+    assert torch.allclose(sequence_logprobs(model, feats, ids, attn, tokens, mask, spec=SamplingSpec(k=K)).logprobs,
+                          plain.logprobs)  # fmt: skip
 
 
 @pytest.mark.parametrize("normalize", ["sequence", "token"])

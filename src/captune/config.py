@@ -217,7 +217,7 @@ class RLConfig:
     samples: int = 5
     """Captions sampled per image (K)."""
     temperature: float = 1.0
-    """Sampling temperature (above 0)."""
+    """Sampling temperature (above 0); the policy gradient is taken on this tempered distribution."""
     top_k: int = 0
     """Sample among the k most likely tokens (0 = off)."""
     top_p: float = 1.0

@@ -51,8 +51,8 @@ class Samples:
 
 
 def warp(logits: torch.Tensor, step: int, spec: SamplingSpec, eos_token_id: int) -> torch.Tensor:
-    """Step ``step``'s logits as ``generate(do_sample=True)`` samples from them (float32)."""
-    scores = logits.float()
+    """Step ``step``'s logits as ``generate(do_sample=True)`` samples from them (float32; float64 stays float64)."""
+    scores = logits if logits.dtype == torch.float64 else logits.float()
     if step < spec.min_new_tokens:
         scores = scores.clone()
         scores[:, eos_token_id] = float("-inf")

@@ -32,6 +32,7 @@ import torch
 from captune.model.family import is_encoder_decoder
 from captune.ops.batching import IGNORE
 from captune.ops.lm import embed_with_features, unwrap
+from captune.ops.sampling import SamplingSpec, warp
 
 Normalize = Literal["sequence", "token"]
 
@@ -53,6 +54,7 @@ def sequence_logprobs(
     mask: torch.Tensor,
     *,
     entropy: bool = False,
+    spec: SamplingSpec | None = None,
 ) -> TokenLogprobs:
     """Teacher-forced log-probs of sampled ``tokens`` (images*K, T) given each image's features.
 
@@ -60,6 +62,11 @@ def sequence_logprobs(
     (images, P; ``batching.generation_prompt``) are per image; row ``i*K + j`` of
     ``tokens`` and ``mask`` is sample j of image i (``sampling.Samples``). The vocabulary
     projection runs only at the sampled positions (as ``lm.lm_loss`` does).
+
+    With ``spec``, the log-probs (and entropy) are those of the distribution the sampler drew
+    from (its temperature, top-k and top-p applied to the logits, ``sampling.warp``; its
+    ``min_new_tokens`` is not), so that REINFORCE is on-policy for that distribution; greedy
+    decoding of it is greedy decoding of the model. Without, they are the model's own.
     """
     blip = unwrap(model)
     k = tokens.size(0) // features.size(0)
@@ -84,13 +91,17 @@ def sequence_logprobs(
             logits = lm.lm_head(hidden[:, p - 1 : p - 1 + t][mask])
         else:
             logits = lm(inputs_embeds=embeds, attention_mask=full_attn).logits[:, p - 1 : p - 1 + t][mask]
-    logsm = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    if spec is not None and spec.temperature > 0:
+        logits = warp(logits, spec.min_new_tokens, spec, eos_token_id=-1)  # top-k / top-p: -inf outside
+    logsm = torch.log_softmax(logits, dim=-1)
     out = logsm.new_zeros(tokens.shape)
     out[mask] = logsm.gather(1, tokens[mask].unsqueeze(1)).squeeze(1)
     ent = None
     if entropy:
         ent = logsm.new_zeros(tokens.shape)
-        ent[mask] = -(logsm.exp() * logsm).sum(-1)
+        finite = logsm.masked_fill(torch.isinf(logsm), 0.0)  # tokens the warp removed: p = 0, no 0 * inf
+        ent[mask] = -(logsm.exp() * finite).sum(-1)
     return TokenLogprobs(out, ent)
 
 

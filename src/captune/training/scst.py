@@ -74,10 +74,17 @@ class PolicyLoss(torch.nn.Module):
 
     def forward(self, feats, ids, attn, tokens, mask, adv, start_logprobs=None):
         rl = self.rl
-        token = sequence_logprobs(self.model, feats, ids, attn, tokens, mask, entropy=rl.entropy_coef > 0)
+        token = sequence_logprobs(self.model, feats, ids, attn, tokens, mask, entropy=rl.entropy_coef > 0,
+                                  spec=sampler_spec(rl))  # fmt: skip
         kl = kl_to_start(token.logprobs, start_logprobs, mask) if start_logprobs is not None else None
         return policy_loss(token, mask, adv, normalize=rl.normalize, entropy_coef=rl.entropy_coef,
                            kl=kl, kl_coef=rl.kl_coef)  # fmt: skip
+
+
+def sampler_spec(rl) -> SamplingSpec:
+    """How rl.* samples: K captions per image at rl.temperature, with rl.top_k / rl.top_p."""
+    return SamplingSpec(k=rl.samples, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                        top_k=rl.top_k, top_p=rl.top_p)  # fmt: skip
 
 
 def check_scst_engine(cfg: Config, distributed: bool) -> None:
@@ -140,10 +147,9 @@ class ScstTrainer:
         # the validator reads train.select: SCST's selection is rl.select
         vcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select=rl.select))
         self.validator = Validator(self.model, self.tokenizer, vcfg, self.inputs.val_examples, self.val_feats,
-                                   vision_trains=False, score_fn=self.inputs.score_fn, settle_now=True,
-                                   engine=self.engine, selection=self.selection, log=self.log)  # fmt: skip
-        self.spec = SamplingSpec(k=rl.samples, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                                 top_k=rl.top_k, top_p=rl.top_p)  # fmt: skip
+                                   score_fn=self.inputs.score_fn, engine=self.engine, selection=self.selection,
+                                   log=self.log)  # fmt: skip
+        self.spec = sampler_spec(rl)
         self.greedy_spec = SamplingSpec(k=1, max_new_tokens=rl.max_new_tokens, temperature=0.0)
         self.decoders: dict = {}
         self.generator = torch.Generator(device=self.device)
@@ -270,7 +276,8 @@ class ScstTrainer:
         current = self.engine.snapshot()
         self.engine.load_trainable(self.start_state)
         try:
-            return sequence_logprobs(self.model, feats, ids, attn, samples.tokens, samples.mask).logprobs
+            return sequence_logprobs(self.model, feats, ids, attn, samples.tokens, samples.mask,
+                                     spec=self.spec).logprobs  # fmt: skip
         finally:
             self.engine.load_trainable(current)
 
