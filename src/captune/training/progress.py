@@ -180,9 +180,10 @@ class TrainLog:
         self.running.append(loss.detach())
 
     def optimizer_step(self, pos, epoch: int, lr: float, device) -> None:
-        """A train row every ``train.log_every`` steps and at the last (the loss averaged over the
-        processes: every process calls this)."""
-        if pos.step % self.log_every and pos.step != self.total_steps:
+        """A train row at the first step, every ``train.log_every`` steps and at the last (the loss
+        averaged over the processes: every process calls this). The first step's row puts the
+        warm-up's start on the report's loss and learning-rate curves."""
+        if pos.step % self.log_every and pos.step not in (1, self.total_steps):
             self.bar.update(pos.step)
             return
         import torch
