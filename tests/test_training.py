@@ -352,3 +352,23 @@ def test_validation_is_announced_before_the_steps_that_train_while_it_is_scored(
     assert "CIDEr scoring in the background" in lines[first]
     steps_before = [line for line in lines[:first] if line.lstrip().startswith("step ")]
     assert steps_before and all("epoch 1 " in line for line in steps_before), lines[: first + 1]
+
+
+def test_a_deferred_epoch_end_checkpoint_says_which_epoch_end_it_is(tmp_path):
+    """The epoch-end checkpoint waits for its validation's CIDEr (scored in the background) and is
+    written, named by a later step, during the next epoch: the log says which epoch end it stands for."""
+    train_ex, val_ex = _examples(16, 7), _examples(4, 8)
+    cfg = _cfg(epochs=2, validate_every=1, select="CIDEr", checkpoint_every=0)
+    loaded = load_model(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    model = attach_lora(loaded.model, cfg.lora)
+    lines: list[str] = []
+    train(model, loaded.processor, train_ex, val_ex, cfg, log=lines.append, score_fn=lambda caps, refs: 1.0,
+          checkpoint_dir=tmp_path / "ckpt")  # fmt: skip
+    ended = int(next(x for x in lines if "validation after epoch 1 (step" in x).split("(step ")[1].split(")")[0])
+    note = [x for x in lines if "written once its validation was scored" in x]
+    assert len(note) == 1, lines
+    name = note[0].split("checkpoint ")[1].split(" ")[0]
+    assert note[0] == f"  checkpoint {name} (epoch 1's end at step {ended}, written once its validation was scored)"
+    assert int(name.removeprefix("step-")) > ended
+    assert lines.index(note[0]) > next(i for i, x in enumerate(lines) if f"step {ended + 1}/" in x)

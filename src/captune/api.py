@@ -212,11 +212,13 @@ class RunResult:
 
 def comparison_html(comparison: dict) -> str:
     """The comparison's rows as an HTML table (the same columns as the Markdown one)."""
+    from captune.evaluation.compare import format_pct
+
     cells = ["metric", "baseline", "fine-tuned", "change", "change %", "95% CI of change", "p"]
     out = ["<table>", "<tr>" + "".join(f"<th>{c}</th>" for c in cells) + "</tr>"]
     for r in comparison["rows"]:
         ci = r.get("change_ci")
-        pct = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.2f}%"
+        pct = format_pct(r)
         p = r.get("p_value")
         colour = "#17803d" if r["change"] > 0 else "#b42318" if r["change"] < 0 else "inherit"
         row = [

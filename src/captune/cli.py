@@ -76,6 +76,8 @@ def cmd_phase(args) -> int:
     from captune.run.phases import run_phases
     from captune.run.preflight import preflight
 
+    if args.command == "eval" and args.overrides and not args.recipe:
+        return _redecode(args)
     if args.overrides and not args.recipe:
         raise UserError("overrides need --recipe; a run folder's saved config is used as it is")
     cfg = _load_cfg(args.recipe, args.overrides)
@@ -89,6 +91,20 @@ def cmd_phase(args) -> int:
     run_phases(run, phases, force=args.force)
     if skipped:  # the phase shows its result when it runs; a skipped one still should
         _show_result(run, args.command)
+    return 0
+
+
+def _redecode(args) -> int:
+    """``captune eval RUN eval.KEY=VALUE``: the run decoded again, into RUN/eval-<overrides>."""
+    from captune.run.phases import run_phases
+    from captune.run.preflight import preflight
+    from captune.run.redecode import open_redecode
+
+    run = open_redecode(Path(args.run), args.overrides, force=args.force, log=_log)
+    preflight(run.cfg)
+    phases = ("baseline", "finetuned", "compare") if run.done("train") else ("baseline",)
+    run_phases(run, phases, force=args.force)
+    _log(f"re-decoded with {' '.join(args.overrides)}: {run.root} (the run's own outputs are unchanged)")
     return 0
 
 
@@ -455,7 +471,12 @@ def _add_phases(sub) -> None:
     for name, text in helps.items():
         s = sub.add_parser(name, help=text, description=text, epilog=epilogs.get(name))
         s.add_argument("run", help="run folder")
-        s.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides (with --recipe)")
+        s.add_argument(
+            "overrides",
+            nargs="*",
+            help="SECTION.KEY=VALUE overrides (with --recipe)"
+            + ("; without it, eval.* keys decode the run again into RUN/eval-<overrides>" if name == "eval" else ""),
+        )
         s.add_argument("--recipe", help="start the run folder from this recipe")
         s.add_argument("--force", action="store_true", help="redo the phase even if complete")
         s.set_defaults(func=cmd_phase)

@@ -17,7 +17,8 @@ from pathlib import Path
 from captune import summary
 from captune.data.images import load_rgb
 from captune.demo import attributes
-from captune.evaluation.compare import format_p, interval_note, is_clear_change, markdown_table
+from captune.evaluation.compare import format_p, format_pct, interval_note, is_clear_change, markdown_table
+from captune.evaluation.seed_metrics import LABEL
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
@@ -31,7 +32,7 @@ text-align:right} th:first-child,td:first-child{text-align:left}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:1rem}
 .card{border:1px solid #dde2e8;border-radius:8px;padding:.7rem;background:#fafbfc}
 .card img{width:100%;image-rendering:pixelated;border-radius:4px}
-.card .tag{font-size:.75rem;text-transform:uppercase;color:#5b6573}
+.card .tag{font-size:.75rem;text-transform:uppercase;color:#5b6573} .card .tag .metric{text-transform:none}
 .card .base{color:#5b6573} .card .tuned{font-weight:600} .card ul{padding-left:1.1rem;margin:.3rem 0;
 font-size:.85rem;color:#3a4350}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem} dt{color:#5b6573}
@@ -52,6 +53,8 @@ def svg_line_plot(
     points = [p for s in series.values() for p in s]
     if not points:
         return ""
+    # Steps are whole numbers: their axis gets whole-number ticks (no "step 265.5").
+    whole_x = all(float(p[0]).is_integer() for p in points)
     colours = ["#2563eb", "#dc2626", "#16a34a", "#9333ea"]
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
@@ -77,6 +80,7 @@ def svg_line_plot(
         yv = y0 + frac * (y1 - y0)
         parts.append(f'<text x="{pad_l - 6}" y="{sy(yv) + 4:.1f}" font-size="10" text-anchor="end">{yv:.3g}</text>')
         xv = x0 + frac * (x1 - x0)
+        xv = round(xv) if whole_x else xv
         parts.append(f'<text x="{sx(xv):.1f}" y="{pad_t + h + 14}" font-size="10" text-anchor="middle">{xv:.4g}</text>')
     parts.append(
         f'<text x="{pad_l + w / 2}" y="{height - 4}" font-size="11" text-anchor="middle">{html.escape(x_label)}</text>'
@@ -138,7 +142,7 @@ def metrics_table_html(comparison: dict) -> str:
     for r in comparison["rows"]:
         cls = ("up" if r["change"] > 0 else "down") if is_clear_change(r) else ""
         ci = r.get("change_ci")
-        pct = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.1f}%"
+        pct = format_pct(r)
         rows.append(
             f"<tr><td>{esc(r['metric'])}</td><td>{r['baseline']:.4f}</td><td>{r['finetuned']:.4f}</td>"
             f"<td class='{cls}'>{r['change']:+.4f}</td><td class='{cls}'>{pct}</td>"
@@ -151,6 +155,28 @@ def metrics_table_html(comparison: dict) -> str:
         f"<th>change %</th><th>95% CI of change</th><th>p</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
         f"<p class='sub'>95% CI: {esc(interval_note(comparison))} A change is coloured only when its "
         f"interval excludes 0.</p>{warnings}"
+    )
+
+
+def single_reference_table_html(comparison: dict) -> str:
+    """The single-reference scores (first reference per image, computed like the seed notebook's
+    table), as the terminal, Markdown report and model card show them; empty when the run has none."""
+    esc = html.escape
+    seed = comparison.get("seed_compatible") or {}
+    if not seed.get("rows") and not seed.get("unavailable"):
+        return ""
+    rows = "".join(
+        f"<tr><td>{esc(r['metric'])}</td><td>{r['baseline']:.4f}</td><td>{r['finetuned']:.4f}</td>"
+        f"<td>{format_pct(r)}</td></tr>"
+        for r in seed.get("rows", [])
+    )
+    missing = "".join(
+        f"<p class='sub'>{esc(metric)} (single-reference): unavailable, {esc(why)}.</p>"
+        for metric, why in seed.get("unavailable", {}).items()
+    )
+    return (
+        f"<h3>{esc(LABEL)}</h3><table id='single-reference'><thead><tr><th>metric</th><th>baseline</th>"
+        f"<th>fine-tuned</th><th>change %</th></tr></thead><tbody>{rows}</tbody></table>{missing}"
     )
 
 
@@ -238,7 +264,8 @@ def gallery_cards(picks, base_p: dict, tuned_p: dict, cider_b: dict, cider_t: di
     for image_id, why in picks:
         refs = "".join(f"<li>{esc(c)}</li>" for c in base_p[image_id]["references"])
         cards.append(
-            f"<div class='card'><div class='tag'>{esc(why)} · CIDEr {cider_b[image_id]:.2f} → "
+            f"<div class='card'><div class='tag'>{esc(why)} · <span class='metric'>CIDEr-D</span> "
+            f"{cider_b[image_id]:.2f} → "
             f"{cider_t[image_id]:.2f}</div><img alt='test image {esc(image_id)}' "
             f"src='{thumbnail_uri(images[image_id])}'><div class='base'>before: {esc(base_p[image_id]['caption'])}"
             f"</div><div class='tuned'>after: {esc(tuned_p[image_id]['caption'])}</div>"
@@ -296,6 +323,7 @@ train {counts["train"]} / validation {counts["validation"]} / test {counts["test
 official COCO scorer (PTB tokenization, CIDEr-D)</dd></dl>
 <h2>Before and after</h2>
 {metrics_table_html(comparison)}
+{single_reference_table_html(comparison)}
 {scst_html}
 {attributes.html_table(comparison.get("attributes"))}
 <h2>Training</h2><div class="plots">{"".join(f"<figure>{p}</figure>" for p in plots if p)}</div>

@@ -130,6 +130,12 @@ def format_p(row: dict) -> str:
     return f"{p:.3g}"
 
 
+def format_pct(row: dict) -> str:
+    """A row's change in percent as every output prints it (terminal, Markdown, HTML): ``+1.23%``,
+    or ``n/a`` when the baseline is too small for a relative change to mean much."""
+    return "n/a" if row.get("change_pct") is None else f"{row['change_pct']:+.2f}%"
+
+
 def is_clear_change(row: dict) -> bool:
     """Whether the change's 95% interval excludes zero (only such changes are shown as gains or losses)."""
     ci = row.get("change_ci")
@@ -235,7 +241,7 @@ def markdown_table(comparison: dict, labels: tuple[str, str] = ("baseline", "fin
     for r in comparison["rows"]:
         ci = r.get("change_ci")
         ci_s = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "n/a"
-        pct = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.2f}%"
+        pct = format_pct(r)
         lines.append(
             f"| {r['metric']} | {_fmt(r['baseline'])} | {_fmt(r['finetuned'])} | "
             f"{r['change']:+.4f} | {pct} | {ci_s} | {format_p(r)} |"
@@ -253,7 +259,7 @@ def markdown_table(comparison: dict, labels: tuple[str, str] = ("baseline", "fin
             "| --- | ---: | ---: | ---: |",
         ]
         for r in seed["rows"]:
-            pct = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.2f}%"
+            pct = format_pct(r)
             lines.append(f"| {r['metric']} | {_fmt(r['baseline'])} | {_fmt(r['finetuned'])} | {pct} |")
         for metric, why in seed.get("unavailable", {}).items():
             lines.append(f"\n{metric} (single-reference): unavailable, {why}.")

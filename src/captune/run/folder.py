@@ -19,6 +19,7 @@ from pathlib import Path
 
 from captune.atomic import write_atomic
 from captune.config import Config, config_from_dict, load_yaml
+from captune.console import around_bar
 from captune.distributed import barrier, world
 from captune.errors import UserError
 
@@ -35,7 +36,8 @@ class Run:
     def __init__(self, root: Path, cfg: Config, log: Callable[[str], None] = print):
         self.root = Path(root)
         self.cfg = cfg
-        self.log = log
+        # lines from any phase or thread (the background baseline scoring) clear a shown progress bar first
+        self.log = around_bar(log)
         self._loaded = None
         self._tuned = None
         self._store = None

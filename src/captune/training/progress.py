@@ -6,12 +6,14 @@ stay silent (but take part in the collective that averages the logged loss)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
+from captune.console import _active, around_bar
 from captune.errors import UserError
 
 # tracker name (as accelerate spells it) -> the package it needs
@@ -102,6 +104,7 @@ class ProgressBar:
                 from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", file=stream, dynamic_ncols=True, leave=True)
+            _active.append(self.bar)
 
     def update(self, step: int, row: dict | None = None) -> None:
         if self.bar is None:
@@ -115,14 +118,18 @@ class ProgressBar:
         self.bar.refresh()
 
     def write(self, log, message: str) -> None:
-        """Log a line without tearing the bar."""
+        """Log a line through ``log`` without tearing the bar."""
+        around_bar(log)(message)
+
+    def step_line(self, log, message: str) -> None:
+        """A per-step console line: only when no bar is shown (logs, CI); the bar's postfix has the same figures."""
         if self.bar is None:
             log(message)
-        else:
-            self.bar.write(message)
 
     def close(self) -> None:
         if self.bar is not None:
+            with contextlib.suppress(ValueError):
+                _active.remove(self.bar)
             self.bar.close()
             self.bar = None
 
@@ -180,9 +187,10 @@ class TrainLog:
         self.running.append(loss.detach())
 
     def optimizer_step(self, pos, epoch: int, lr: float, device) -> None:
-        """A train row every ``train.log_every`` steps and at the last (the loss averaged over the
-        processes: every process calls this)."""
-        if pos.step % self.log_every and pos.step != self.total_steps:
+        """A train row at the first step, every ``train.log_every`` steps and at the last (the loss
+        averaged over the processes: every process calls this). The first step's row puts the
+        warm-up's start on the report's loss and learning-rate curves."""
+        if pos.step % self.log_every and pos.step not in (1, self.total_steps):
             self.bar.update(pos.step)
             return
         import torch
@@ -205,7 +213,7 @@ class TrainLog:
         self.running.clear()
         self.record(row)
         self.bar.update(pos.step, row)
-        self.bar.write(
+        self.bar.step_line(
             self.say,
             f"  step {pos.step}/{self.total_steps} epoch {epoch} loss {row['loss']:.4f} "
             f"lr {row['lr']:.2e} {row['samples_per_s']:.0f} samples/s "

@@ -300,10 +300,10 @@ class ScstTrainer:
         log.record(row)
         log.bar.update(pos.step)
         left = eta(elapsed, pos.step - log.first_step, self.total_steps - pos.step)
-        log.bar.write(self.say, f"  scst step {pos.step}/{self.total_steps} epoch {epoch} reward {row['reward']:.4f} "
-                                f"baseline {row['baseline']:.4f} adv std {row['advantage_std']:.4f} "
-                                f"length {row['caption_length']:.1f} {row['images_per_s']:.0f} images/s "
-                                f"ETA {left}")  # fmt: skip
+        log.bar.step_line(self.say, f"  scst step {pos.step}/{self.total_steps} epoch {epoch} "
+                                    f"reward {row['reward']:.4f} baseline {row['baseline']:.4f} "
+                                    f"adv std {row['advantage_std']:.4f} length {row['caption_length']:.1f} "
+                                    f"{row['images_per_s']:.0f} images/s ETA {left}")  # fmt: skip
 
     def _checkpoint(self, epoch: int, next_micro: int, epoch_rng) -> None:
         if self.checkpointer.root is None:

@@ -169,7 +169,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         pos, plan = self.position, self.plan
-        self.deferred = False  # an epoch-end checkpoint waiting for its validation's score
+        self.deferred: int | None = None  # the step of an epoch end whose checkpoint waits for its validation's score
         self.stopped_early = False
         try:
             for epoch in range(pos.epoch, plan.epochs + 1):
@@ -209,9 +209,8 @@ class Trainer:
                 break
             if self.validator.scored():  # the last validation is scored: settle it and
                 self.validator.settle()  # write the checkpoint that waited for it
-                if self.deferred:
-                    self.checkpoint(epoch, i + 1, epoch_rng)
-                    self.deferred = False
+                if self.deferred is not None:
+                    self._deferred_checkpoint(epoch, i + 1, epoch_rng)
             if plan.checkpoint_due(pos.step, i, len(chunks)):
                 self.checkpoint(epoch, i + 1, epoch_rng)
 
@@ -226,7 +225,7 @@ class Trainer:
         if plan.done(pos.step) or tcfg.early_stop:
             self.validator.settle()
         if self.validator.pending:  # checkpoint once the scoring is done, during the next epoch
-            self.deferred = True
+            self.deferred = pos.step
         else:
             self.checkpoint(epoch + 1, 0, pos.epoch_rng)
         if plan.done(pos.step):
@@ -237,14 +236,26 @@ class Trainer:
             return True
         return False
 
-    def checkpoint(self, epoch: int, next_micro: int, epoch_rng) -> None:
+    def checkpoint(self, epoch: int, next_micro: int, epoch_rng) -> Path | None:
         """A checkpoint to resume at micro-batch ``next_micro`` of ``epoch``; it holds the best adapter so
-        far, so the validations under way are settled first."""
+        far, so the validations under way are settled first. Its folder (on the main process)."""
         if self.checkpointer.root is None:
-            return
+            return None
         self.validator.settle()
         at = Position(self.position.step, self.position.seen, epoch, next_micro, epoch_rng)
-        self.checkpointer.save(self.engine, self.scheduler, self.selection, self.history, at, self.plan)
+        return self.checkpointer.save(self.engine, self.scheduler, self.selection, self.history, at, self.plan)
+
+    def _deferred_checkpoint(self, epoch: int, next_micro: int, epoch_rng) -> None:
+        """The checkpoint of the previous epoch's end, written now that its validation is scored: it is
+        named by (and holds the state of) this step, so the log says which epoch end it stands for."""
+        ended, self.deferred = self.deferred, None
+        folder = self.checkpoint(epoch, next_micro, epoch_rng)
+        if folder is not None:
+            self.log.bar.write(
+                self.say,
+                f"  checkpoint {folder.name} (epoch {epoch - 1}'s end at step {ended}, "
+                "written once its validation was scored)",
+            )
 
     def finish(self) -> TrainResult:
         sel, pos = self.selection, self.position
