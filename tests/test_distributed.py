@@ -124,11 +124,13 @@ def _gather_in_process(rank: int, port: int, total: int, out) -> None:
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
-    from captune.distributed import gather_strided
+    from captune.distributed import barrier, close, gather_strided
 
     rows = torch.arange(total * 3, dtype=torch.float32).view(total, 3)
     whole = gather_strided(rows[rank::2].clone(), total)
     torch.save(whole, out / f"rank{rank}.pt")
+    barrier()  # both done before either leaves: a process that exits inside the group can abort its peer
+    close()
 
 
 @pytest.mark.parametrize("total", [5, 6, 1])

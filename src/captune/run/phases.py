@@ -174,7 +174,8 @@ def phase_compare(run: Run, force: bool = False) -> dict:
     base = json.loads(run.path("baseline", "metrics.json").read_text())
     tuned = json.loads(run.path("finetuned", "metrics.json").read_text())
     comparison = compare(base, tuned, samples=run.cfg.eval.bootstrap, seed=run.cfg.eval.seed)
-    if attributes.applies(run.cfg.data.source):
+    sides_have_captions = all(run.path(s, "predictions.jsonl").is_file() for s in ("baseline", "finetuned"))
+    if attributes.applies(run.cfg.data.source) and sides_have_captions:
         comparison["attributes"] = attributes.compare_sides(run.path("baseline"), run.path("finetuned"))
     table = markdown_table(comparison) + attributes.markdown(comparison.get("attributes"))
     if run.cfg.rl.enabled and run.done("scst"):  # the cross-entropy adapter vs the SCST adapter
