@@ -303,6 +303,7 @@ def test_qformer_preset_trains_through_cached_vision_outputs(tmp_path):
     assert main(["run", "demo", "--out", str(out), "lora.target_modules=qformer", "data.num_images=60",
                  "train.epochs=2", "train.log_every=1", "eval.bootstrap=50", "report.examples=2"]) == 0  # fmt: skip
     log = [json.loads(x) for x in (out / "logs" / "train.jsonl").read_text().splitlines()]
+
     def mean_loss(epoch):  # single steps are noisy (a partial last batch, different captions)
         rows = [r["loss"] for r in log if r["type"] == "train" and r["epoch"] == epoch]
         return sum(rows) / len(rows)
