@@ -346,3 +346,18 @@ def test_deepspeed_cpu_notice_is_silenced(capsys):
     finally:
         logger.removeHandler(handler)
     assert [r.getMessage() for r in seen] == ["a real DeepSpeed warning"]
+
+
+def test_run_prints_the_comparison_once(tmp_path, capsys):
+    """`captune run` shows the table when the compare phase makes it, and again only when that phase was
+    skipped (a finished run), not twice."""
+    out = tmp_path / "run"
+    small = ["data.num_images=30", "train.epochs=1", "eval.bootstrap=20", "report.examples=2"]
+    assert main(["run", "demo", "--out", str(out), *small]) == 0
+    first = capsys.readouterr().out
+    assert first.count("| metric | baseline | fine-tuned | change |") == 1
+    assert first.count(f"report: {out / 'report' / 'index.html'}") == 1
+    assert main(["run", "demo", "--out", str(out), *small]) == 0  # every phase complete: skipped
+    again = capsys.readouterr().out
+    assert again.count("| metric | baseline | fine-tuned | change |") == 1
+    assert again.count(f"report: {out / 'report' / 'index.html'}") == 1

@@ -62,12 +62,20 @@ def _load_cfg(recipe: str | None, overrides: list[str]):
 def cmd_run(args) -> int:
     from captune.api import run_recipe
 
-    result = run_recipe(args.recipe, args.overrides, out=args.out, force=args.force, log=_log)
+    ran: set[str] = set()
+
+    def log(message: str) -> None:
+        if message.startswith("[") and "] done in" in message:
+            ran.add(message[1 : message.index("]")])
+        _log(message)
+
+    result = run_recipe(args.recipe, args.overrides, out=args.out, force=args.force, log=log)
     table = result.root / "comparison.md"
-    if table.is_file():
+    if table.is_file() and "compare" not in ran:  # the phase printed it when it ran
         _log(f"\nBefore / after on {result.config.eval.split} ({result.root}/comparison.md):\n")
         _log(table.read_text())
-    _log(f"report: {result.root / 'report' / 'index.html'}")
+    if "report" not in ran:
+        _log(f"report: {result.root / 'report' / 'index.html'}")
     return 0
 
 
