@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import glob
+import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from captune.data.images import check_image
+from captune.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -51,3 +54,19 @@ def read_images(
         else:
             ok.append((p, data))
     return ok, bad
+
+
+def json_lines(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a bad line is one line naming it."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {n}: malformed JSON ({exc.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path} line {n}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {n}: expected a JSON object")
+        yield n, row

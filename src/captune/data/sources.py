@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from captune.config import DataConfig
+from captune.data.files import json_lines
 from captune.errors import UserError
 
 
@@ -277,18 +278,7 @@ def _read_rows(path: Path) -> Iterator[tuple[int, dict]]:
     with handle:
         try:
             if path.suffix == ".jsonl":
-                for n, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path} line {n}: malformed JSON ({exc.msg})") from None
-                    except RecursionError:
-                        raise UserError(f"{path} line {n}: JSON nested too deeply") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"{path} line {n}: expected a JSON object")
-                    yield n, row
+                yield from json_lines(path, handle)
             elif path.suffix == ".csv":
                 reader = csv.DictReader(handle)
                 for row in reader:

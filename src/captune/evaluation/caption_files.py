@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from captune.data.files import json_lines
 from captune.errors import UserError
 
 
@@ -47,17 +48,7 @@ def _whole_json(path: Path, text: str):
 
 
 def _jsonl_rows(path: Path, text: str):
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {n}: malformed JSON ({exc.msg})") from None
-        except RecursionError:
-            raise UserError(f"{path} line {n}: JSON nested too deeply") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path} line {n}: expected a JSON object")
+    for n, row in json_lines(path, text.splitlines()):
         yield f"line {n}", row
 
 

@@ -27,6 +27,27 @@ def _flan_t5_xl():
     )
 
 
+# The vision side every BLIP-2 / InstructBLIP checkpoint here shares: EVA ViT-g/14 at 224 px and the
+# 12-layer Q-Former cross-attending to it every second layer.
+VIT_G = dict(
+    hidden_size=1408,
+    intermediate_size=6144,
+    num_hidden_layers=39,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    qkv_bias=True,
+)
+QFORMER = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    encoder_hidden_size=1408,
+    cross_attention_frequency=2,
+)
+
+
 def instructblip_config(name: str):
     """InstructBLIP: BLIP-2's ViT-g and Q-Former (which also reads the instruction, through BERT's
     vocabulary plus one token, 30,523) with Vicuna-7B (LLaMA 7B) or FlanT5-XL."""
@@ -37,24 +58,8 @@ def instructblip_config(name: str):
         LlamaConfig,
     )
 
-    vision = InstructBlipVisionConfig(
-        hidden_size=1408,
-        intermediate_size=6144,
-        num_hidden_layers=39,
-        num_attention_heads=16,
-        image_size=224,
-        patch_size=14,
-        qkv_bias=True,
-    )
-    qformer = InstructBlipQFormerConfig(
-        vocab_size=30523,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        encoder_hidden_size=1408,
-        cross_attention_frequency=2,
-    )
+    vision = InstructBlipVisionConfig(**VIT_G)
+    qformer = InstructBlipQFormerConfig(vocab_size=30523, **QFORMER)
     if name == "instructblip-vicuna-7b":
         # LLaMA's 32,000 tokens + [PAD] (32,001, the published vocabulary) + <image> at 32,001.
         text = LlamaConfig(
@@ -99,23 +104,8 @@ def blip2_config(name: str):
     if name.startswith("instructblip-") and name in ARCHITECTURES:
         return instructblip_config(name)
 
-    vision = Blip2VisionConfig(
-        hidden_size=1408,
-        intermediate_size=6144,
-        num_hidden_layers=39,
-        num_attention_heads=16,
-        image_size=224,
-        patch_size=14,
-        qkv_bias=True,
-    )
-    qformer = Blip2QFormerConfig(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        encoder_hidden_size=1408,
-        cross_attention_frequency=2,
-    )
+    vision = Blip2VisionConfig(**VIT_G)
+    qformer = Blip2QFormerConfig(**QFORMER)
     if name in ("blip2-opt-2.7b", "blip2-opt-6.7b"):
         big = name.endswith("6.7b")
         text = OPTConfig(
