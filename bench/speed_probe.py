@@ -1,0 +1,209 @@
+"""Probe: where the time of features, captioning and the packed training step goes (one GPU).
+
+blip2-opt-2.7b with random weights, as ``captune bench`` builds it. Measures
+- image features: ViT alone, Q-Former + projection alone, whole ``get_image_features``,
+  at several batches, with the Q-Former in fp32 (as transformers keeps it) and in bf16,
+  and with TF32 matmuls allowed;
+- greedy captioning: the prefill alone and the whole decode at batch 1024/2048;
+- the packed LoRA step: eager, and ``torch.compile`` (default and ``reduce-overhead``,
+  i.e. CUDA graphs), with a torch.profiler summary of the eager step's CPU vs GPU time.
+
+Usage: python bench/speed_probe.py --out probe.json [--skip-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from captune import bench  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+@torch.no_grad()
+def probe_features(model, processor, jpegs) -> dict:
+    from captune.ops.features import pixel_values
+
+    out = {
+        "vision_attn": getattr(model.vision_model.config, "_attn_implementation", None),
+        "qformer_attn": getattr(model.qformer.config, "_attn_implementation", None),
+    }
+    pv_all = pixel_values(processor, jpegs[:256]).to("cuda", torch.bfloat16)
+    for batch in (64, 128, 256):
+        pv = pv_all[:batch]
+        emb = model.vision_model(pixel_values=pv).last_hidden_state
+        out[f"vit_only_b{batch}"] = round(batch / timed(lambda pv=pv: model.vision_model(pixel_values=pv), 3), 1)
+        out[f"whole_fp32_qformer_b{batch}"] = round(
+            batch / timed(lambda pv=pv: model.get_image_features(pixel_values=pv, return_dict=True), 3), 1
+        )
+        out[f"qformer_fp32_only_b{batch}"] = round(batch / timed(lambda e=emb: _qformer(model, e), 3), 1)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out["whole_tf32_qformer_b128"] = round(
+        128 / timed(lambda: model.get_image_features(pixel_values=pv_all[:128], return_dict=True), 3), 1
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = model.get_image_features(pixel_values=pv_all[:128], return_dict=True).pooler_output
+    model.qformer.to(torch.bfloat16)
+    model.query_tokens.data = model.query_tokens.data.to(torch.bfloat16)
+    try:
+        out["whole_bf16_qformer_b128"] = round(
+            128 / timed(lambda: model.get_image_features(pixel_values=pv_all[:128], return_dict=True), 3), 1
+        )
+        got = model.get_image_features(pixel_values=pv_all[:128], return_dict=True).pooler_output
+        out["bf16_qformer_max_abs_diff"] = float((got.float() - ref.float()).abs().max())
+        out["bf16_qformer_ref_abs_mean"] = float(ref.float().abs().mean())
+    except Exception as exc:
+        out["bf16_qformer_error"] = repr(exc)[:300]
+    model.qformer.float()
+    model.query_tokens.data = model.query_tokens.data.float()
+    return out
+
+
+def _qformer(model, emb):
+    from captune.ops.features import project_queries
+
+    return project_queries(model, emb)
+
+
+@torch.no_grad()
+def probe_captioning(model, feats) -> dict:
+    from captune.ops.batching import generation_prompt
+    from captune.ops.fast_decode import GreedyOPT
+    from captune.ops.lm import embed_with_features
+
+    out = {}
+    lm = model.language_model
+    for batch in (1024, 2048):
+        f = feats[torch.arange(batch, device="cuda") % feats.size(0)]
+        ids = torch.full((batch, f.size(1) + 1), model.config.image_token_index, device="cuda")
+        ids[:, -1] = 2
+        embeds = embed_with_features(model, ids, f)
+        dec = GreedyOPT(lm, batch, embeds.size(1), 20)
+        dec.generate(embeds, eos_token_id=-5, pad_token_id=1)
+        t_all = timed(lambda d=dec, e=embeds: d.generate(e, eos_token_id=-5, pad_token_id=1), 3)
+
+        def prefill(d=dec, e=embeds):
+            hidden = d._embed(e, torch.arange(e.size(1), device="cuda"))
+            return d._forward(hidden, None)
+
+        t_pre = timed(prefill, 3)
+        d_step = timed(lambda d=dec: d._replay(), 10)
+        out[f"b{batch}"] = {
+            "images_per_s_decoder_only": round(batch / t_all, 1),
+            "prefill_s": round(t_pre, 4),
+            "decode_step_s": round(d_step, 5),
+            "whole_s": round(t_all, 4),
+        }
+        del dec
+        torch.cuda.empty_cache()
+    _ = generation_prompt
+    return out
+
+
+def probe_training(model, processor, feats, compile_modes) -> dict:
+    from captune.config import LoraConfig
+    from captune.model.lora import attach_lora
+    from captune.ops.batching import IGNORE
+    from captune.ops.packing import PackedBatch, packed_loss
+
+    torch.manual_seed(0)
+    peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="seed"))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    g, k, t = 52, 5, 12
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(4, 50000, (g, k, t), device="cuda", generator=gen)
+    ids[:, :, 0] = 2
+    labels = ids.clone()
+    labels[:, :, 0] = IGNORE
+    packed = PackedBatch(ids, torch.ones_like(ids), labels, g * k)
+    f = feats[torch.arange(g, device="cuda") % feats.size(0)]
+    peft_model.train()
+
+    def make_step(loss_fn):
+        def step():
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        return step
+
+    eager = make_step(lambda: packed_loss(peft_model, f, packed))
+    out = {"eager_samples_per_s": round(g * k / timed(eager, 10), 1)}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            eager()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    cuda_total = sum(e.self_device_time_total for e in events) / 3 / 1e3
+    out["eager_profile_gpu_ms_per_step"] = round(cuda_total, 2)
+    out["eager_profile_top_gpu"] = [
+        (e.key[:60], round(e.self_device_time_total / 3 / 1e3, 2), e.count // 3)
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]
+    ]
+    out["eager_kernel_launches_per_step"] = sum(
+        e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+    ) // 3
+    for mode in compile_modes:
+        try:
+            t0 = time.perf_counter()
+            fn = torch.compile(lambda: packed_loss(peft_model, f, packed), mode=mode)
+            step = make_step(fn)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            out[f"compile_{mode}_compile_s"] = round(time.perf_counter() - t0, 1)
+            out[f"compile_{mode}_samples_per_s"] = round(g * k / timed(step, 10), 1)
+        except Exception as exc:
+            out[f"compile_{mode}_error"] = repr(exc)[:500]
+        torch._dynamo.reset()
+    peft_model.unload()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--compile", default="default,reduce-overhead")
+    args = ap.parse_args()
+    jpegs = bench.synthetic_jpegs(256)
+    model, cfg = bench.build_model("blip2-opt-2.7b", torch.bfloat16)
+    processor = bench.build_processor(cfg)
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    result["features"] = probe_features(model, processor, jpegs)
+    print(json.dumps(result), flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    from captune.ops.features import image_features
+
+    feats = image_features(model, processor, jpegs, batch_size=128)
+    result["captioning"] = probe_captioning(model, feats)
+    print(json.dumps(result["captioning"]), flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    modes = [m for m in args.compile.split(",") if m]
+    result["training"] = probe_training(model, processor, feats, modes)
+    print(json.dumps(result["training"]), flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
