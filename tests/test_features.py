@@ -58,3 +58,31 @@ def test_generation_from_features_equals_model_generate(tiny_model_dir):
             pixel_values=pixel_values(proc, images), input_ids=g.input_ids, attention_mask=g.attention_mask, **kwargs
         )
     assert torch.equal(ours, theirs[:, g.input_ids.size(1) :])
+
+
+def test_qformer_matmul_auto_is_tf32_only_for_16_bit_models_and_restores_the_flag(tiny_model_dir):
+    from captune.ops.features import qformer_matmul, qformer_precision, set_qformer_matmul
+    from captune.run.feature_cache import model_fingerprint
+
+    model, proc = _load(tiny_model_dir)
+    assert qformer_matmul(model) == "fp32"  # an fp32 model: its features are not rounded to 16 bits
+    fp32_key = model_fingerprint(model, proc, "tiny")
+    model.language_projection.to(torch.bfloat16)
+    assert qformer_matmul(model) == "tf32"
+    assert model_fingerprint(model, proc, "tiny") != fp32_key  # TF32 features are cached apart
+    set_qformer_matmul(model, "fp32")
+    assert qformer_matmul(model) == "fp32"
+    set_qformer_matmul(model, "tf32")
+    before = torch.backends.cuda.matmul.allow_tf32
+    with qformer_precision(model):
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_load_model_records_the_qformer_matmul_choice(tiny_model_dir):
+    from captune.config import ModelConfig
+    from captune.model.load import load_model
+    from captune.ops.features import qformer_matmul
+
+    loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", qformer_matmul="tf32"))
+    assert qformer_matmul(loaded.model) == "tf32"

@@ -71,3 +71,22 @@ def test_gpu_jpeg_decode_features_close_to_cpu_path():
         cpu = loaded.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output
     sim = F.cosine_similarity(gpu.float().flatten(1), cpu.float().flatten(1)).min().item()
     assert sim > 0.99, sim
+
+
+@needs_cuda
+def test_tf32_qformer_features_within_the_bf16_rounding_of_fp32_ones():
+    """auto takes TF32 for the fp32 Q-Former of a bf16 model: its features stay within the bf16
+    rounding the language model's input gets anyway."""
+    from captune.config import ModelConfig
+    from captune.demo import world
+    from captune.model.load import load_model
+    from captune.ops.features import image_features, set_qformer_matmul
+
+    loaded = load_model(ModelConfig(device="cuda", dtype="bf16"))
+    images = [it["image"] for it in world.make_items("plain", 64, seed=5)]
+    set_qformer_matmul(loaded.model, "fp32")
+    ref = image_features(loaded.model, loaded.processor, images).float()
+    set_qformer_matmul(loaded.model, "auto")
+    got = image_features(loaded.model, loaded.processor, images).float()
+    ulp = ref.abs().clamp_min(1e-2) * 2**-7  # one bf16 step at each value's size
+    assert ((got - ref).abs() <= 2 * ulp).float().mean() > 0.99

@@ -7,8 +7,9 @@ computed once per image and reused by training, validation and evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -47,6 +48,41 @@ def gpu_pixel_values(processor, images: Sequence[bytes], device: torch.device) -
     except Exception:  # no nvJPEG, an odd JPEG, an older processor: use the CPU path from now on
         _GPU_DECODE_FAILED = True
         return None
+
+
+QFORMER_MATMUL = "captune_qformer_matmul"
+
+
+def set_qformer_matmul(model, choice: str) -> None:
+    """Record ``model.qformer_matmul`` (auto, tf32 or fp32) on the model, as ``load_model`` does."""
+    setattr(unwrap(model), QFORMER_MATMUL, choice)
+
+
+def qformer_matmul(blip) -> str:
+    """The resolved choice, tf32 or fp32. transformers keeps the Q-Former in fp32; its products in
+    TF32 (10-bit mantissa) err less than the bf16/fp16 rounding its output gets for the language
+    model (8/11 bits), so auto takes TF32 for 16-bit models. On an H200 the fp32 Q-Former costs
+    a fifth of feature extraction: 709-743 images/s against 954 for the ViT alone, 881 with TF32
+    (bench/results/2026-12-01-h200-speed-probe.json)."""
+    choice = getattr(blip, QFORMER_MATMUL, "auto")
+    if choice != "auto":
+        return choice
+    return "tf32" if blip.language_projection.weight.dtype in (torch.bfloat16, torch.float16) else "fp32"
+
+
+@contextlib.contextmanager
+def qformer_precision(blip) -> Iterator[None]:
+    """TF32 matrix products on CUDA while features are computed, when ``qformer_matmul`` says so; the
+    process's setting is restored after. (The ViT and language model are 16-bit: unaffected.)"""
+    if qformer_matmul(blip) != "tf32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _workers() -> int:
@@ -93,7 +129,7 @@ def image_features(
     if device.type == "cuda":
         torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(workers) as pool, qformer_precision(blip):
 
             def submit(start):
                 part = list(images[start : start + batch_size])

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from captune.model.instruct import instruction
-from captune.ops.features import _workers, image_features
+from captune.ops.features import _workers, image_features, qformer_matmul
 from captune.ops.lm import unwrap
 
 
@@ -35,6 +35,8 @@ def model_fingerprint(model, processor, source: str) -> str:
         "preprocessing": processor.image_processor.to_dict(),
         "dtype": str(blip.language_projection.weight.dtype),
     }
+    if qformer_matmul(blip) == "tf32":  # only then: keys of fp32 features stay as they were
+        doc["qformer_matmul"] = "tf32"
     read = instruction(blip)
     if read is not None:  # only InstructBLIP: BLIP-2 keys stay as they were
         doc["instruction"] = [read[0], read[1]]
