@@ -90,3 +90,31 @@ def test_tf32_qformer_features_within_the_bf16_rounding_of_fp32_ones():
     got = image_features(loaded.model, loaded.processor, images).float()
     ulp = ref.abs().clamp_min(1e-2) * 2**-7  # one bf16 step at each value's size
     assert ((got - ref).abs() <= 2 * ulp).float().mean() > 0.99
+
+
+@needs_cuda
+def test_16bit_lora_products_follow_peft_gradients_on_gpu(tiny_model_dir):
+    """lora.compute=auto on a bf16 model: the adapter's gradients agree with peft's fp32 products
+    to bf16 precision (cosine > 0.999 per tensor)."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from captune.config import LoraConfig
+    from captune.model.lora import attach_lora
+    from captune.model.lora_compute import use_16bit_compute
+
+    ids = torch.randint(4, 40, (8, 16), generator=torch.Generator().manual_seed(1)).cuda()
+    grads = []
+    for patch in (False, True):
+        torch.manual_seed(0)
+        model = Blip2ForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).cuda()
+        model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        if patch:
+            assert use_16bit_compute(model) > 0
+        model.base_model.model.language_model(input_ids=ids).logits.float().pow(2).mean().backward()
+        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+    for name, ref in grads[0].items():
+        cos = torch.nn.functional.cosine_similarity(ref.flatten(), grads[1][name].flatten(), dim=0)
+        assert cos > 0.999, (name, float(cos))

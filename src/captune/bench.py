@@ -146,12 +146,15 @@ def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
 def measure_captune_training(model, processor, feats, *, images_per_step: int, text_tokens: int) -> dict:
     from captune.config import LoraConfig
     from captune.model.lora import attach_lora
+    from captune.model.lora_compute import applies, use_16bit_compute
     from captune.ops.batching import IGNORE
     from captune.ops.lm import lm_loss
     from captune.ops.packing import PackedBatch, packed_loss
 
     torch.manual_seed(0)
     peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="seed"))
+    peft_layers = {m: m.forward for m in peft_model.modules() if applies(m)}
+    sixteen = use_16bit_compute(peft_model)  # as the trainer does (lora.compute=auto)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     k, q = 5, feats.size(1)
@@ -195,6 +198,12 @@ def measure_captune_training(model, processor, feats, *, images_per_step: int, t
         out[f"train_{name}_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         # forward 2 FLOPs per parameter per token, backward to the inputs the same again
         out[f"train_{name}_tflops"] = round(4 * n_params * tokens / t / 1e12, 1)
+    for m, forward in peft_layers.items():  # the same packed step with peft's fp32 adapter products
+        m.forward = forward
+    for _ in range(3):
+        step(True)
+    out["train_packed_peft_fp32_lora_samples_per_s"] = round(g * k / _timed(lambda: step(True), 10), 1)
+    out["train_lora_compute"] = f"16-bit products in {sixteen} LoRA layers" if sixteen else "fp32 (peft)"
     out["train_batch_pairs"] = g * k
     out["train_text_tokens"] = text_tokens
     peft_model.unload()  # restore the plain model for the next measurements

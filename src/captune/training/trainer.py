@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
+from captune import launch
 from captune.config import Config
 from captune.data.prepare import Example
 from captune.distributed import all_agree, world
 from captune.model.family import can_pack
 from captune.model.lora import adapter_touches_vision
+from captune.model.lora_compute import use_16bit_compute
 from captune.ops.features import image_features
 from captune.ops.lm import unwrap
 from captune.training.checkpoint import Checkpointer, Position
@@ -135,6 +137,7 @@ class Trainer:
 
     def _setup_engine(self) -> None:
         cfg = self.cfg
+        self._setup_lora_compute()
         self.packed = cfg.train.pack and cfg.data.train_captions == "all" and can_pack(self.blip.language_model)
         self.engine = make_engine(
             self.model, train_cfg=cfg.train, world=self.world, dtype=self.blip.dtype, device=self.device,
@@ -142,6 +145,14 @@ class Trainer:
         )  # fmt: skip
         self.step_loss = StepLoss(self.model, packed=self.packed, vision_trains=self.vision_trains)
         self.engine.prepare(self.step_loss, self.blip)
+
+    def _setup_lora_compute(self) -> None:
+        """The adapter's products in 16 bits where ``lora.compute`` allows ;
+        not under FSDP or ZeRO-3, whose sharded weights exist only inside their units' forward."""
+        sharded = self.world.distributed and launch.engine(self.cfg.train.distributed) in ("fsdp", "zero3")
+        if self.cfg.lora.compute == "auto" and not sharded:
+            if use_16bit_compute(self.model):
+                self.say("  LoRA products in the model's dtype (fp32 weights and gradients)")
 
     def _setup_optimizer(self) -> None:
         t = self.cfg.train

@@ -1,0 +1,58 @@
+"""LoRA's products in 16 bits (model.lora_compute): the same function and gradients as peft's."""
+
+import torch
+
+from captune.model.lora_compute import LoraDelta, applies, use_16bit_compute
+
+
+def test_lora_delta_gradients_are_exact_in_float64():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    a = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    keep = torch.rand(2, 5, 12, generator=g) > 0.3
+    for mask, p in ((None, 0.0), (keep, 0.3)):
+        assert torch.autograd.gradcheck(lambda x, a, b, m=mask, p=p: LoraDelta.apply(x, a, b, 2.0, p, m), (x, a, b))
+    want = 2.0 * ((x * keep / 0.7) @ a.t()) @ b.t()
+    assert torch.allclose(LoraDelta.apply(x, a, b, 2.0, 0.3, keep), want)
+
+
+def _peft_opt(tiny_model_dir, dropout):
+    from transformers import Blip2ForConditionalGeneration
+
+    from captune.config import LoraConfig
+    from captune.model.lora import attach_lora
+
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration.from_pretrained(tiny_model_dir)
+    model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; a non-zero B makes every gradient visible
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def test_patched_layers_give_peft_outputs_and_gradients(tiny_model_dir):
+    """Forced onto the CPU fp32 model (where it is never used on its own), the patched forward
+    computes what peft's does: outputs and every LoRA gradient equal to float rounding."""
+    ids = torch.randint(4, 40, (3, 9), generator=torch.Generator().manual_seed(1))
+    grads, outs = [], []
+    for patch in (False, True):
+        model = _peft_opt(tiny_model_dir, dropout=0.0)
+        if patch:
+            assert use_16bit_compute(model, force=True) > 0
+        lm = model.base_model.model.language_model
+        out = lm(input_ids=ids).logits
+        out.float().pow(2).mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_only_16_bit_gpu_layers_qualify(tiny_model_dir):
+    model = _peft_opt(tiny_model_dir, dropout=0.05)
+    assert not any(applies(m) for m in model.modules())  # fp32 on the CPU: peft's own forward
+    assert use_16bit_compute(model) == 0
