@@ -56,3 +56,41 @@ def test_packed_equals_unpacked_loss_and_gradients():
         assert torch.allclose(loss, ref, atol=1e-5), (loss, ref)
         for name, grad in _grads(model).items():
             assert torch.allclose(grad, ref_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_split_attention_equals_the_masked_call_at_real_positions():
+    """The GPU's two dense causal calls give the masked packed attention at every real query,
+    with right-padded slots and an empty one (float64)."""
+    import torch.nn.functional as F
+
+    from captune.ops.packing import _attention_mask, split_attention
+
+    g, h, p, k, t, d = 3, 2, 4, 3, 5, 8
+    gen = torch.Generator().manual_seed(0)
+    q, kk, v = (torch.randn(g, h, p + k * t, d, dtype=torch.float64, generator=gen) for _ in range(3))
+    slot_mask = torch.ones(g, k, t, dtype=torch.long)
+    slot_mask[0, 1, 3:] = 0  # a shorter caption
+    slot_mask[1, 2] = 0  # an image with fewer captions
+    slot_mask[2, 0, 1:] = 0
+    want = F.scaled_dot_product_attention(q, kk, v, attn_mask=_attention_mask(p, slot_mask), scale=1.0)
+    got = split_attention(q, kk, v, (p, k, t))
+    real = torch.cat([torch.ones(g, p, dtype=torch.bool), slot_mask.view(g, -1).bool()], dim=1)
+    assert torch.allclose(got.transpose(1, 2)[real], want.transpose(1, 2)[real], atol=1e-12)
+
+
+def test_packed_loss_and_gradients_with_split_attention_equal_the_masked_ones(monkeypatch):
+    from captune.ops import packing
+
+    model, tok, feats, caps = _setup()
+    model.eval()  # no LoRA dropout: both paths see the same function
+    batch = pack_captions(tok, caps, prompt="", max_text_tokens=32)
+    results = []
+    for split in (False, True):
+        monkeypatch.setattr(packing, "_use_split", lambda hidden, layout, drop, s=split: s and layout is not None)
+        model.zero_grad()
+        loss = packed_loss(model, feats, batch)
+        loss.backward()
+        results.append((loss.detach(), _grads(model)))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for name, grad in results[0][1].items():
+        assert torch.allclose(grad, results[1][1][name], atol=1e-6, rtol=1e-4), name
