@@ -110,10 +110,37 @@ def probe_captioning(model, feats) -> dict:
             "decode_step_s": round(d_step, 5),
             "whole_s": round(t_all, 4),
         }
+        if batch == 2048:
+            out["decode_step_profile_b2048"] = _profile_decode_step(lm, embeds)
         del dec
         torch.cuda.empty_cache()
     _ = generation_prompt
     return out
+
+
+def _profile_decode_step(lm, embeds) -> dict:
+    """GPU time per kernel of one eager decode step (no graph, so the kernels are visible)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from captune.ops.fast_decode import GreedyOPT
+
+    dec = GreedyOPT(lm, embeds.size(0), embeds.size(1), 20, use_graph=False)
+    dec.generate(embeds, eos_token_id=-5, pad_token_id=1)
+    dec.static_pos.fill_(embeds.size(1) + 3)
+    for _ in range(2):
+        dec._step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            dec._step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in kernels) / 5 / 1e3
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+    return {
+        "kernel_ms_per_step": round(total, 3),
+        "top": [(e.key[:70], round(e.self_device_time_total / 5 / 1e3, 3), e.count // 5) for e in top],
+    }
 
 
 def probe_training(model, processor, feats, compile_modes) -> dict:
@@ -124,6 +151,9 @@ def probe_training(model, processor, feats, compile_modes) -> dict:
 
     torch.manual_seed(0)
     peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="seed"))
+    from captune.model.lora_compute import use_16bit_compute
+
+    sixteen = use_16bit_compute(peft_model)  # captune's default (lora.compute=auto)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     g, k, t = 52, 5, 12
@@ -147,7 +177,7 @@ def probe_training(model, processor, feats, compile_modes) -> dict:
         return step
 
     eager = make_step(lambda: packed_loss(peft_model, f, packed))
-    out = {"eager_samples_per_s": round(g * k / timed(eager, 10), 1)}
+    out = {"eager_samples_per_s": round(g * k / timed(eager, 10), 1), "lora_16bit_layers": sixteen}
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -161,9 +191,9 @@ def probe_training(model, processor, feats, compile_modes) -> dict:
         (e.key[:60], round(e.self_device_time_total / 3 / 1e3, 2), e.count // 3)
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]
     ]
-    out["eager_kernel_launches_per_step"] = sum(
-        e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
-    ) // 3
+    out["eager_kernel_launches_per_step"] = (
+        sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")) // 3
+    )
     for mode in compile_modes:
         try:
             t0 = time.perf_counter()
@@ -185,23 +215,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--compile", default="default,reduce-overhead")
+    ap.add_argument("--only", default="features,captioning,training")
     args = ap.parse_args()
     jpegs = bench.synthetic_jpegs(256)
     model, cfg = bench.build_model("blip2-opt-2.7b", torch.bfloat16)
     processor = bench.build_processor(cfg)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    result["features"] = probe_features(model, processor, jpegs)
+    only = args.only.split(",")
+    if "features" in only:
+        result["features"] = probe_features(model, processor, jpegs)
     print(json.dumps(result), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     from captune.ops.features import image_features
 
     feats = image_features(model, processor, jpegs, batch_size=128)
-    result["captioning"] = probe_captioning(model, feats)
-    print(json.dumps(result["captioning"]), flush=True)
+    if "captioning" in only:
+        result["captioning"] = probe_captioning(model, feats)
+    print(json.dumps(result.get("captioning")), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     modes = [m for m in args.compile.split(",") if m]
-    result["training"] = probe_training(model, processor, feats, modes)
-    print(json.dumps(result["training"]), flush=True)
+    if "training" in only:
+        result["training"] = probe_training(model, processor, feats, modes)
+    print(json.dumps(result.get("training")), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
