@@ -293,3 +293,25 @@ def test_caption_images_uses_its_prompt_as_the_instruction(llama, monkeypatch):
     expected = image_features(llama.model, llama.processor, IMAGES)  # recorded instruction: PROMPT
     torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=0)
     assert (image_features(bare.model, bare.processor, IMAGES) - expected).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("which", ["llama", "t5"])
+def test_static_cache_gives_the_same_captions(which, request):
+    """``eval.static_cache`` preallocates HF generate's KV cache (LLaMA and T5 caption through HF
+    generate); the captions are the dynamic cache's, token for token."""
+    from dataclasses import replace
+
+    loaded = _load(request.getfixturevalue(f"tiny_instructblip{'_t5' if which == 't5' else ''}_dir"))
+    model, proc = loaded.model, loaded.processor
+    tok = proc.tokenizer
+    with torch.no_grad():  # the random T5 prefers <pad> everywhere; words make the comparison telling
+        model.language_model.lm_head.weight[tok.pad_token_id] = 0
+    feats = image_features(model, proc, IMAGES)
+    ecfg = EvalConfig(batch_size=2, max_new_tokens=8, min_new_tokens=3)
+    dynamic = caption_features(model, tok, feats, ecfg, PROMPT)
+    static = caption_features(model, tok, feats, replace(ecfg, static_cache=True), PROMPT)
+    assert static == dynamic and all(dynamic)
+    from captune.ops.generation import generation_kwargs
+
+    assert generation_kwargs(replace(ecfg, static_cache=True), tok)["cache_implementation"] == "static"
+    assert "cache_implementation" not in generation_kwargs(ecfg, tok)

@@ -284,6 +284,8 @@ class EvalConfig:
     """Score at most this many images of the split (0 = all)."""
     fast: bool = True
     """Greedy OPT captioning through the static-cache decoder (CUDA graphs on GPU); false = HF generate."""
+    static_cache: bool = False
+    """HF generate (LLaMA, T5, beam search, eval.fast=false) with a static KV cache instead of a growing one."""
     bootstrap: int = 1000
     """Bootstrap resamples for intervals and paired tests (0 = off)."""
     seed: int = 0
