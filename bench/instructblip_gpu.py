@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import io
 import json
 import platform
@@ -356,51 +357,70 @@ def environment(argv: list[str]) -> dict:
     return env
 
 
-def run_cases(args: argparse.Namespace, work: Path, log) -> tuple[list[dict], list[str]]:
+def run_case(name: str, args: argparse.Namespace, work: Path, log) -> dict:
+    """One case's row: build (once per architecture), load, train, caption."""
+    arch = CASES[name][0]
+    log(f"{name}: ...")
+    folder = build_checkpoint(arch, work / arch, tiny=args.tiny, log=log)
+    row, model, (loaded, cfg) = train_case(name, folder, args, log=lambda s: None)
+    row |= caption_case(model, loaded, cfg, args)
+    log(f"{name}: {json.dumps(row)}")
+    return row
+
+
+def run_cases(args: argparse.Namespace, work: Path, log, save) -> tuple[list[dict], list[str]]:
+    """Every case in turn; ``save(rows, failed)`` after each, so a run cut short keeps what it measured."""
     rows, failed = [], []
     for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
-        if name not in CASES:
-            raise SystemExit(f"unknown case {name!r}; known: {', '.join(CASES)}")
         reason = skip_reason(name, args.tiny)
         if reason:
             log(f"{name}: skipped: {reason}")
             rows.append({"case": name, "skipped": reason})
-            if not args.tiny:
-                failed.append(f"{name}: {reason}")
-            continue
-        arch = CASES[name][0]
-        log(f"{name}: ...")
-        folder = build_checkpoint(arch, work / arch, tiny=args.tiny, log=log)
-        row, model, (loaded, cfg) = train_case(name, folder, args, log=lambda s: None)
-        row |= caption_case(model, loaded, cfg, args)
-        log(f"{name}: {json.dumps(row)}")
-        rows.append(row)
-        failed += checks(row, args.margin)
-        del model, loaded
-        reset_peak(not args.tiny)
+            failed += [] if args.tiny else [f"{name}: {reason}"]
+        else:
+            try:
+                row = run_case(name, args, work, log)
+                failed += checks(row, args.margin)
+            except Exception as exc:  # the next case still runs; the row says what went wrong
+                row = {"case": name, "error": f"{type(exc).__name__}: {exc}"[-2000:]}
+                failed.append(f"{name}: {row['error'][-300:]}")
+                log(f"{name}: failed: {row['error'][-1000:]}")
+            rows.append(row)
+            gc.collect()
+            reset_peak(not args.tiny)
+        save(rows, failed)
     return rows, failed
 
 
 def main(argv: list[str] | None = None) -> int:
+    from captune.atomic import write_atomic
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         print("no CUDA GPU: run on a GPU machine, or pass --tiny for the CPU-size run", file=sys.stderr)
         return 2
+    unknown = [c for c in args.cases.split(",") if c.strip() and c.strip() not in CASES]
+    if unknown:
+        print(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}", file=sys.stderr)
+        return 2
     args.steps = args.steps or (30 if args.tiny else 40)
     args.images = args.images or (32 if args.tiny else 256)
     args.caption_images = args.caption_images or (32 if args.tiny else 512)
-    t0 = time.perf_counter()
+    t0, env = time.perf_counter(), environment(argv)
+
+    def save(rows: list[dict], failed: list[str]) -> dict:
+        result = env | {"cases": rows, "failed": failed, "wall_s": round(time.perf_counter() - t0, 1)}
+        write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+        return result
+
     work = args.work or Path(tempfile.mkdtemp(prefix="captune-iblip-"))
     try:
-        rows, failed = run_cases(args, work, log=print)
+        rows, failed = run_cases(args, work, print, save)
     finally:
         if args.work is None:  # only what this run made
             shutil.rmtree(work, ignore_errors=True)
-    result = environment(argv) | {"cases": rows, "failed": failed, "wall_s": round(time.perf_counter() - t0, 1)}
-    from captune.atomic import write_atomic
-
-    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    result = save(rows, failed)
     print(f"wrote {args.out} ({result['wall_s']} s); " + ("all checks passed" if not failed else "FAILED:"))
     for line in failed:
         print(f"  {line}")
