@@ -315,3 +315,23 @@ def test_static_cache_gives_the_same_captions(which, request):
 
     assert generation_kwargs(replace(ecfg, static_cache=True), tok)["cache_implementation"] == "static"
     assert "cache_implementation" not in generation_kwargs(ecfg, tok)
+
+
+def test_llama_says_it_trains_unpacked(tiny_instructblip_dir):
+    """train.pack is on by default; a LLaMA language model cannot pack exactly (rotary positions in
+    captune's OPT packed layers), so training says it runs unpacked instead of silently ignoring it."""
+    from captune.config import Config
+    from captune.data.prepare import Example
+    from captune.model.lora import attach_lora
+    from captune.training import train
+
+    loaded = _load(tiny_instructblip_dir)
+    cfg = Config()
+    cfg.model.prompt = PROMPT
+    cfg.train.max_steps, cfg.train.validate_every, cfg.train.select, cfg.train.batch_size = 1, 0, "last", 4
+    assert cfg.train.pack and cfg.data.train_captions == "all"
+    said = []
+    pairs = enumerate(zip(IMAGES, CAPTIONS, strict=True))
+    examples = [Example(str(i), img, [c, c + " again"]) for i, (img, c) in pairs]
+    train(attach_lora(loaded.model, cfg.lora), loaded.processor, examples, [], cfg, log=said.append)
+    assert any("packing: off, a llama language model trains unpacked" in line for line in said), said
