@@ -378,3 +378,26 @@ def test_t5_says_it_trains_unpacked(tiny_instructblip_t5_dir):
     examples = [Example(str(i), img, [c, c + " again"]) for i, (img, c) in pairs]
     train(attach_lora(loaded.model, cfg.lora), loaded.processor, examples, [], cfg, log=said.append)
     assert any("packing: off, a t5 language model trains unpacked" in line for line in said), said
+
+
+def test_preflight_target_check_builds_the_instructblip_class(tiny_instructblip_dir, monkeypatch):
+    """``check_targets`` (before any work) builds the checkpoint's own class on the meta device, not
+    a BLIP-2 from an InstructBLIP config (which warned on every InstructBLIP run), and names LLaMA's
+    layers when a target is missing."""
+    from captune.errors import UserError
+    from captune.model import architectures
+    from captune.model.lora import check_targets
+
+    built = []
+    real = architectures.model_class
+
+    def spy(config):
+        built.append(real(config).__name__)
+        return real(config)
+
+    monkeypatch.setattr(architectures, "model_class", spy)
+    cfg = ModelConfig(name_or_path=str(tiny_instructblip_dir))
+    check_targets(cfg, LoraConfig(target_modules="all-linear"))
+    assert built == ["InstructBlipForConditionalGeneration"]
+    with pytest.raises(UserError, match="its linear layers are named: down_proj, gate_proj"):
+        check_targets(cfg, LoraConfig(target_modules=["out_proj"]))
