@@ -224,6 +224,7 @@ def reset_peak(cuda: bool) -> None:
 
 def train_case(name: str, folder: Path, args: argparse.Namespace, log) -> tuple[dict, object, object]:
     """Load through ``load_model``, attach the recipe's LoRA preset, train with captune's Trainer."""
+    from captune.model.family import can_pack
     from captune.model.load import load_model
     from captune.model.lora import attach_lora, count_parameters, target_modules
     from captune.training import train
@@ -248,6 +249,8 @@ def train_case(name: str, folder: Path, args: argparse.Namespace, log) -> tuple[
         "prompt": cfg.model.prompt,
         "train_pairs_per_step": cfg.train.batch_size * cfg.train.grad_accum,
         "train_micro_batch": cfg.train.batch_size,
+        # each image's prefix shared by its 5 captions (micro-batches are then about that many pairs)
+        "packed": cfg.train.pack and cfg.data.train_captions == "all" and can_pack(loaded.model.language_model),
         "steps": result.steps,
         "loss_first": round(losses[0], 4),
         "loss_last": round(losses[-1], 4),

@@ -105,4 +105,5 @@ def test_tiny_acceptance_run(tmp_path, capsys):
         assert row["caption_static_cache_images_per_s"] > 0
         assert row["prompt"] == PROMPT
     assert cases["vicuna-7b-bf16"]["lora_target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert cases["vicuna-7b-bf16"]["packed"] and not cases["flan-t5-xl-bf16"]["packed"]
     assert cases["flan-t5-xl-bf16"]["lora_target_modules"] == ["q", "k", "v", "o"]
