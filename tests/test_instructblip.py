@@ -208,13 +208,56 @@ def test_llama_lora_presets_and_frozen_features(tiny_instructblip_dir):
         torch.testing.assert_close(image_features(peft, loaded.processor, IMAGES), before, atol=0, rtol=0)
 
 
-def test_llama_packing_and_fast_decoder_fall_back(llama):
-    from captune.model.family import can_fast_decode as fast_supported
-    from captune.model.family import can_pack as packing_supported
+def test_llama_packs_and_captions_through_generate(llama, t5):
+    from captune.model.family import can_fast_decode, can_pack
 
     lm = llama.model.language_model
-    assert not packing_supported(lm) and not fast_supported(lm)
+    assert can_pack(lm) and not can_fast_decode(lm)  # rotary positions pack exactly; no OPT decoder
     assert not use_fast_path(llama.model, EvalConfig())
+    assert not can_pack(t5.model.language_model)
+
+
+def test_llama_packed_equals_unpacked_loss_and_gradients(tiny_instructblip_dir):
+    """Shared-prefix packing with rotary positions: each caption slot after the one image prefix at
+    the positions it has alone; loss and LoRA gradients equal the unpacked pairs' (``lm_loss``)."""
+    from captune.model.lora import attach_lora
+    from captune.ops.packing import pack_captions, packed_loss
+
+    loaded = _load(tiny_instructblip_dir)
+    torch.manual_seed(0)
+    model = attach_lora(loaded.model, LoraConfig(target_modules="all-linear", dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.eval()
+    tok, blip = loaded.processor.tokenizer, model.get_base_model()
+    feats = image_features(model, loaded.processor, IMAGES)
+    caps = [CAPTIONS, CAPTIONS[:2], ["one red circle on the left edge"]]  # 3, 2 and 1 captions, unequal lengths
+    flat = [c for cs in caps for c in cs]
+    index = [i for i, cs in enumerate(caps) for _ in cs]
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        return out
+
+    text = encode_texts(
+        tok,
+        [training_text(c, PROMPT, tok.eos_token) for c in flat],
+        num_query_tokens=blip.config.num_query_tokens,
+        image_token_id=blip.config.image_token_index,
+        prompt=PROMPT,
+    )
+    ref = lm_loss(model, feats[index], text.input_ids, text.attention_mask, text.labels)
+    ref.backward()
+    ref_grads = grads()
+    packed = pack_captions(tok, caps, prompt=PROMPT, max_text_tokens=40)
+    loss = packed_loss(model, feats, packed)
+    loss.backward()
+    assert abs(float(loss) - float(ref)) < 1e-5, (float(loss), float(ref))
+    for name, grad in grads().items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("which", ["llama", "t5"])
@@ -271,7 +314,7 @@ def test_instructblip_recipes():
 
     vicuna = load_config("coco5k-instructblip")
     assert vicuna.model.name_or_path == "Salesforce/instructblip-vicuna-7b"
-    assert vicuna.model.quantization == "4bit" and vicuna.model.prompt and not vicuna.train.pack
+    assert vicuna.model.quantization == "4bit" and vicuna.model.prompt and vicuna.train.pack
     t5 = load_config("coco5k-instructblip-flan-t5")
     assert t5.model.name_or_path == "Salesforce/instructblip-flan-t5-xl" and t5.model.dtype == "bf16"
 
@@ -293,3 +336,68 @@ def test_caption_images_uses_its_prompt_as_the_instruction(llama, monkeypatch):
     expected = image_features(llama.model, llama.processor, IMAGES)  # recorded instruction: PROMPT
     torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=0)
     assert (image_features(bare.model, bare.processor, IMAGES) - expected).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("which", ["llama", "t5"])
+def test_static_cache_gives_the_same_captions(which, request):
+    """``eval.static_cache`` preallocates HF generate's KV cache (LLaMA and T5 caption through HF
+    generate); the captions are the dynamic cache's, token for token."""
+    from dataclasses import replace
+
+    loaded = _load(request.getfixturevalue(f"tiny_instructblip{'_t5' if which == 't5' else ''}_dir"))
+    model, proc = loaded.model, loaded.processor
+    tok = proc.tokenizer
+    with torch.no_grad():  # the random T5 prefers <pad> everywhere; words make the comparison telling
+        model.language_model.lm_head.weight[tok.pad_token_id] = 0
+    feats = image_features(model, proc, IMAGES)
+    ecfg = EvalConfig(batch_size=2, max_new_tokens=8, min_new_tokens=3)
+    dynamic = caption_features(model, tok, feats, ecfg, PROMPT)
+    static = caption_features(model, tok, feats, replace(ecfg, static_cache=True), PROMPT)
+    assert static == dynamic and all(dynamic)
+    from captune.ops.generation import generation_kwargs
+
+    assert generation_kwargs(replace(ecfg, static_cache=True), tok)["cache_implementation"] == "static"
+    assert "cache_implementation" not in generation_kwargs(ecfg, tok)
+
+
+def test_t5_says_it_trains_unpacked(tiny_instructblip_t5_dir):
+    """train.pack is on by default; an encoder-decoder (T5) cannot share a decoder prefix, so
+    training says it runs unpacked instead of silently ignoring the setting."""
+    from captune.config import Config
+    from captune.data.prepare import Example
+    from captune.model.lora import attach_lora
+    from captune.training import train
+
+    loaded = _load(tiny_instructblip_t5_dir)
+    cfg = Config()
+    cfg.model.prompt = PROMPT
+    cfg.train.max_steps, cfg.train.validate_every, cfg.train.select, cfg.train.batch_size = 1, 0, "last", 4
+    assert cfg.train.pack and cfg.data.train_captions == "all"
+    said = []
+    pairs = enumerate(zip(IMAGES, CAPTIONS, strict=True))
+    examples = [Example(str(i), img, [c, c + " again"]) for i, (img, c) in pairs]
+    train(attach_lora(loaded.model, cfg.lora), loaded.processor, examples, [], cfg, log=said.append)
+    assert any("packing: off, a t5 language model trains unpacked" in line for line in said), said
+
+
+def test_preflight_target_check_builds_the_instructblip_class(tiny_instructblip_dir, monkeypatch):
+    """``check_targets`` (before any work) builds the checkpoint's own class on the meta device, not
+    a BLIP-2 from an InstructBLIP config (which warned on every InstructBLIP run), and names LLaMA's
+    layers when a target is missing."""
+    from captune.errors import UserError
+    from captune.model import architectures
+    from captune.model.lora import check_targets
+
+    built = []
+    real = architectures.model_class
+
+    def spy(config):
+        built.append(real(config).__name__)
+        return real(config)
+
+    monkeypatch.setattr(architectures, "model_class", spy)
+    cfg = ModelConfig(name_or_path=str(tiny_instructblip_dir))
+    check_targets(cfg, LoraConfig(target_modules="all-linear"))
+    assert built == ["InstructBlipForConditionalGeneration"]
+    with pytest.raises(UserError, match="its linear layers are named: down_proj, gate_proj"):
+        check_targets(cfg, LoraConfig(target_modules=["out_proj"]))

@@ -75,28 +75,74 @@ def synthetic_captions(n: int, seed: int = 0, per_image: int = 5) -> list[list[s
     return [[" ".join(rng.choice(WORDS, size=int(rng.integers(8, 12)))) for _ in range(per_image)] for _ in range(n)]
 
 
-def build_tokenizer(vocab_size: int, image_token_index: int, seq2seq: bool = False):
-    """A word-level tokenizer whose ids cover the model's whole vocabulary, with OPT's specials in
-    place (BOS = EOS = </s> before the text) or T5's (pad 0, </s> 1 after the text, no BOS)."""
-    from captune.demo.tokenizer import OPT_SPECIALS, word_tokenizer
+# Words the InstructBLIP benchmark's instruction and planted captions use, beside ``WORDS``.
+INSTRUCT_WORDS = ["short", "image", "caption", ":", "yellow", "brown", "grey", "number", "photo"]
 
+
+def build_tokenizer(vocab_size: int, image_token_index: int, seq2seq: bool = False, llama: bool = False):
+    """A word-level tokenizer whose ids cover the model's whole vocabulary, with OPT's specials in
+    place (BOS = EOS = </s> before the text), T5's (pad 0, </s> 1 after the text, no BOS) or
+    LLaMA's (<unk> 0, <s> 1 before the text, </s> 2 not appended, [PAD] after the 32,000 ids)."""
+    from captune.demo.tokenizer import LLAMA_SPECIALS, OPT_SPECIALS, word_tokenizer
+
+    words = WORDS + INSTRUCT_WORDS  # appended: the ids of WORDS stay those of earlier benchmarks
+    if llama:  # [PAD] takes the id before <image>, as in Vicuna's InstructBLIP vocabulary
+        tok = word_tokenizer(words, specials=LLAMA_SPECIALS, size=image_token_index - 1, max_length=512, llama=True)
+        return tok, vocab_size
     specials = ("<pad>", "</s>", "<unk>") if seq2seq else OPT_SPECIALS
-    tok = word_tokenizer(WORDS, seq2seq=seq2seq, specials=specials, size=image_token_index, max_length=512)
+    tok = word_tokenizer(words, seq2seq=seq2seq, specials=specials, size=image_token_index, max_length=512)
     return tok, vocab_size
 
 
+def qformer_tokenizer(vocab_size: int, words: tuple[str, ...] = tuple(WORDS + INSTRUCT_WORDS)):
+    """BERT-style, as InstructBLIP's Q-Former tokenizer (``bert-base-uncased`` ids: [PAD] 0, [UNK] 100,
+    [CLS] 101, [SEP] 102, [MASK] 103), word-level over ``words``, ``vocab_size`` ids in all."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, **{f"[unused{i}]": i for i in range(1, 100)}}
+    vocab.update({"[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103})
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    while len(vocab) < vocab_size:
+        vocab[f"[unused{len(vocab)}]"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 101), ("[SEP]", 102)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
+
+
 def build_processor(cfg):
-    from transformers import Blip2Processor, BlipImageProcessor
+    """A processor for ``cfg`` built locally: ``Blip2Processor``, or for InstructBLIP an
+    ``InstructBlipProcessor`` with its BERT-style Q-Former tokenizer (LLaMA's conventions for Vicuna)."""
+    from transformers import Blip2Processor, BlipImageProcessor, InstructBlipProcessor
 
     seq2seq = not cfg.use_decoder_only_language_model
-    tokenizer, vocab_size = build_tokenizer(cfg.text_config.vocab_size, cfg.image_token_index, seq2seq)
+    instruct = cfg.model_type == "instructblip"
+    llama = instruct and cfg.text_config.model_type == "llama"
+    tokenizer, vocab_size = build_tokenizer(cfg.text_config.vocab_size, cfg.image_token_index, seq2seq, llama)
     image_processor = BlipImageProcessor(
         size={"height": 224, "width": 224},
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
         do_convert_rgb=True,
     )
-    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=cfg.num_query_tokens)
+    if instruct:
+        qformer = qformer_tokenizer(cfg.qformer_config.vocab_size)
+        processor = InstructBlipProcessor(image_processor, tokenizer, qformer, num_query_tokens=cfg.num_query_tokens)
+    else:
+        processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=cfg.num_query_tokens)
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == cfg.image_token_index
     extra = vocab_size - len(processor.tokenizer)
     if extra > 0:  # ids past <image> exist in the model; give them names so any id decodes

@@ -332,7 +332,8 @@ def cmd_merge(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise UserError(f"--out {out} already exists and is not empty; add --force to replace it, or choose another")
     out = merge(Path(args.run), _run_config(Path(args.run), "merge"), out)
-    _log(f"merged model written to {out} (load it with Blip2ForConditionalGeneration.from_pretrained)")
+    kind = json.loads((out / "config.json").read_text()).get("architectures", ["Blip2ForConditionalGeneration"])[0]
+    _log(f"merged model written to {out} (load it with {kind}.from_pretrained)")
     return 0
 
 

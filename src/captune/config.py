@@ -172,7 +172,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many checkpoints to keep."""
     pack: bool = True
-    """With data.train_captions=all, run each image's prefix once for all its captions (OPT; exact)."""
+    """With data.train_captions=all, run each image's prefix once for all its captions (OPT, LLaMA; exact)."""
     trackers: list[str] = field(default_factory=list)
     """Also log to these accelerate trackers (tensorboard, wandb, mlflow, ...); files go to RUN/logs."""
     distributed: Literal["auto", "ddp", "fsdp", "zero2", "zero3"] = "auto"
@@ -292,6 +292,8 @@ class EvalConfig:
     """Score at most this many images of the split (0 = all)."""
     fast: bool = True
     """Greedy OPT captioning through the static-cache decoder (CUDA graphs on GPU); false = HF generate."""
+    static_cache: bool = False
+    """HF generate (LLaMA, T5, beam search, eval.fast=false) with a static KV cache instead of a growing one."""
     bootstrap: int = 1000
     """Bootstrap resamples for intervals and paired tests (0 = off)."""
     seed: int = 0

@@ -28,6 +28,8 @@ PROCESSOR_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+# InstructBlipProcessor saves its Q-Former (BERT-style) tokenizer in a folder of its own.
+PROCESSOR_SUBFOLDERS = ("qformer_tokenizer",)
 
 
 def get_token() -> str:
@@ -137,6 +139,17 @@ def _eval_results(cfg: Config, comparison: dict | None) -> list:
     ]
 
 
+def is_instructblip_adapter(adapter: Path) -> bool:
+    """True when a run's adapter folder was saved with an InstructBLIP processor (its processor class)."""
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        try:
+            if json.loads((adapter / name).read_text()).get("processor_class") == "InstructBlipProcessor":
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
 def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -157,8 +170,10 @@ def model_card(
     *,
     license_id: str = "other",
     processor_in_repo: bool = True,
+    instruct: bool = False,
 ) -> str:
-    """README.md: Hub metadata (model-index with the test metrics), results, use, limits, loading."""
+    """README.md: Hub metadata (model-index with the test metrics), results, use, limits, loading.
+    ``instruct``: the base is an InstructBLIP (its classes in the snippet, the instruction explained)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from captune import summary
@@ -169,7 +184,7 @@ def model_card(
         pipeline_tag="image-to-text",
         license=license_id,
         datasets=_dataset_ids(cfg) or None,
-        tags=["image-captioning", "blip-2", "lora", "peft", "captune"],
+        tags=["image-captioning", "instructblip" if instruct else "blip-2", "lora", "peft", "captune"],
         model_name=repo_id.split("/")[-1],
         eval_results=_eval_results(cfg, comparison) or None,
     )
@@ -195,11 +210,12 @@ def model_card(
             markdown_table(comparison),
             "",
         ]
-    lines += _card_body(cfg, comparison, repo_id, base_model, processor_in_repo)
+    lines += _card_body(cfg, comparison, repo_id, base_model, processor_in_repo, instruct)
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)))
 
 
-def _card_body(cfg: Config, comparison: dict | None, repo_id: str, base: str | None, own_processor: bool) -> list[str]:
+def _card_body(cfg: Config, comparison: dict | None, repo_id: str, base: str | None, own_processor: bool,
+               instruct: bool = False) -> list[str]:  # fmt: skip
     from captune.summary import public_source
 
     e = cfg.eval
@@ -230,6 +246,15 @@ def _card_body(cfg: Config, comparison: dict | None, repo_id: str, base: str | N
         f"repetition_penalty {e.repetition_penalty:g}, length_penalty {e.length_penalty:g}"
         + (f", prompt `{cfg.model.prompt}` (removed from the output)" if cfg.model.prompt else ""),
         "",
+        *(
+            [
+                "InstructBLIP's Q-Former reads the prompt beside the image, so the image features depend on it: "
+                "the adapter was trained and scored with this prompt; give the same one when captioning.",
+                "",
+            ]
+            if instruct
+            else []
+        ),
         "## Framework versions",
         "",
         _versions(),
@@ -238,23 +263,29 @@ def _card_body(cfg: Config, comparison: dict | None, repo_id: str, base: str | N
     if base is None:
         return lines
     processor = repo_id if own_processor else base
+    model_cls, proc_cls = (
+        ("InstructBlipForConditionalGeneration", "InstructBlipProcessor")
+        if instruct
+        else ("Blip2ForConditionalGeneration", "Blip2Processor")
+    )
+    flag = f' --prompt "{cfg.model.prompt}"' if cfg.model.prompt else ""
     return lines + [
         "## How to load it",
         "",
         "```python",
         "from peft import PeftModel",
         "from PIL import Image",
-        "from transformers import Blip2ForConditionalGeneration, Blip2Processor",
+        f"from transformers import {model_cls}, {proc_cls}",
         "",
-        f'base = Blip2ForConditionalGeneration.from_pretrained("{base}")',
+        f'base = {model_cls}.from_pretrained("{base}")',
         f'model = PeftModel.from_pretrained(base, "{repo_id}").eval()',
-        f'processor = Blip2Processor.from_pretrained("{processor}")',
+        f'processor = {proc_cls}.from_pretrained("{processor}")',
         f'inputs = processor(images=Image.open("photo.jpg"){prompt}, return_tensors="pt")',
         f"out = model.generate(**inputs, num_beams={e.num_beams}, max_new_tokens={e.max_new_tokens})",
         "print(processor.batch_decode(out, skip_special_tokens=True))",
         "```",
         "",
-        f"Or with captune: `captune caption photo.jpg --model {base} --adapter {repo_id}`.",
+        f"Or with captune: `captune caption photo.jpg --model {base} --adapter {repo_id}{flag}`.",
         "",
     ]
 
@@ -295,6 +326,11 @@ def stage_upload(
         for name in ADAPTER_FILES + PROCESSOR_FILES:
             if (adapter / name).is_file():
                 shutil.copy2(adapter / name, tmp / name)
+        for sub in PROCESSOR_SUBFOLDERS:
+            for name in PROCESSOR_FILES:
+                if (adapter / sub / name).is_file():
+                    (tmp / sub).mkdir(exist_ok=True)
+                    shutil.copy2(adapter / sub / name, tmp / sub / name)
         config = json.loads((tmp / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = base_model
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
@@ -302,7 +338,8 @@ def stage_upload(
         if comparison:
             (tmp / "comparison.json").write_text(json.dumps(comparison, indent=2))
         own_processor = (tmp / "preprocessor_config.json").is_file() or (tmp / "processor_config.json").is_file()
-        card = model_card(cfg, comparison, repo_id, base_model, license_id=license_id, processor_in_repo=own_processor)
+        card = model_card(cfg, comparison, repo_id, base_model, license_id=license_id, processor_in_repo=own_processor,
+                          instruct=is_instructblip_adapter(adapter))  # fmt: skip
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return out
 

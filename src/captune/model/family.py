@@ -31,13 +31,16 @@ def opt_decoder(lm):
 
 
 def can_pack(lm) -> bool:
-    """Shared-prefix packing is exact for OPT decoders (learned absolute positions)."""
-    return opt_decoder(lm) is not None and hasattr(lm, "lm_head")
+    """Shared-prefix packing is exact for OPT decoders (learned absolute positions, captune's layer
+    loop) and LLaMA decoders (rotary positions from position ids, the model's own forward)."""
+    if not hasattr(lm, "lm_head"):
+        return False
+    return opt_decoder(lm) is not None or getattr(lm.config, "model_type", "") == "llama"
 
 
 def can_fast_decode(lm) -> bool:
     """The static-cache greedy decoder runs OPT decoders with plain floating-point projections
     (not 8-bit/4-bit layers)."""
-    if not can_pack(lm):
+    if opt_decoder(lm) is None or not hasattr(lm, "lm_head"):
         return False
     return all(layer.self_attn.v_proj.weight.dtype.is_floating_point for layer in opt_decoder(lm).layers)

@@ -129,11 +129,15 @@ def check_targets(model_cfg: ModelConfig, lora: LoraConfig) -> None:
     config_file = _local_config(model_cfg)
     if config_file is None:
         return
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    from transformers import AutoConfig
 
-    config = Blip2Config.from_pretrained(config_file.parent)
+    from captune.model import architectures
+
+    config = AutoConfig.from_pretrained(config_file.parent)  # BLIP-2 or InstructBLIP, by model_type
+    if config.model_type not in ("blip-2", "instructblip"):
+        return  # the loader names what it is
     with torch.device("meta"):
-        model = Blip2ForConditionalGeneration(config)
+        model = architectures.model_class(config)(config)
     _present_targets(model, lora)
 
 

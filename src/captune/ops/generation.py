@@ -32,6 +32,8 @@ def generation_kwargs(cfg: EvalConfig, tokenizer) -> dict:
     }
     if cfg.num_beams > 1:
         kwargs["length_penalty"] = cfg.length_penalty
+    if cfg.static_cache:  # the same tokens, preallocated: bench/instructblip_gpu.py times both
+        kwargs["cache_implementation"] = "static"
     return kwargs
 
 

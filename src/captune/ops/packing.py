@@ -7,7 +7,11 @@ sit after it in separate slots that see the prefix and their own earlier tokens 
 at the positions they would have had alone. The loss and its gradient equal those of
 the five pairs run separately (a test compares them), for about 40% of the tokens.
 
-Only OPT-style decoders are packed; other language models use ``features.lm_loss``.
+OPT decoders (learned absolute positions) run through captune's own layer loop; LLaMA decoders
+(rotary positions) through their own forward, given the packed mask and each slot's position ids:
+rotary attention depends only on the positions, so a caption placed after the shared prefix at
+the positions it has alone attends exactly as alone (a test compares loss and gradients). Other
+language models (T5) use ``ops.lm.lm_loss``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from captune.model.family import opt_decoder
 from captune.ops.batching import IGNORE, encode_texts, training_text
 from captune.ops.lm import unwrap
 
@@ -104,6 +109,8 @@ def packed_loss(model, features: torch.Tensor, batch: PackedBatch) -> torch.Tens
     """Mean next-token loss over every labelled caption token of the packed batch."""
     blip = unwrap(model)
     lm = blip.language_model
+    if opt_decoder(lm) is None:
+        return _packed_loss_rotary(lm, features, batch)
     dec = lm.model.decoder
     g, k, t = batch.ids.shape
     q = features.size(1)
@@ -128,6 +135,27 @@ def packed_loss(model, features: torch.Tensor, batch: PackedBatch) -> torch.Tens
     if dec.project_out is not None:
         text = dec.project_out(text)
     logits = lm.lm_head(text).float()
+    return F.cross_entropy(logits, batch.targets)
+
+
+def _packed_loss_rotary(lm, features: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """``packed_loss`` for a LLaMA decoder: its own forward over the packed sequence, with the packed
+    mask (additive, 4-D: HF uses it as given) and position ids restarting after the prefix in every
+    slot, as in ``ops.lm.lm_loss``'s right-padded rows."""
+    g, k, t = batch.ids.shape
+    q = features.size(1)
+    tok = lm.get_input_embeddings()(batch.ids.view(g, k * t))
+    hidden = torch.cat([features.to(tok.dtype), tok], dim=1)
+    dev = hidden.device
+    positions = torch.cat([torch.arange(q, device=dev), q + torch.arange(t, device=dev).repeat(k)])
+    mask = _attention_mask(q, batch.mask)
+    additive = torch.zeros(mask.shape, dtype=hidden.dtype, device=dev).masked_fill(~mask, torch.finfo(hidden.dtype).min)
+    with sdpa_without_cudnn():
+        out = lm.model(
+            inputs_embeds=hidden, attention_mask=additive, position_ids=positions.expand(g, -1), use_cache=False
+        )
+    text = out.last_hidden_state[:, q:].reshape(g, k, t, -1)[:, :, :-1].reshape(g * k * (t - 1), -1)
+    logits = lm.lm_head(text.index_select(0, batch.keep)).float()
     return F.cross_entropy(logits, batch.targets)
 
 

@@ -26,7 +26,7 @@ from captune import launch
 from captune.config import Config
 from captune.data.prepare import Example
 from captune.distributed import all_agree, world
-from captune.model.family import can_pack
+from captune.model.family import can_pack, language_family
 from captune.model.lora import adapter_touches_vision
 from captune.model.lora_compute import use_16bit_compute
 from captune.ops.features import image_features
@@ -166,6 +166,10 @@ class Trainer:
         self.plan = Plan.make(train_ex, self.cfg.train, self.cfg.data.train_captions, self.packed)
         if self.plan.packed:
             self.say(f"  packing: each image's prefix shared by its {sum(len(e.captions) for e in train_ex)} captions")
+        elif self.cfg.train.pack and self.cfg.data.train_captions == "all":
+            family = language_family(self.blip)
+            self.say(f"  packing: off, a {family} language model trains unpacked (shared-prefix packing is exact "
+                     "for OPT's learned positions only; the same loss, each caption with its own prefix)")  # fmt: skip
 
     def _setup_position(self) -> None:
         self.checkpointer = Checkpointer(self.inputs.checkpoint_dir, self.cfg.train.keep_checkpoints,
