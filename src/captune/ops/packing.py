@@ -127,7 +127,7 @@ def packed_loss(model, features: torch.Tensor, batch: PackedBatch) -> torch.Tens
         if _is_sharded(dec.layers[0]):  # FSDP units gather their weights in their own forward
             hidden = _layer_forwards(dec, hidden, mask)
         else:
-            hidden = _layers(dec, hidden, mask, lm.config, model.training, layout=(q, k, t))
+            hidden = _layers(dec, hidden, mask, lm.config, model.training)
     text = hidden[:, q:].reshape(g, k, t, -1)[:, :, :-1].reshape(g * k * (t - 1), -1)
     text = text.index_select(0, batch.keep)
     if dec.final_layer_norm is not None:
@@ -170,42 +170,7 @@ def _layer_forwards(dec, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return hidden
 
 
-def split_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, layout: tuple[int, int, int]) -> torch.Tensor:
-    """Packed attention as two dense causal calls, with no (L x L) mask: the prefix over itself, and
-    each slot over [prefix; its own tokens] with the causal diagonal at the lower right.
-
-    ``qs``/``ks``/``vs`` (G, H, P + K*T, D), queries already scaled. Equal to SDPA under
-    ``_attention_mask`` at every real query position when slots are right-padded (a real token
-    sees no pad under causality; pad rows differ, and no loss or real position reads them).
-    On a GPU both calls take the flash kernel, which takes no arbitrary mask; the masked call
-    spent ~11% of the packed step's GPU time on an H200 (bench/results/2026-12-01-h200-speed-probe.json).
-    """
-    from torch.nn.attention.bias import causal_lower_right
-
-    p, k, t = layout
-    g, h, _, d = qs.shape
-    prefix = F.scaled_dot_product_attention(qs[:, :, :p], ks[:, :, :p], vs[:, :, :p], is_causal=True, scale=1.0)
-
-    def slots(x: torch.Tensor) -> torch.Tensor:  # (G, H, K*T, D) -> (G*K, H, T, D)
-        return x[:, :, p:].reshape(g, h, k, t, d).transpose(1, 2).reshape(g * k, h, t, d)
-
-    def keys(x: torch.Tensor) -> torch.Tensor:  # each slot's keys: the prefix's, then its own
-        shared = x[:, :, :p].unsqueeze(1).expand(g, k, h, p, d).reshape(g * k, h, p, d)
-        return torch.cat([shared, slots(x)], dim=2)
-
-    bias = causal_lower_right(t, p + t)
-    out = F.scaled_dot_product_attention(slots(qs), keys(ks), keys(vs), attn_mask=bias, scale=1.0)
-    out = out.reshape(g, k, h, t, d).transpose(1, 2).reshape(g, h, k * t, d)
-    return torch.cat([prefix, out], dim=2)
-
-
-def _use_split(hidden: torch.Tensor, layout, dropout: float) -> bool:
-    """The split attention on a GPU when no attention dropout is drawn; the masked call elsewhere (the
-    CPU keeps its arithmetic, and with it the golden values)."""
-    return layout is not None and hidden.is_cuda and dropout == 0.0
-
-
-def _layers(dec, hidden: torch.Tensor, mask: torch.Tensor, config, training: bool, layout=None) -> torch.Tensor:
+def _layers(dec, hidden: torch.Tensor, mask: torch.Tensor, config, training: bool) -> torch.Tensor:
     heads = config.num_attention_heads
     head_dim = config.hidden_size // heads
     pre_norm = config.do_layer_norm_before
@@ -217,11 +182,9 @@ def _layers(dec, hidden: torch.Tensor, mask: torch.Tensor, config, training: boo
         qs = (attn.q_proj(h) * attn.scaling).view(b, length, heads, head_dim).transpose(1, 2)
         ks = attn.k_proj(h).view(b, length, heads, head_dim).transpose(1, 2)
         vs = attn.v_proj(h).view(b, length, heads, head_dim).transpose(1, 2)
-        drop = attn.dropout if training else 0.0
-        if _use_split(hidden, layout, drop):
-            a = split_attention(qs, ks, vs, layout)
-        else:
-            a = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=1.0, dropout_p=drop)
+        a = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, scale=1.0, dropout_p=attn.dropout if training else 0.0
+        )
         a = attn.out_proj(a.transpose(1, 2).reshape(b, length, heads * head_dim))
         hidden = residual + F.dropout(a, p=layer.dropout, training=training)
         if not pre_norm:
