@@ -38,7 +38,7 @@ from captune.data.pairs import rank_share
 from captune.distributed import all_mean, world
 from captune.errors import UserError
 from captune.evaluation.cider import CiderD
-from captune.model.family import is_encoder_decoder
+from captune.model.family import can_pack, is_encoder_decoder
 from captune.model.lora import adapter_touches_vision
 from captune.ops.batching import generation_prompt
 from captune.ops.features import image_features
@@ -68,14 +68,14 @@ class ScstResult:
 class PolicyLoss(torch.nn.Module):
     """The SCST loss as a module, so that DDP's hooks average the LoRA gradients."""
 
-    def __init__(self, model, rl):
+    def __init__(self, model, rl, pack: bool):
         super().__init__()
-        self.model, self.rl = model, rl
+        self.model, self.rl, self.pack = model, rl, pack
 
     def forward(self, feats, ids, attn, tokens, mask, adv, start_logprobs=None):
         rl = self.rl
         token = sequence_logprobs(self.model, feats, ids, attn, tokens, mask, entropy=rl.entropy_coef > 0,
-                                  spec=sampler_spec(rl))  # fmt: skip
+                                  spec=sampler_spec(rl), pack=self.pack)  # fmt: skip
         kl = kl_to_start(token.logprobs, start_logprobs, mask) if start_logprobs is not None else None
         return policy_loss(token, mask, adv, normalize=rl.normalize, entropy_coef=rl.entropy_coef,
                            kl=kl, kl_coef=rl.kl_coef)  # fmt: skip
@@ -121,7 +121,9 @@ class ScstTrainer:
             self.model, train_cfg=cfg.train, world=self.world, dtype=self.blip.dtype, device=self.device,
             vision_trains=False, quantized=cfg.model.quantization != "none", log=self.say,
         )  # fmt: skip
-        loss_module = PolicyLoss(self.model, rl)
+        # train.pack: each image's prefix shared by its samples (ops/scst.py), where the model allows
+        self.pack = cfg.train.pack and can_pack(self.blip.language_model) and not is_encoder_decoder(self.blip)
+        loss_module = PolicyLoss(self.model, rl, self.pack)
         self.engine.prepare(loss_module, self.blip)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=rl.lr, weight_decay=0.0, fused=self.device.type == "cuda")
@@ -142,7 +144,7 @@ class ScstTrainer:
         self.log = TrainLog(path=self.inputs.log_path, history=self.history, train_cfg=tcfg, config=cfg.to_dict(),
                             total_steps=self.total_steps, position=self.position, say=self.say,
                             main=self.world.is_main)  # fmt: skip
-        self.module = self.engine.wrap(loss_module, packed=False)
+        self.module = self.engine.wrap(loss_module, packed=self.pack)
         self.scorer = CiderD([e.captions for e in self.inputs.train_examples])
         # the validator reads train.select: SCST's selection is rl.select
         vcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select=rl.select))
@@ -277,7 +279,7 @@ class ScstTrainer:
         self.engine.load_trainable(self.start_state)
         try:
             return sequence_logprobs(self.model, feats, ids, attn, samples.tokens, samples.mask,
-                                     spec=self.spec).logprobs  # fmt: skip
+                                     spec=self.spec, pack=self.pack).logprobs  # fmt: skip
         finally:
             self.engine.load_trainable(current)
 
