@@ -12,7 +12,8 @@ gradient is then that of the very policy that sampled the captions (on-policy RE
 dropout would score them under a randomly thinned policy), a resume or a second process
 repeats it exactly, and the fast sampler's CUDA graph captures the modules as they are.
 
-The loop reuses the cross-entropy trainer's parts: the engine (one process or DDP), the
+The loop reuses the cross-entropy trainer's parts (``trainer.LoopParts``: features, resume
+position, checkpoints, the best adapter at the end): the engine (one process or DDP), the
 checkpointer (its own folder; exact resume), the validator (greedy captions, CIDEr; the
 best adapter is kept, the starting one included) and the log (rows of type ``scst``).
 The sampling generator is seeded afresh each step from (rl.seed, step, rank), so a
@@ -41,15 +42,13 @@ from captune.evaluation.cider import CiderD
 from captune.model.family import can_pack, is_encoder_decoder
 from captune.model.lora import adapter_touches_vision
 from captune.ops.batching import generation_prompt
-from captune.ops.features import image_features
 from captune.ops.lm import unwrap
 from captune.ops.sampling import SamplingSpec, sample_captions
 from captune.ops.scst import advantages, baseline, kl_to_start, policy_loss, sequence_logprobs
-from captune.training.checkpoint import Checkpointer, Position
 from captune.training.engines import make_engine
 from captune.training.progress import TrainLog, _quiet, eta
 from captune.training.steps import token_weight
-from captune.training.trainer import TrainInputs
+from captune.training.trainer import LoopParts, TrainInputs
 from captune.training.validation import Selection, Validator
 
 SUPPORTED_ENGINES = ("single", "ddp")
@@ -94,8 +93,11 @@ def check_scst_engine(cfg: Config, distributed: bool) -> None:
         raise UserError(f"rl (SCST) runs on one process or under DDP, not {kind}; set train.distributed=ddp")
 
 
-class ScstTrainer:
+class ScstTrainer(LoopParts):
     """Trains the LoRA parameters of ``model`` (a PEFT model) in place with SCST; keeps the best ones."""
+
+    what = "SCST "
+    vision_trains = False  # setup refuses adapters on the Q-Former: the features are fixed
 
     def __init__(self, model, processor, cfg: Config, inputs: TrainInputs, log: Callable[[str], None] = print):
         self.model, self.processor, self.cfg, self.inputs = model, processor, cfg, inputs
@@ -137,6 +139,7 @@ class ScstTrainer:
 
         self.scheduler = get_scheduler("constant_with_warmup", self.optimizer, num_warmup_steps=rl.warmup_steps,
                                        num_training_steps=self.total_steps)  # fmt: skip
+        self.plan = SimpleNamespace(batch_size=rl.batch_size, grad_accum=1)  # what a checkpoint records
         self.start_state = self.engine.snapshot()  # the cross-entropy adapter (the KL penalty's reference)
         self.selection = Selection(rl.select, self.engine.snapshot())
         self._setup_position()
@@ -157,28 +160,6 @@ class ScstTrainer:
         self.generator = torch.Generator(device=self.device)
         self.running: list[dict] = []
         return self
-
-    def _setup_features(self) -> None:
-        self.model.eval()
-        feature_fn = self.inputs.feature_fn
-        if feature_fn is None:
-            bs = self.cfg.eval.batch_size
-
-            def feature_fn(images):
-                return image_features(self.model, self.processor, images, batch_size=bs, device=self.device)
-
-        train_ex, val_ex = self.inputs.train_examples, self.inputs.val_examples
-        self.train_feats = feature_fn([e.image for e in train_ex])
-        self.val_feats = feature_fn([e.image for e in val_ex]) if val_ex else None
-
-    def _setup_position(self) -> None:
-        self.checkpointer = Checkpointer(self.inputs.checkpoint_dir, self.cfg.train.keep_checkpoints,
-                                         main=self.world.is_main)  # fmt: skip
-        self.position, self.history = Position(epoch_rng=self.rng.getstate()), []
-        self.restored = self.checkpointer.restore(self.engine, self.scheduler, self.selection, self.device)
-        if self.restored is not None:
-            self.position, self.history, folder = self.restored
-            self.say(f"  resuming SCST from {folder.name} (epoch {self.position.epoch}, step {self.position.step})")
 
     # ------------------------------------------------------------------ the loop
 
@@ -215,7 +196,7 @@ class ScstTrainer:
             if pos.step >= self.total_steps:
                 break
             if rl.checkpoint_every and pos.step % rl.checkpoint_every == 0 and i + 1 < len(chunks):
-                self._checkpoint(epoch, i + 1, pos.epoch_rng)
+                self.checkpoint(epoch, i + 1, pos.epoch_rng)
 
     def _end_epoch(self, epoch: int) -> bool:
         pos, rl = self.position, self.rl
@@ -224,7 +205,7 @@ class ScstTrainer:
         if (due or last) and self.validator.has_data:
             self.validator.validate(epoch, pos.step)
         pos.next_micro, pos.epoch_rng = 0, self.rng.getstate()
-        self._checkpoint(epoch + 1, 0, pos.epoch_rng)
+        self.checkpoint(epoch + 1, 0, pos.epoch_rng)
         return last
 
     def step(self, chunk: list[int], step: int) -> dict:
@@ -307,29 +288,11 @@ class ScstTrainer:
                                     f"adv std {row['advantage_std']:.4f} length {row['caption_length']:.1f} "
                                     f"{row['images_per_s']:.0f} images/s ETA {left}")  # fmt: skip
 
-    def _checkpoint(self, epoch: int, next_micro: int, epoch_rng) -> None:
-        if self.checkpointer.root is None:
-            return
-        self.validator.settle()
-        at = Position(self.position.step, self.position.seen, epoch, next_micro, epoch_rng)
-        plan = SimpleNamespace(batch_size=self.rl.batch_size, grad_accum=1)
-        self.checkpointer.save(self.engine, self.scheduler, self.selection, self.history, at, plan)
-
     def finish(self) -> ScstResult:
-        sel, pos = self.selection, self.position
-        if sel.chosen:
-            self.engine.load_trainable(sel.best_state)
-            self.say(f"  kept the SCST adapter from step {sel.best_step} (best validation CIDEr)")
-        self.model.eval()
-        elapsed = time.perf_counter() - self.log.started
-        return ScstResult(
-            steps=pos.step,
-            best_step=sel.best_step if sel.chosen else pos.step,
-            best=sel.best,
-            history=self.history,
-            images_per_s=(pos.seen - self.log.first_seen) / max(elapsed, 1e-9),
-            seconds=time.perf_counter() - self.started,
-        )
+        best_step, rate = self._keep_best("best validation CIDEr")
+        return ScstResult(steps=self.position.step, best_step=best_step, best=self.selection.best,
+                          history=self.history, images_per_s=rate,
+                          seconds=time.perf_counter() - self.started)  # fmt: skip
 
 
 def train_scst(model, processor, train_examples: list, val_examples: list, cfg: Config, *,
