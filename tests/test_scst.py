@@ -323,3 +323,28 @@ def test_no_vocabulary_sized_tensor_is_kept_for_the_backward(tiny_model_dir, pac
     assert saved and not [s for s in saved if vocab in s]
     out.logprobs.sum().backward()  # and the recomputation gives gradients
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.slow  # ~30 s: two subprocesses
+@pytest.mark.parametrize("flag, path", [([], "packed"), (["--no-pack"], "unpacked")])
+def test_the_scst_step_benchmark_runs_tiny_on_the_cpu(tmp_path, flag, path):
+    """bench/scst_step.py --tiny: the GPU benchmark's step on the CPU demo model, each size timed, the
+    log-prob path it ran recorded."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "scst.json"
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(root / "bench" / "scst_step.py"), "--tiny", *flag, "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["images_per_step"] for r in result["runs"]] == [2, 4]
+    for run in result["runs"]:
+        assert run["logprob_path"] == path and run["scst_images_per_s"] > 0
+        assert set(run["median_s"]) == {"sample", "reward", "backward", "step"}
+    assert result["scst_images_per_s"] == max(r["scst_images_per_s"] for r in result["runs"])
