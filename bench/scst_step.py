@@ -1,15 +1,18 @@
 """Benchmark (GPU): one SCST step from cached features, in images/s, with its parts timed.
 
 blip2-opt-2.7b with random weights (built from config), LoRA r 8 on q/k as the seed
-recipe, bf16. A step: sample K captions of exactly ``--tokens`` tokens per image
-(``ops.sampling``, static cache + CUDA graph), decode and score them with the reward
-CIDEr-D (``evaluation.cider``, corpus of ``--corpus`` synthetic images x 5 references),
-mean-of-others baseline, teacher-forced log-probs with gradient (``ops.scst``), backward
-and a fused AdamW step. The library's parts only: the training loop that will run them
-is not written yet. The cross-entropy training rate of ``captune bench`` (same process,
-same model) is measured first for comparison.
+recipe, bf16. A step is what ``training/scst.py`` does: sample K captions of exactly
+``--tokens`` tokens per image (``ops.sampling``, static cache + CUDA graph), decode and score
+them with the reward CIDEr-D (``evaluation.cider``, corpus of ``--corpus`` synthetic images x 5
+references), mean-of-others baseline, teacher-forced log-probs with gradient (``ops.scst``;
+packed, each image's prefix once with its K samples, unless ``--no-pack``), backward and a
+fused AdamW step, all in eval mode (no LoRA dropout) as the trainer runs it. Each
+``--images-per-step`` size is measured in turn; one that runs out of memory is recorded as
+such and the rest still run. The cross-entropy training rate of ``captune bench`` (same
+process, same model) is measured first for comparison.
 
-Usage: python bench/scst_step.py --out /root/out/scst-step.json
+Usage: python bench/scst_step.py --images-per-step 64 128 256 --out /root/out/scst-step.json
+       python bench/scst_step.py --tiny --out /tmp/scst-step-tiny.json   (CPU, the demo model)
 """
 
 from __future__ import annotations
@@ -25,37 +28,153 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import torch  # noqa: E402
+
+
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images-per-step", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--corpus", type=int, default=10000)
+    ap.add_argument("--skip-ce", action="store_true")
+    ap.add_argument("--no-pack", action="store_true", help="the unpacked log-prob forward (K copies of the prefix)")
+    ap.add_argument("--tiny", action="store_true", help="CPU, the built-in demo model, small sizes: a smoke test")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.tiny:
+        args.images_per_step = sorted({min(b, 4) for b in args.images_per_step} | {2})[:2]
+        args.steps, args.corpus, args.tokens, args.skip_ce = min(args.steps, 2), min(args.corpus, 200), 8, True
+    return args
+
+
+def _model(args):
+    """(model, processor, cfg, device): the random-weight blip2-opt-2.7b on the GPU, or the demo model."""
+    if args.tiny:
+        from captune.config import ModelConfig
+        from captune.model.load import load_model
+
+        loaded = load_model(ModelConfig(device="cpu", dtype="fp32"))
+        return loaded.model, loaded.processor, loaded.model.config, torch.device("cpu")
+    from captune.bench import build_model, build_processor
+
+    model, cfg = build_model("blip2-opt-2.7b", torch.bfloat16)
+    return model, build_processor(cfg), cfg, torch.device("cuda")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Stepper:
+    """One SCST step's parts on ``images`` images, as training/scst.py runs them, timed."""
+
+    def __init__(self, peft, tok, cfg, pool, scorer, args, images: int, device: torch.device):
+        from captune.ops.batching import generation_prompt
+        from captune.ops.sampling import SamplingSpec
+
+        self.peft, self.tok, self.pool, self.scorer, self.args = peft, tok, pool, scorer, args
+        self.b, self.device = images, device
+        prompt = generation_prompt(tok, images, num_query_tokens=cfg.num_query_tokens,
+                                   image_token_id=cfg.image_token_index)  # fmt: skip
+        self.ids, self.attn = prompt.input_ids.to(device), prompt.attention_mask.to(device)
+        self.spec = SamplingSpec(k=args.k, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+        self.decoders: dict = {}
+        self.gen = torch.Generator(device=device).manual_seed(1)
+        params = [p for p in peft.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+        self.times: dict[str, list[float]] = {"sample": [], "reward": [], "backward": [], "step": []}
+        self.stats: dict = {}
+
+    def step(self, i: int) -> None:
+        import numpy as np
+
+        from captune.ops.sampling import sample_captions
+        from captune.ops.scst import advantages, baseline, policy_loss, sequence_logprobs, statistics
+
+        b, k, dev = self.b, self.args.k, self.device
+        images = (torch.arange(b) + i * b) % self.args.corpus
+        feats = self.pool[(images % self.pool.size(0)).to(dev)]
+        _sync(dev)
+        t0 = time.perf_counter()
+        self.peft.eval()  # sampling and the gradient forward both in eval mode, as the trainer
+        samples = sample_captions(self.peft, self.tok, feats, self.spec, generator=self.gen, decoders=self.decoders)
+        t1 = time.perf_counter()  # decoding the captions waited for the GPU
+        r = self.scorer.score(samples.captions, np.repeat(images.numpy(), k))
+        rewards = torch.tensor(r, dtype=torch.float32).view(b, k).to(dev)
+        t2 = time.perf_counter()
+        base = baseline(rewards)
+        lp = sequence_logprobs(self.peft, feats, self.ids, self.attn, samples.tokens, samples.mask,
+                               pack=not self.args.no_pack)  # fmt: skip
+        policy_loss(lp, samples.mask, advantages(rewards, base)).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.stats = {n: round(float(v), 4) for n, v in statistics(rewards, base, samples.mask).items()}
+        _sync(dev)
+        t3 = time.perf_counter()
+        for name, d in (("sample", t1 - t0), ("reward", t2 - t1), ("backward", t3 - t2), ("step", t3 - t0)):
+            self.times[name].append(d)
+
+    def measure(self) -> dict:
+        from captune.ops.scst import packs_samples
+
+        for i in range(2):  # graph capture, allocator warm-up
+            self.step(i)
+        for v in self.times.values():
+            v.clear()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(2, 2 + self.args.steps):
+            self.step(i)
+        med = {n: statistics.median(v) for n, v in self.times.items()}
+        b, k = self.b, self.args.k
+        return {
+            "images_per_step": b,
+            "logprob_path": "packed" if not self.args.no_pack and packs_samples(self.peft, self.attn) else "unpacked",
+            "scst_images_per_s": round(b / med["step"], 1),
+            "scst_captions_per_s": round(b * k / med["step"], 1),
+            "median_s": {n: round(v, 4) for n, v in med.items()},
+            "reward_captions_per_s": round(b * k / max(med["reward"], 1e-9)),
+            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if self.device.type == "cuda" else None,
+            "stats_last_step": self.stats,
+        }
+
+
+def _measure_size(peft, tok, cfg, pool, scorer, args, images: int, device) -> dict:
+    """One size's figures, or a record that it ran out of memory (the next size still runs)."""
+    from captune.errors import is_out_of_memory
+
+    stepper = Stepper(peft, tok, cfg, pool, scorer, args, images, device)
+    try:
+        return stepper.measure()
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        return {"images_per_step": images, "out_of_memory": True}
+    finally:
+        stepper.peft.zero_grad(set_to_none=True)
+        del stepper
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
 
 def main() -> None:
-    import numpy as np
-    import torch
     import transformers
 
-    from captune.bench import build_model, build_processor, measure_captune_training, synthetic_captions
+    from captune.atomic import write_atomic
+    from captune.bench import measure_captune_training, synthetic_captions
     from captune.config import LoraConfig
     from captune.evaluation.cider import CiderD
     from captune.model.lora import attach_lora
-    from captune.ops.batching import generation_prompt
-    from captune.ops.sampling import SamplingSpec, sample_captions
-    from captune.ops.scst import advantages, baseline, policy_loss, sequence_logprobs
-    from captune.ops.scst import statistics as step_statistics
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images-per-step", type=int, default=256)
-    ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--corpus", type=int, default=10000)
-    ap.add_argument("--skip-ce", action="store_true")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    b, k = args.images_per_step, args.k
-    model, cfg = build_model("blip2-opt-2.7b", torch.bfloat16)
-    processor = build_processor(cfg)
+    args = _args()
+    model, processor, cfg, device = _model(args)
     tok = processor.tokenizer
     hidden = cfg.text_config.hidden_size
-    g = torch.Generator(device="cuda").manual_seed(0)
-    pool = torch.randn(1024, cfg.num_query_tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(0)
+    pool = torch.randn(1024, cfg.num_query_tokens, hidden, device=device, generator=g).to(model.dtype)
     result: dict = {}
     if not args.skip_ce:
         result.update(measure_captune_training(model, processor, pool[:256], images_per_step=52, text_tokens=12))
@@ -64,75 +183,37 @@ def main() -> None:
     index_s = time.perf_counter() - t0
     torch.manual_seed(0)
     peft = attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="seed"))
-    params = [p for p in peft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
-    prompt = generation_prompt(tok, b, num_query_tokens=cfg.num_query_tokens, image_token_id=cfg.image_token_index)
-    ids, attn = prompt.input_ids.cuda(), prompt.attention_mask.cuda()
-    spec = SamplingSpec(k=k, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
-    decoders: dict = {}
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    times: dict[str, list[float]] = {"sample": [], "reward": [], "backward": [], "step": []}
-    stats_log = []
+    from captune.model.lora_compute import use_16bit_compute
 
-    def step(i: int) -> None:
-        images = (torch.arange(b) + i * b) % args.corpus
-        feats = pool[images % pool.size(0)]
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        peft.eval()
-        samples = sample_captions(peft, tok, feats, spec, generator=gen, decoders=decoders)  # syncs (decode)
-        t1 = time.perf_counter()
-        r = scorer.score(samples.captions, np.repeat(images.numpy(), k))
-        rewards = torch.tensor(r, dtype=torch.float32).view(b, k).cuda()
-        t2 = time.perf_counter()
-        peft.train()
-        base = baseline(rewards)
-        lp = sequence_logprobs(peft, feats, ids, attn, samples.tokens, samples.mask)
-        policy_loss(lp, samples.mask, advantages(rewards, base)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        stats_log.append({n: round(float(v), 4) for n, v in step_statistics(rewards, base, samples.mask).items()})
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        for name, d in (("sample", t1 - t0), ("reward", t2 - t1), ("backward", t3 - t2), ("step", t3 - t0)):
-            times[name].append(d)
-
-    for i in range(2):  # graph capture, allocator warm-up
-        step(i)
-    for name in times:
-        times[name].clear()
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(2, 2 + args.steps):
-        step(i)
-    med = {n: statistics.median(v) for n, v in times.items()}
+    result["lora_16bit_layers"] = use_16bit_compute(peft)  # as the trainers do (lora.compute=auto)
+    runs = [_measure_size(peft, tok, cfg, pool, scorer, args, b, device) for b in args.images_per_step]
+    done = [r for r in runs if not r.get("out_of_memory")]
+    best = max(done, key=lambda r: r["scst_images_per_s"]) if done else {}
     result.update(
         {
             "what": "SCST step from cached features (sample K + CIDEr-D reward + teacher-forced backward + AdamW)",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": torch.cuda.get_device_name(),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
             "cpu": f"{platform.processor() or platform.machine()}",
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "architecture": "blip2-opt-2.7b (random weights, built from config), bf16, LoRA r 8 q/k",
+            "architecture": ("builtin:demo (CPU smoke test, fp32)" if args.tiny else
+                             "blip2-opt-2.7b (random weights, built from config), bf16") + ", LoRA r 8 q/k",
             "command": "python " + " ".join(sys.argv),
-            "images_per_step": b,
-            "k": k,
+            "k": args.k,
             "tokens_per_caption": args.tokens,
             "reward_corpus_images": args.corpus,
             "reward_index_build_s": round(index_s, 2),
-            "scst_images_per_s": round(b / med["step"], 1),
-            "scst_captions_per_s": round(b * k / med["step"], 1),
-            "median_s": {n: round(v, 4) for n, v in med.items()},
-            "reward_captions_per_s": round(b * k / med["reward"]),
-            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
-            "stats_last_step": stats_log[-1],
+            "runs": runs,
+            "best_images_per_step": best.get("images_per_step"),
+            "scst_images_per_s": best.get("scst_images_per_s"),
         }
-    )
+    )  # fmt: skip
     if "train_flat_samples_per_s" in result:
         result["ce_images_per_s_flat"] = round(result["train_flat_samples_per_s"] / 5, 1)
         result["ce_images_per_s_packed"] = round(result["train_packed_samples_per_s"] / 5, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

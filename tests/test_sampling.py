@@ -11,7 +11,7 @@ from captune.ops.fast_decode import SamplingOPT
 from captune.ops.features import image_features
 from captune.ops.generation import caption_features
 from captune.ops.lm import embed_with_features, unwrap
-from captune.ops.sampling import SamplingSpec, choose, sample_captions, sequence_mask
+from captune.ops.sampling import SamplingSpec, choose, draw, sample_captions, sequence_mask
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,25 @@ def test_samples_are_reproducible_masked_and_reuse_one_decoder(demo):
     assert slow.tokens.shape == a.tokens.shape  # the generate() path: same layout
 
 
+def _draws_equal_multinomial(device: str) -> None:
+    """``draw`` picks torch.multinomial's tokens from the same generator and leaves it in the same state."""
+    for seed in range(8):
+        for dtype in (torch.float32, torch.float64):
+            gen = torch.Generator(device=device).manual_seed(seed)
+            logits = torch.randn(9, 700, dtype=dtype, device=device, generator=gen) * 4
+            logits[:, 300:] = float("-inf")  # a cut distribution (top-k / top-p): zeros are never drawn
+            probs = torch.softmax(logits, -1)
+            a, b = torch.Generator(device=device).manual_seed(seed), torch.Generator(device=device).manual_seed(seed)
+            want = torch.multinomial(probs, 1, generator=a).squeeze(1)
+            got = draw(probs, b)
+            assert torch.equal(got, want) and torch.equal(a.get_state(), b.get_state())
+            assert (got < 300).all()
+
+
+def test_draw_is_torch_multinomial():
+    _draws_equal_multinomial("cpu")
+
+
 def test_sequence_mask_covers_up_to_the_first_eos():
     tokens = torch.tensor([[5, 2, 1, 1], [5, 6, 7, 8], [2, 2, 1, 1]])
     assert sequence_mask(tokens, 2).tolist() == [
@@ -166,3 +185,33 @@ def test_cuda_graph_sampler_equals_eager_and_reference():
     with torch.device("cuda"):
         ref, _ = _reference(blip, embeds, spec, eos, pad, torch.Generator(device="cuda").manual_seed(2))
     assert torch.equal(tokens, ref)
+    _draws_equal_multinomial("cuda")  # the draw is torch.multinomial's on the GPU too
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sampling_steps_never_wait_on_the_gpu():
+    """Until min_new_tokens the decode loop (graph replay, token choice with top-k / top-p) makes no
+    synchronising call: sync debug mode "error" raises on any (torch.multinomial's checks did)."""
+    loaded = load_model(ModelConfig(device="cuda", dtype="fp32"))
+    images = [it["image"] for it in world.make_items("catalog", 4, seed=5)]
+    feats = image_features(loaded.model, loaded.processor, images)
+    blip, tok = unwrap(loaded.model), loaded.processor.tokenizer
+    embeds = _prompt_embeds(blip, tok, feats)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    spec = SamplingSpec(k=3, max_new_tokens=12, min_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9)
+    dec = SamplingOPT(blip.language_model, 4, spec.k, embeds.size(1), spec.max_new_tokens)
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def run():
+        return dec.sample(embeds, lambda lg, n: choose(lg, n, spec, eos, g), eos_token_id=eos, pad_token_id=pad,
+                          min_new=spec.min_new_tokens)[0]  # fmt: skip
+
+    first = run()  # captures the graph (capture synchronises)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        second = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert second.shape == first.shape and not (second[:, : spec.min_new_tokens] == eos).any()

@@ -228,3 +228,123 @@ def test_one_scst_step_from_the_parts_trains_only_lora():
     assert changed and all("lora_" in n for n in changed)
     stats = statistics(rewards, base, samples.mask)
     assert float(stats["caption_length_mean"]) == float(samples.mask.sum(1).float().mean())
+
+
+def _lora_setup(model_dir, prompt="a photo of"):
+    """The tiny model with a LoRA adapter (random B, so it acts), float64, eval; a prompt after BOS."""
+    from captune.config import LoraConfig
+    from captune.model.lora import attach_lora
+
+    loaded = load_model(ModelConfig(name_or_path=str(model_dir), device="cpu"))
+    torch.manual_seed(1)
+    model = attach_lora(loaded.model, LoraConfig(target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    model.eval().double()
+    _, blip, feats, _, tokens, mask = _setup(model_dir)  # the same tokens, EOS-masked rows included
+    tok = load_model(ModelConfig(name_or_path=str(model_dir), device="cpu")).processor.tokenizer
+    ids = generation_prompt(
+        tok,
+        B,
+        num_query_tokens=blip.config.num_query_tokens,
+        image_token_id=blip.config.image_token_index,
+        prompt=prompt,
+        seq2seq=not blip.config.use_decoder_only_language_model,
+    )
+    return model, feats, ids, tokens, mask
+
+
+def _values_and_grads(model, feats, ids, tokens, mask, **kw):
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    out = sequence_logprobs(model, feats, ids.input_ids, ids.attention_mask, tokens, mask, entropy=True, **kw)
+    adv = torch.linspace(-1, 1, tokens.size(0), dtype=torch.float64)
+    loss = policy_loss(out, mask, adv, entropy_coef=0.3)
+    return out, torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("spec", [None, SamplingSpec(k=K, temperature=0.7, top_k=40)])
+def test_packed_logprobs_and_lora_gradients_equal_the_unpacked(tiny_model_dir, spec):
+    """Each image's prefix (image tokens + prompt) once with its K samples packed after it: the same
+    log-probs, entropies and LoRA gradients as K copies of the prefix, also when the vocabulary
+    projection is taken 1 or 4 rows at a time."""
+    from captune.ops.scst import packs_samples
+
+    model, feats, ids, tokens, mask = _lora_setup(tiny_model_dir)
+    assert ids.input_ids.size(1) > unwrap(model).config.num_query_tokens + 1  # the prompt is in the prefix
+    assert packs_samples(model, ids.attention_mask)
+    ref, ref_grads = _values_and_grads(model, feats, ids, tokens, mask, spec=spec, pack=False)
+    assert all(float(g.abs().sum()) > 0 for g in ref_grads)
+    assert (~mask).any() and mask.sum(1).min() == 1  # padded rows, and a row that is EOS alone
+    for chunk in (None, 1, 4):
+        got, grads = _values_and_grads(model, feats, ids, tokens, mask, spec=spec, pack=True, chunk_rows=chunk)
+        finite = torch.isfinite(ref.logprobs)
+        assert torch.equal(finite, torch.isfinite(got.logprobs)) and (got.logprobs[~mask] == 0).all()
+        torch.testing.assert_close(got.logprobs[finite], ref.logprobs[finite], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(got.entropy, ref.entropy, atol=1e-12, rtol=1e-12)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+
+
+def test_models_that_cannot_pack_take_the_unpacked_path(tiny_model_dir, tiny_t5_dir):
+    from captune.ops.scst import packs_samples
+
+    t5, _, t5_ids, _, _ = _lora_setup(tiny_t5_dir)
+    assert not packs_samples(t5, t5_ids.attention_mask)  # encoder-decoder
+    model, _, ids, _, _ = _lora_setup(tiny_model_dir)
+    padded = ids.attention_mask.clone()
+    padded[0, 0] = 0  # a left-padded prompt: positions would differ per image
+    assert packs_samples(model, ids.attention_mask) and not packs_samples(model, padded)
+    decoder = unwrap(model).language_model.model.decoder
+    saved = decoder.embed_positions
+    del decoder.embed_positions  # no learned absolute positions: not an OPT decoder
+    try:
+        assert not packs_samples(model, ids.attention_mask)
+    finally:
+        decoder.embed_positions = saved
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_no_vocabulary_sized_tensor_is_kept_for_the_backward(tiny_model_dir, pack):
+    """The logits of the sampled positions are recomputed chunk by chunk in the backward: nothing as
+    wide as the vocabulary is saved by the forward (it was rows x vocab in float32, several times)."""
+    model, feats, ids, tokens, mask = _lora_setup(tiny_model_dir)
+    vocab = unwrap(model).language_model.config.vocab_size
+    saved = []
+
+    def pack_hook(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        out = sequence_logprobs(model, feats, ids.input_ids, ids.attention_mask, tokens, mask, entropy=True,
+                                pack=pack, chunk_rows=3)  # fmt: skip
+    assert saved and not [s for s in saved if vocab in s]
+    out.logprobs.sum().backward()  # and the recomputation gives gradients
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.slow  # ~30 s: two subprocesses
+@pytest.mark.parametrize("flag, path", [([], "packed"), (["--no-pack"], "unpacked")])
+def test_the_scst_step_benchmark_runs_tiny_on_the_cpu(tmp_path, flag, path):
+    """bench/scst_step.py --tiny: the GPU benchmark's step on the CPU demo model, each size timed, the
+    log-prob path it ran recorded."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "scst.json"
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(root / "bench" / "scst_step.py"), "--tiny", *flag, "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["images_per_step"] for r in result["runs"]] == [2, 4]
+    for run in result["runs"]:
+        assert run["logprob_path"] == path and run["scst_images_per_s"] > 0
+        assert set(run["median_s"]) == {"sample", "reward", "backward", "step"}
+    assert result["scst_images_per_s"] == max(r["scst_images_per_s"] for r in result["runs"])

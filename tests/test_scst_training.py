@@ -125,6 +125,103 @@ def test_scst_resume_equals_uninterrupted(tmp_path, stop_at, every):
     ]
 
 
+def _ddp_cfg(normalize):
+    # 3 images a step over 2 processes: shares of 2 and 1 images, so a wrong weighting of the
+    # processes' gradients changes the step's direction (Adam's first step hides a common scale)
+    return _cfg(lr=1e-2, batch_size=3, max_steps=1, epochs=0, select="last", validate_every=0, normalize=normalize,
+                samples=3, max_new_tokens=8, temperature=0.7)  # fmt: skip
+
+
+def _scst_process(rank: int, port: int, normalize: str, out) -> None:
+    import os
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    from captune.distributed import barrier, close
+
+    cfg = _ddp_cfg(normalize)
+    result, state = _scst(cfg, _examples(3, 5), [], log_path=out / "scst.jsonl")
+    torch.save({"state": state, "steps": result.steps}, out / f"rank{rank}.pt")
+    barrier()
+    close()
+
+
+def _one_process_on_both_shares(cfg, train_ex):
+    """What the 2-process step should be: one step on the union of the two processes' samples (each
+    drawn with its process's generator), computed here from the ops alone."""
+    import random
+
+    import numpy as np
+
+    from captune.data.pairs import rank_share
+    from captune.ops.batching import generation_prompt
+    from captune.ops.features import image_features
+    from captune.ops.lm import unwrap
+    from captune.ops.sampling import sample_captions
+    from captune.ops.scst import advantages, baseline, policy_loss, sequence_logprobs
+    from captune.training.scst import sampler_spec
+
+    loaded = load_model(cfg.model)
+    torch.manual_seed(0)
+    model = attach_lora(loaded.model, cfg.lora)
+    model.eval()
+    start = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    tok, rl = loaded.processor.tokenizer, cfg.rl
+    feats = image_features(model, loaded.processor, [e.image for e in train_ex], batch_size=cfg.eval.batch_size)
+    order = list(range(len(train_ex)))
+    random.Random(rl.seed).shuffle(order)
+    scorer, spec = CiderD([e.captions for e in train_ex]), sampler_spec(rl)
+    parts = []
+    for rank in (0, 1):
+        mine = rank_share(order[: rl.batch_size], rank, 2)
+        gen = torch.Generator().manual_seed(random.Random(f"{rl.seed}:0:{rank}").getrandbits(63))
+        samples = sample_captions(model, tok, feats[mine], spec, generator=gen)
+        rewards = torch.tensor(scorer.score(samples.captions, np.repeat(np.asarray(mine), rl.samples)))
+        rewards = rewards.float().view(len(mine), rl.samples)
+        parts.append((mine, samples, advantages(rewards, baseline(rewards))))
+    mine = [i for p in parts for i in p[0]]
+    tokens, mask = torch.cat([p[1].tokens for p in parts]), torch.cat([p[1].mask for p in parts])
+    blip = unwrap(model)
+    ids = generation_prompt(tok, len(mine), num_query_tokens=blip.config.num_query_tokens,
+                            image_token_id=blip.config.image_token_index)  # fmt: skip
+    lp = sequence_logprobs(model, feats[mine], ids.input_ids, ids.attention_mask, tokens, mask, spec=spec)
+    policy_loss(lp, mask, torch.cat([p[2] for p in parts]), normalize=rl.normalize).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+    torch.optim.AdamW(params, lr=rl.lr, weight_decay=0.0).step()
+    return start, {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+
+@pytest.mark.slow  # ~60 s on 2 busy cores
+@pytest.mark.parametrize("normalize", ["sequence", "token"])
+def test_two_processes_step_as_one_process_on_both_shares(tmp_path, normalize):
+    """DDP (2 CPU processes, gloo): each process samples and rewards its share of the step's images;
+    the averaged, share-weighted gradients give the step of one process on all of their samples, and
+    both processes hold the same adapter."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_scst_process, args=(port, normalize, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 1
+    start, want = _one_process_on_both_shares(_ddp_cfg(normalize), _examples(3, 5))
+    assert not all(torch.equal(want[k], start[k]) for k in want)
+    for name, value in want.items():
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+        # Adam's first step is about lr * sign(g): where |g| is near its eps, float noise in g moves
+        # it by ~1e-6; a wrong weighting of the shares flips signs (2 * lr)
+        torch.testing.assert_close(ranks[0]["state"][name], value, atol=2e-5, rtol=0)
+    rows = [json.loads(x) for x in (tmp_path / "scst.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "scst"] == [1]  # one process wrote the log
+
+
 def test_the_scst_phase_is_skipped_when_off(tmp_path):
     from captune.run.folder import Run
     from captune.run.phases import run_phases

@@ -172,7 +172,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many checkpoints to keep."""
     pack: bool = True
-    """With data.train_captions=all, run each image's prefix once for all its captions (OPT, LLaMA; exact)."""
+    """With data.train_captions=all, run each image's prefix once for all its captions (OPT, LLaMA; exact); in
+    SCST, once for its samples (OPT)."""
     trackers: list[str] = field(default_factory=list)
     """Also log to these accelerate trackers (tensorboard, wandb, mlflow, ...); files go to RUN/logs."""
     distributed: Literal["auto", "ddp", "fsdp", "zero2", "zero3"] = "auto"

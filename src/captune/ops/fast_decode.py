@@ -156,11 +156,14 @@ class SamplingOPT(GreedyOPT):
         eos_token_id: int,
         pad_token_id: int,
         keep_logits: bool = False,
+        min_new: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """New tokens (images*K, max_new), row ``i*K + j`` sample j of image i; pads after EOS.
 
         ``choose(logits, n)`` picks step n's tokens from the raw logits (rows x vocab);
         with ``keep_logits`` the raw logits of every step come back too (rows, steps, vocab).
+        ``min_new``: ``choose`` never ends a row before this step, so whether all rows have ended
+        (a wait on the GPU) is not asked before it.
         """
         b, t, _ = embeds.shape
         assert b == self.images and t == self.prompt_len
@@ -177,7 +180,7 @@ class SamplingOPT(GreedyOPT):
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             out[:, n] = token
             done |= token == eos_token_id
-            if n == self.max_new - 1 or (n % 4 == 3 and bool(done.all())):
+            if n == self.max_new - 1 or (n >= min_new and n % 4 == 3 and bool(done.all())):
                 break
             self.static_token.copy_(token)
             self.static_pos.fill_(t + n)

@@ -107,35 +107,52 @@ def _attention_mask(q: int, slot_mask: torch.Tensor) -> torch.Tensor:
 
 def packed_loss(model, features: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """Mean next-token loss over every labelled caption token of the packed batch."""
-    blip = unwrap(model)
-    lm = blip.language_model
+    lm = unwrap(model).language_model
     if opt_decoder(lm) is None:
         return _packed_loss_rotary(lm, features, batch)
-    dec = lm.model.decoder
     g, k, t = batch.ids.shape
     q = features.size(1)
-    tok = dec.embed_tokens(batch.ids.view(g, k * t))
-    hidden = torch.cat([features.to(tok.dtype), tok], dim=1)
+    hidden = packed_hidden(model, features, batch.ids, batch.mask)
+    text = hidden[:, q:].reshape(g, k, t, -1)[:, :, :-1].reshape(g * k * (t - 1), -1)
+    text = text.index_select(0, batch.keep)
+    logits = lm.lm_head(decoder_output(lm.model.decoder, text)).float()
+    return F.cross_entropy(logits, batch.targets)
+
+
+def packed_hidden(model, prefix: torch.Tensor, ids: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+    """The OPT decoder layers' output (G, P + K*T, H), before its final norm, for G prefixes given as
+    embeddings (G, P, H), each followed by K slots of T token ids (``ids``, ``slot_mask``: (G, K, T)).
+
+    Each slot sees the prefix and its own earlier tokens only, at positions P..P+T-1 as if it were
+    alone after the prefix; padding (``slot_mask`` 0) is never attended to. Cross-entropy packs the
+    image tokens with each caption's prompt and text (``packed_loss``); SCST packs image tokens + prompt
+    with each sampled continuation (``ops.scst``)."""
+    lm = unwrap(model).language_model
+    dec = lm.model.decoder
+    g, k, t = ids.shape
+    q = prefix.size(1)
+    tok = dec.embed_tokens(ids.view(g, k * t))
+    hidden = torch.cat([prefix.to(tok.dtype), tok], dim=1)
     dev = hidden.device
     positions = torch.cat([torch.arange(q, device=dev), q + torch.arange(t, device=dev).repeat(k)])
     emb = dec.embed_positions
     if dec.project_in is not None:
         hidden = dec.project_in(hidden)
     hidden = hidden + F.embedding(positions + getattr(emb, "offset", 2), emb.weight).to(hidden.dtype)
-    mask = _attention_mask(q, batch.mask)
+    mask = _attention_mask(q, slot_mask)
     with sdpa_without_cudnn():
         if _is_sharded(dec.layers[0]):  # FSDP units gather their weights in their own forward
-            hidden = _layer_forwards(dec, hidden, mask)
-        else:
-            hidden = _layers(dec, hidden, mask, lm.config, model.training)
-    text = hidden[:, q:].reshape(g, k, t, -1)[:, :, :-1].reshape(g * k * (t - 1), -1)
-    text = text.index_select(0, batch.keep)
+            return _layer_forwards(dec, hidden, mask)
+        return _layers(dec, hidden, mask, lm.config, model.training)
+
+
+def decoder_output(dec, hidden: torch.Tensor) -> torch.Tensor:
+    """What the OPT decoder applies after its layers (final norm, output projection), on any rows."""
     if dec.final_layer_norm is not None:
-        text = dec.final_layer_norm(text)
+        hidden = dec.final_layer_norm(hidden)
     if dec.project_out is not None:
-        text = dec.project_out(text)
-    logits = lm.lm_head(text).float()
-    return F.cross_entropy(logits, batch.targets)
+        hidden = dec.project_out(hidden)
+    return hidden
 
 
 def _packed_loss_rotary(lm, features: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

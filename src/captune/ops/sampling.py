@@ -4,9 +4,10 @@ OPT language models go through the static-cache decoder (``fast_decode.SamplingO
 each image prefilled once, its K rows decoded together, the step a CUDA graph on a
 GPU); everything else (FlanT5, quantized layers) through HF ``generate(do_sample=True,
 num_return_sequences=K)``. The token choice is transformers' own warpers in
-``generate``'s order (minimum length, temperature, top-k, top-p) and one
-``torch.multinomial`` per step with the caller's generator, so a run is reproducible
-from its seed; temperature 0 is greedy decoding.
+``generate``'s order (minimum length, temperature, top-k, top-p; each only when set) and
+one multinomial draw per step with the caller's generator (``draw``: ``torch.multinomial``'s
+arithmetic without its waits on the GPU), so a run is reproducible from its seed;
+temperature 0 is greedy decoding.
 
 Sample in eval mode (no LoRA dropout): the CUDA graph captures the modules as they are.
 """
@@ -54,7 +55,7 @@ def warp(logits: torch.Tensor, step: int, spec: SamplingSpec, eos_token_id: int)
     """Step ``step``'s logits as ``generate(do_sample=True)`` samples from them (float32; float64 stays float64)."""
     scores = logits if logits.dtype == torch.float64 else logits.float()
     if step < spec.min_new_tokens:
-        scores = scores.clone()
+        scores = scores.clone() if scores is logits else scores  # ``float()`` copied already
         scores[:, eos_token_id] = float("-inf")
     if spec.temperature == 0:
         return scores
@@ -74,8 +75,16 @@ def choose(
     scores = warp(logits, step, spec, eos_token_id)
     if spec.temperature == 0:
         return scores.argmax(-1)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return draw(torch.softmax(scores, dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row drawn from ``probs`` (rows, vocab): ``torch.multinomial(probs, 1)``'s own
+    arithmetic (argmax of p / q with q ~ Exp(1), the same draws from ``generator``), without its two
+    validity checks, each a wait on the GPU (``.item()``) that would stall every sampling step.
+    tests/test_sampling.py compares the two token for token."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
 
 
 def sequence_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -122,7 +131,11 @@ def sample_captions(
             decoders[key] = SamplingOPT(blip.language_model, n, spec.k, input_ids.size(1), spec.max_new_tokens)
         embeds = embed_with_features(blip, input_ids, features)
         tokens, _ = decoders[key].sample(
-            embeds, lambda logits, step: choose(logits, step, spec, eos, generator), eos_token_id=eos, pad_token_id=pad
+            embeds,
+            lambda logits, step: choose(logits, step, spec, eos, generator),
+            eos_token_id=eos,
+            pad_token_id=pad,
+            min_new=spec.min_new_tokens,
         )
     else:
         tokens = _generate_samples(model, features, input_ids, attention, spec, tokenizer, generator, seq2seq)

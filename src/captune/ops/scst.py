@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from captune.model.family import is_encoder_decoder
+from captune.model.family import can_pack, is_encoder_decoder
 from captune.ops.batching import IGNORE
 from captune.ops.lm import embed_with_features, unwrap
+from captune.ops.packing import decoder_output, packed_hidden
 from captune.ops.sampling import SamplingSpec, warp
 
 Normalize = Literal["sequence", "token"]
@@ -45,6 +47,11 @@ class TokenLogprobs:
     entropy: torch.Tensor | None  # (N, T) entropy of the model's distribution there, or None
 
 
+# Vocabulary-sized float32 tensors alive at once in ``sequence_logprobs`` (about 256 MB each): the rows'
+# logits are taken this many elements at a time, so 25,600 sampled tokens x 50,272 do not need 5 GB apiece.
+LOGIT_CHUNK_ELEMENTS = 2**26
+
+
 def sequence_logprobs(
     model,
     features: torch.Tensor,
@@ -55,13 +62,21 @@ def sequence_logprobs(
     *,
     entropy: bool = False,
     spec: SamplingSpec | None = None,
+    pack: bool = True,
+    chunk_rows: int | None = None,
 ) -> TokenLogprobs:
     """Teacher-forced log-probs of sampled ``tokens`` (images*K, T) given each image's features.
 
     ``features`` (images, Q, H) and the generation prompt ``input_ids``/``attention_mask``
     (images, P; ``batching.generation_prompt``) are per image; row ``i*K + j`` of
-    ``tokens`` and ``mask`` is sample j of image i (``sampling.Samples``). The vocabulary
-    projection runs only at the sampled positions (as ``lm.lm_loss`` does).
+    ``tokens`` and ``mask`` is sample j of image i (``sampling.Samples``).
+
+    With ``pack`` (and a model ``packs_samples`` accepts) each image's prefix (image tokens +
+    prompt) runs once with its K continuations packed after it (``packing.packed_hidden``),
+    about half the tokens of running each sample with its own copy of the prefix; the values
+    and their gradients equal the unpacked path's (tests/test_scst.py). The vocabulary
+    projection runs only at the sampled positions, ``chunk_rows`` of them at a time
+    (``LOGIT_CHUNK_ELEMENTS``), each chunk's logits recomputed in the backward instead of kept.
 
     With ``spec``, the log-probs (and entropy) are those of the distribution the sampler drew
     from (its temperature, top-k and top-p applied to the logits, ``sampling.warp``; its
@@ -72,6 +87,52 @@ def sequence_logprobs(
     k = tokens.size(0) // features.size(0)
     if k * features.size(0) != tokens.size(0):
         raise ValueError("tokens must hold the same number of samples for every image")
+    lm = blip.language_model
+    if pack and packs_samples(blip, attention_mask):
+        rows, head = _packed_rows(model, blip, features, input_ids, tokens, mask, k), _opt_head(lm)
+    else:
+        rows, head = _unpacked_rows(blip, features, input_ids, attention_mask, tokens, mask, k)
+    chunk = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // lm.config.get_text_config().vocab_size)
+    lp, ent = _token_values(head, rows, tokens[mask], spec, entropy, chunk)
+    out = lp.new_zeros(tokens.shape)
+    out[mask] = lp
+    ent_out = None
+    if entropy:
+        ent_out = lp.new_zeros(tokens.shape)
+        ent_out[mask] = ent
+    return TokenLogprobs(out, ent_out)
+
+
+def packs_samples(blip, attention_mask: torch.Tensor) -> bool:
+    """Whether ``sequence_logprobs`` packs: an OPT decoder (``family.can_pack``) and a prompt without
+    padding (one prompt for every image has none; the check reads the mask, one wait on the GPU)."""
+    blip = unwrap(blip)
+    if is_encoder_decoder(blip) or not can_pack(blip.language_model):
+        return False
+    return bool(attention_mask.all())
+
+
+def _packed_rows(model, blip, features, input_ids, tokens, mask, k: int) -> torch.Tensor:
+    """Hidden states (sampled tokens, H) predicting each sampled token, from the packed forward."""
+    prefix = embed_with_features(blip, input_ids, features)  # (images, P, H)
+    g, p = prefix.shape[:2]
+    t = tokens.size(1)
+    s = max(t - 1, 1)  # a slot's last token predicts nothing (one slot token all the same when T is 1)
+    slots, slot_mask = tokens.view(g, k, t)[:, :, :s].contiguous(), mask.view(g, k, t)[:, :, :s].contiguous()
+    hidden = packed_hidden(model, prefix, slots, slot_mask)
+    first = hidden[:, p - 1 : p].unsqueeze(1).expand(g, k, 1, hidden.size(-1))  # the prefix predicts token 0
+    rest = hidden[:, p:].reshape(g, k, s, -1)[:, :, : t - 1]
+    return torch.cat([first, rest], dim=2).reshape(g * k, t, -1)[mask]
+
+
+def _opt_head(lm):
+    dec = lm.model.decoder
+    return lambda h: lm.lm_head(decoder_output(dec, h))
+
+
+def _unpacked_rows(blip, features, input_ids, attention_mask, tokens, mask, k: int):
+    """Each sample run with its own copy of the prefix: (rows, head) with ``head`` mapping rows to
+    logits (the encoder-decoder and other models' rows are logits already)."""
     feats = features.repeat_interleave(k, 0)
     ids, attn = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
     prompt = embed_with_features(blip, ids, feats)
@@ -80,29 +141,50 @@ def sequence_logprobs(
         labels = tokens.masked_fill(~mask, IGNORE)
         dec_ids = lm.prepare_decoder_input_ids_from_labels(labels=labels)
         logits = lm(inputs_embeds=prompt, attention_mask=attn, decoder_input_ids=dec_ids).logits[mask]
-    else:
-        # sampled tokens are embedded on their own: one that happens to be the image token stays a token
-        embeds = torch.cat([prompt, blip.get_input_embeddings()(tokens)], dim=1)
-        full_attn = torch.cat([attn, mask.to(attn.dtype)], dim=1)
-        p, t = ids.size(1), tokens.size(1)
-        body = getattr(lm, "model", None)
-        if body is not None and hasattr(lm, "lm_head") and hasattr(body, "decoder"):
-            hidden = body(inputs_embeds=embeds, attention_mask=full_attn).last_hidden_state
-            logits = lm.lm_head(hidden[:, p - 1 : p - 1 + t][mask])
-        else:
-            logits = lm(inputs_embeds=embeds, attention_mask=full_attn).logits[:, p - 1 : p - 1 + t][mask]
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    if spec is not None and spec.temperature > 0:
-        logits = warp(logits, spec.min_new_tokens, spec, eos_token_id=-1)  # top-k / top-p: -inf outside
-    logsm = torch.log_softmax(logits, dim=-1)
-    out = logsm.new_zeros(tokens.shape)
-    out[mask] = logsm.gather(1, tokens[mask].unsqueeze(1)).squeeze(1)
-    ent = None
-    if entropy:
-        ent = logsm.new_zeros(tokens.shape)
+        return logits, _identity
+    # sampled tokens are embedded on their own: one that happens to be the image token stays a token
+    embeds = torch.cat([prompt, blip.get_input_embeddings()(tokens)], dim=1)
+    full_attn = torch.cat([attn, mask.to(attn.dtype)], dim=1)
+    p, t = ids.size(1), tokens.size(1)
+    body = getattr(lm, "model", None)
+    if body is not None and hasattr(lm, "lm_head") and hasattr(body, "decoder"):
+        hidden = body(inputs_embeds=embeds, attention_mask=full_attn).last_hidden_state
+        return hidden[:, p - 1 : p - 1 + t][mask], lm.lm_head
+    return lm(inputs_embeds=embeds, attention_mask=full_attn).logits[:, p - 1 : p - 1 + t][mask], _identity
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _token_values(head, rows: torch.Tensor, chosen: torch.Tensor, spec, entropy: bool, chunk: int):
+    """Log-prob of each row's chosen token (and the entropy there), ``chunk`` rows at a time.
+
+    Under autograd each chunk is checkpointed: only its rows are kept, and its logits are
+    recomputed in the backward, so one chunk's vocabulary-sized tensors are alive at a time
+    (the same arithmetic, row by row, as taking all rows at once)."""
+
+    def values(h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = head(h)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        if spec is not None and spec.temperature > 0:
+            logits = warp(logits, spec.min_new_tokens, spec, eos_token_id=-1)  # top-k / top-p: -inf outside
+        logsm = torch.log_softmax(logits, dim=-1)
+        lp = logsm.gather(1, c.unsqueeze(1)).squeeze(1)
+        if not entropy:
+            return (lp,)
         finite = logsm.masked_fill(torch.isinf(logsm), 0.0)  # tokens the warp removed: p = 0, no 0 * inf
-        ent[mask] = -(logsm.exp() * finite).sum(-1)
-    return TokenLogprobs(out, ent)
+        return lp, -(logsm.exp() * finite).sum(-1)
+
+    keep = torch.is_grad_enabled() and rows.requires_grad
+    parts = []
+    for i in range(0, rows.size(0), chunk):
+        h, c = rows[i : i + chunk], chosen[i : i + chunk]
+        parts.append(checkpoint(values, h, c, use_reentrant=False) if keep else values(h, c))
+    if not parts:  # no sampled token at all
+        parts.append(values(rows, chosen))
+    lp = torch.cat([p[0] for p in parts])
+    return lp, (torch.cat([p[1] for p in parts]) if entropy else None)
 
 
 def baseline(

@@ -12,7 +12,8 @@ gradient is then that of the very policy that sampled the captions (on-policy RE
 dropout would score them under a randomly thinned policy), a resume or a second process
 repeats it exactly, and the fast sampler's CUDA graph captures the modules as they are.
 
-The loop reuses the cross-entropy trainer's parts: the engine (one process or DDP), the
+The loop reuses the cross-entropy trainer's parts (``trainer.LoopParts``: features, resume
+position, checkpoints, the best adapter at the end): the engine (one process or DDP), the
 checkpointer (its own folder; exact resume), the validator (greedy captions, CIDEr; the
 best adapter is kept, the starting one included) and the log (rows of type ``scst``).
 The sampling generator is seeded afresh each step from (rl.seed, step, rank), so a
@@ -38,18 +39,16 @@ from captune.data.pairs import rank_share
 from captune.distributed import all_mean, world
 from captune.errors import UserError
 from captune.evaluation.cider import CiderD
-from captune.model.family import is_encoder_decoder
+from captune.model.family import can_pack, is_encoder_decoder
 from captune.model.lora import adapter_touches_vision
 from captune.ops.batching import generation_prompt
-from captune.ops.features import image_features
 from captune.ops.lm import unwrap
 from captune.ops.sampling import SamplingSpec, sample_captions
 from captune.ops.scst import advantages, baseline, kl_to_start, policy_loss, sequence_logprobs
-from captune.training.checkpoint import Checkpointer, Position
 from captune.training.engines import make_engine
 from captune.training.progress import TrainLog, _quiet, eta
 from captune.training.steps import token_weight
-from captune.training.trainer import TrainInputs
+from captune.training.trainer import LoopParts, TrainInputs
 from captune.training.validation import Selection, Validator
 
 SUPPORTED_ENGINES = ("single", "ddp")
@@ -68,14 +67,14 @@ class ScstResult:
 class PolicyLoss(torch.nn.Module):
     """The SCST loss as a module, so that DDP's hooks average the LoRA gradients."""
 
-    def __init__(self, model, rl):
+    def __init__(self, model, rl, pack: bool):
         super().__init__()
-        self.model, self.rl = model, rl
+        self.model, self.rl, self.pack = model, rl, pack
 
     def forward(self, feats, ids, attn, tokens, mask, adv, start_logprobs=None):
         rl = self.rl
         token = sequence_logprobs(self.model, feats, ids, attn, tokens, mask, entropy=rl.entropy_coef > 0,
-                                  spec=sampler_spec(rl))  # fmt: skip
+                                  spec=sampler_spec(rl), pack=self.pack)  # fmt: skip
         kl = kl_to_start(token.logprobs, start_logprobs, mask) if start_logprobs is not None else None
         return policy_loss(token, mask, adv, normalize=rl.normalize, entropy_coef=rl.entropy_coef,
                            kl=kl, kl_coef=rl.kl_coef)  # fmt: skip
@@ -94,8 +93,11 @@ def check_scst_engine(cfg: Config, distributed: bool) -> None:
         raise UserError(f"rl (SCST) runs on one process or under DDP, not {kind}; set train.distributed=ddp")
 
 
-class ScstTrainer:
+class ScstTrainer(LoopParts):
     """Trains the LoRA parameters of ``model`` (a PEFT model) in place with SCST; keeps the best ones."""
+
+    what = "SCST "
+    vision_trains = False  # setup refuses adapters on the Q-Former: the features are fixed
 
     def __init__(self, model, processor, cfg: Config, inputs: TrainInputs, log: Callable[[str], None] = print):
         self.model, self.processor, self.cfg, self.inputs = model, processor, cfg, inputs
@@ -117,11 +119,14 @@ class ScstTrainer:
         self.rng = random.Random(rl.seed)
         self.started = time.perf_counter()
         self._setup_features()
+        self._setup_lora_compute()
         self.engine = make_engine(
             self.model, train_cfg=cfg.train, world=self.world, dtype=self.blip.dtype, device=self.device,
             vision_trains=False, quantized=cfg.model.quantization != "none", log=self.say,
         )  # fmt: skip
-        loss_module = PolicyLoss(self.model, rl)
+        # train.pack: each image's prefix shared by its samples (ops/scst.py), where the model allows
+        self.pack = cfg.train.pack and can_pack(self.blip.language_model) and not is_encoder_decoder(self.blip)
+        loss_module = PolicyLoss(self.model, rl, self.pack)
         self.engine.prepare(loss_module, self.blip)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=rl.lr, weight_decay=0.0, fused=self.device.type == "cuda")
@@ -135,6 +140,7 @@ class ScstTrainer:
 
         self.scheduler = get_scheduler("constant_with_warmup", self.optimizer, num_warmup_steps=rl.warmup_steps,
                                        num_training_steps=self.total_steps)  # fmt: skip
+        self.plan = SimpleNamespace(batch_size=rl.batch_size, grad_accum=1)  # what a checkpoint records
         self.start_state = self.engine.snapshot()  # the cross-entropy adapter (the KL penalty's reference)
         self.selection = Selection(rl.select, self.engine.snapshot())
         self._setup_position()
@@ -142,7 +148,7 @@ class ScstTrainer:
         self.log = TrainLog(path=self.inputs.log_path, history=self.history, train_cfg=tcfg, config=cfg.to_dict(),
                             total_steps=self.total_steps, position=self.position, say=self.say,
                             main=self.world.is_main)  # fmt: skip
-        self.module = self.engine.wrap(loss_module, packed=False)
+        self.module = self.engine.wrap(loss_module, packed=self.pack)
         self.scorer = CiderD([e.captions for e in self.inputs.train_examples])
         # the validator reads train.select: SCST's selection is rl.select
         vcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select=rl.select))
@@ -155,28 +161,6 @@ class ScstTrainer:
         self.generator = torch.Generator(device=self.device)
         self.running: list[dict] = []
         return self
-
-    def _setup_features(self) -> None:
-        self.model.eval()
-        feature_fn = self.inputs.feature_fn
-        if feature_fn is None:
-            bs = self.cfg.eval.batch_size
-
-            def feature_fn(images):
-                return image_features(self.model, self.processor, images, batch_size=bs, device=self.device)
-
-        train_ex, val_ex = self.inputs.train_examples, self.inputs.val_examples
-        self.train_feats = feature_fn([e.image for e in train_ex])
-        self.val_feats = feature_fn([e.image for e in val_ex]) if val_ex else None
-
-    def _setup_position(self) -> None:
-        self.checkpointer = Checkpointer(self.inputs.checkpoint_dir, self.cfg.train.keep_checkpoints,
-                                         main=self.world.is_main)  # fmt: skip
-        self.position, self.history = Position(epoch_rng=self.rng.getstate()), []
-        self.restored = self.checkpointer.restore(self.engine, self.scheduler, self.selection, self.device)
-        if self.restored is not None:
-            self.position, self.history, folder = self.restored
-            self.say(f"  resuming SCST from {folder.name} (epoch {self.position.epoch}, step {self.position.step})")
 
     # ------------------------------------------------------------------ the loop
 
@@ -213,7 +197,7 @@ class ScstTrainer:
             if pos.step >= self.total_steps:
                 break
             if rl.checkpoint_every and pos.step % rl.checkpoint_every == 0 and i + 1 < len(chunks):
-                self._checkpoint(epoch, i + 1, pos.epoch_rng)
+                self.checkpoint(epoch, i + 1, pos.epoch_rng)
 
     def _end_epoch(self, epoch: int) -> bool:
         pos, rl = self.position, self.rl
@@ -222,7 +206,7 @@ class ScstTrainer:
         if (due or last) and self.validator.has_data:
             self.validator.validate(epoch, pos.step)
         pos.next_micro, pos.epoch_rng = 0, self.rng.getstate()
-        self._checkpoint(epoch + 1, 0, pos.epoch_rng)
+        self.checkpoint(epoch + 1, 0, pos.epoch_rng)
         return last
 
     def step(self, chunk: list[int], step: int) -> dict:
@@ -277,7 +261,7 @@ class ScstTrainer:
         self.engine.load_trainable(self.start_state)
         try:
             return sequence_logprobs(self.model, feats, ids, attn, samples.tokens, samples.mask,
-                                     spec=self.spec).logprobs  # fmt: skip
+                                     spec=self.spec, pack=self.pack).logprobs  # fmt: skip
         finally:
             self.engine.load_trainable(current)
 
@@ -305,29 +289,11 @@ class ScstTrainer:
                                     f"adv std {row['advantage_std']:.4f} length {row['caption_length']:.1f} "
                                     f"{row['images_per_s']:.0f} images/s ETA {left}")  # fmt: skip
 
-    def _checkpoint(self, epoch: int, next_micro: int, epoch_rng) -> None:
-        if self.checkpointer.root is None:
-            return
-        self.validator.settle()
-        at = Position(self.position.step, self.position.seen, epoch, next_micro, epoch_rng)
-        plan = SimpleNamespace(batch_size=self.rl.batch_size, grad_accum=1)
-        self.checkpointer.save(self.engine, self.scheduler, self.selection, self.history, at, plan)
-
     def finish(self) -> ScstResult:
-        sel, pos = self.selection, self.position
-        if sel.chosen:
-            self.engine.load_trainable(sel.best_state)
-            self.say(f"  kept the SCST adapter from step {sel.best_step} (best validation CIDEr)")
-        self.model.eval()
-        elapsed = time.perf_counter() - self.log.started
-        return ScstResult(
-            steps=pos.step,
-            best_step=sel.best_step if sel.chosen else pos.step,
-            best=sel.best,
-            history=self.history,
-            images_per_s=(pos.seen - self.log.first_seen) / max(elapsed, 1e-9),
-            seconds=time.perf_counter() - self.started,
-        )
+        best_step, rate = self._keep_best("best validation CIDEr")
+        return ScstResult(steps=self.position.step, best_step=best_step, best=self.selection.best,
+                          history=self.history, images_per_s=rate,
+                          seconds=time.perf_counter() - self.started)  # fmt: skip
 
 
 def train_scst(model, processor, train_examples: list, val_examples: list, cfg: Config, *,

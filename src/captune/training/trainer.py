@@ -74,7 +74,82 @@ class TrainInputs:
     on_step: Callable[[int], None] | None = None
 
 
-class Trainer:
+class LoopParts:
+    """What the cross-entropy loop (``Trainer``) and the SCST loop (``training.scst.ScstTrainer``) share:
+    image features computed once, the position a checkpoint resumes at, checkpoints holding the best
+    adapter so far, and the best adapter put back at the end.
+
+    A loop sets, before calling these: model, processor, cfg, inputs, device, world, say, started, rng,
+    vision_trains (features), engine, scheduler, selection (position), validator, history, plan (the
+    checkpoint's batch settings) and log (the end)."""
+
+    what = ""  # how the loop's log lines name it ("SCST ")
+
+    def _setup_lora_compute(self) -> None:
+        """The adapter's products in 16 bits where ``lora.compute`` allows; not under FSDP or ZeRO-3,
+        whose sharded weights exist only inside their units' forward."""
+        sharded = self.world.distributed and launch.engine(self.cfg.train.distributed) in ("fsdp", "zero3")
+        if self.cfg.lora.compute == "auto" and not sharded:
+            if use_16bit_compute(self.model):
+                self.say("  LoRA products in the model's dtype (fp32 weights and gradients)")
+
+    def _setup_features(self) -> None:
+        """Image features computed once (no dropout). A trainable Q-Former (lora preset qformer) changes
+        them every step: then the vision tower's output is what is computed once (not the disk-cached
+        features), and the Q-Former runs in each step."""
+        self.model.eval()
+        feature_fn = self.inputs.feature_fn
+        if feature_fn is None or self.vision_trains:
+            stage = "vision" if self.vision_trains else "projected"
+            bs = self.cfg.eval.batch_size
+
+            def feature_fn(images):
+                return image_features(
+                    self.model, self.processor, images, batch_size=bs, device=self.device, stage=stage
+                )
+
+        train_ex, val_ex = self.inputs.train_examples, self.inputs.val_examples
+        self.train_feats = feature_fn([e.image for e in train_ex])
+        self.val_feats = feature_fn([e.image for e in val_ex]) if val_ex else None
+        self.say(
+            f"  image features: {len(train_ex)} train, {len(val_ex)} validation images "
+            f"in {time.perf_counter() - self.started:.1f}s"
+        )
+
+    def _setup_position(self) -> None:
+        """A fresh position, or the restored one (weights, best adapter, optimizer, scheduler, RNG)."""
+        self.checkpointer = Checkpointer(self.inputs.checkpoint_dir, self.cfg.train.keep_checkpoints,
+                                         main=self.world.is_main)  # fmt: skip
+        self.position, self.history = Position(epoch_rng=self.rng.getstate()), []
+        self.restored = self.checkpointer.restore(self.engine, self.scheduler, self.selection, self.device)
+        if self.restored is not None:
+            self.position, self.history, folder = self.restored
+            self.say(
+                f"  resuming {self.what}from {folder.name} (epoch {self.position.epoch}, step {self.position.step})"
+            )
+
+    def checkpoint(self, epoch: int, next_micro: int, epoch_rng) -> Path | None:
+        """A checkpoint to resume at micro-batch ``next_micro`` of ``epoch``; it holds the best adapter so
+        far, so the validations under way are settled first. Its folder (on the main process)."""
+        if self.checkpointer.root is None:
+            return None
+        self.validator.settle()
+        at = Position(self.position.step, self.position.seen, epoch, next_micro, epoch_rng)
+        return self.checkpointer.save(self.engine, self.scheduler, self.selection, self.history, at, self.plan)
+
+    def _keep_best(self, why: str) -> tuple[int, float]:
+        """Load the best adapter (when validation chose one) and leave the model in eval mode; the step
+        it comes from and the examples trained on per second since this process started training."""
+        sel, pos = self.selection, self.position
+        if sel.chosen:
+            self.engine.load_trainable(sel.best_state)
+            self.say(f"  kept the {self.what}adapter from step {sel.best_step} ({why})")
+        self.model.eval()
+        elapsed = time.perf_counter() - self.log.started
+        return (sel.best_step if sel.chosen else pos.step), (pos.seen - self.log.first_seen) / max(elapsed, 1e-9)
+
+
+class Trainer(LoopParts):
     """Trains the LoRA parameters of ``model`` (a PEFT model) in place and keeps the best ones."""
 
     def __init__(self, model, processor, cfg: Config, inputs: TrainInputs, log: Callable[[str], None] = print):
@@ -112,29 +187,6 @@ class Trainer:
                                    log=self.log)  # fmt: skip
         return self
 
-    def _setup_features(self) -> None:
-        """Image features computed once (no dropout). A trainable Q-Former (lora preset qformer) changes
-        them every step: then the vision tower's output is what is computed once (not the disk-cached
-        features), and the Q-Former runs in each step."""
-        self.model.eval()
-        feature_fn = self.inputs.feature_fn
-        if feature_fn is None or self.vision_trains:
-            stage = "vision" if self.vision_trains else "projected"
-            bs = self.cfg.eval.batch_size
-
-            def feature_fn(images):
-                return image_features(
-                    self.model, self.processor, images, batch_size=bs, device=self.device, stage=stage
-                )
-
-        train_ex, val_ex = self.inputs.train_examples, self.inputs.val_examples
-        self.train_feats = feature_fn([e.image for e in train_ex])
-        self.val_feats = feature_fn([e.image for e in val_ex]) if val_ex else None
-        self.say(
-            f"  image features: {len(train_ex)} train, {len(val_ex)} validation images "
-            f"in {time.perf_counter() - self.started:.1f}s"
-        )
-
     def _setup_engine(self) -> None:
         cfg = self.cfg
         self._setup_lora_compute()
@@ -145,14 +197,6 @@ class Trainer:
         )  # fmt: skip
         self.step_loss = StepLoss(self.model, packed=self.packed, vision_trains=self.vision_trains)
         self.engine.prepare(self.step_loss, self.blip)
-
-    def _setup_lora_compute(self) -> None:
-        """The adapter's products in 16 bits where ``lora.compute`` allows ;
-        not under FSDP or ZeRO-3, whose sharded weights exist only inside their units' forward."""
-        sharded = self.world.distributed and launch.engine(self.cfg.train.distributed) in ("fsdp", "zero3")
-        if self.cfg.lora.compute == "auto" and not sharded:
-            if use_16bit_compute(self.model):
-                self.say("  LoRA products in the model's dtype (fp32 weights and gradients)")
 
     def _setup_optimizer(self) -> None:
         t = self.cfg.train
@@ -170,15 +214,6 @@ class Trainer:
             family = language_family(self.blip)
             self.say(f"  packing: off, a {family} language model trains unpacked (shared-prefix packing is exact "
                      "for OPT's learned positions only; the same loss, each caption with its own prefix)")  # fmt: skip
-
-    def _setup_position(self) -> None:
-        self.checkpointer = Checkpointer(self.inputs.checkpoint_dir, self.cfg.train.keep_checkpoints,
-                                         main=self.world.is_main)  # fmt: skip
-        self.position, self.history = Position(epoch_rng=self.rng.getstate()), []
-        restored = self.checkpointer.restore(self.engine, self.scheduler, self.selection, self.device)
-        if restored is not None:
-            self.position, self.history, folder = restored
-            self.say(f"  resuming from {folder.name} (epoch {self.position.epoch}, step {self.position.step})")
 
     # ------------------------------------------------------------------ the loop
 
@@ -251,15 +286,6 @@ class Trainer:
             return True
         return False
 
-    def checkpoint(self, epoch: int, next_micro: int, epoch_rng) -> Path | None:
-        """A checkpoint to resume at micro-batch ``next_micro`` of ``epoch``; it holds the best adapter so
-        far, so the validations under way are settled first. Its folder (on the main process)."""
-        if self.checkpointer.root is None:
-            return None
-        self.validator.settle()
-        at = Position(self.position.step, self.position.seen, epoch, next_micro, epoch_rng)
-        return self.checkpointer.save(self.engine, self.scheduler, self.selection, self.history, at, self.plan)
-
     def _deferred_checkpoint(self, epoch: int, next_micro: int, epoch_rng) -> None:
         """The checkpoint of the previous epoch's end, written now that its validation is scored: it is
         named by (and holds the state of) this step, so the log says which epoch end it stands for."""
@@ -274,17 +300,13 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         sel, pos = self.selection, self.position
-        if sel.chosen:
-            self.engine.load_trainable(sel.best_state)
-            self.say(f"  kept the adapter from step {sel.best_step} (best validation {self.cfg.train.select})")
-        self.model.eval()
-        elapsed = time.perf_counter() - self.log.started
+        best_step, rate = self._keep_best(f"best validation {self.cfg.train.select}")
         return TrainResult(
             steps=pos.step,
-            best_step=sel.best_step if sel.chosen else pos.step,
+            best_step=best_step,
             best=sel.best,
             history=self.history,
-            samples_per_s=(pos.seen - self.log.first_seen) / max(elapsed, 1e-9),
+            samples_per_s=rate,
             seconds=time.perf_counter() - self.started,
             stale=sel.stale,
             stopped_early=self.stopped_early,
