@@ -41,6 +41,7 @@ from captune.evaluation.cider import CiderD
 from captune.model.family import is_encoder_decoder
 from captune.model.lora import adapter_touches_vision
 from captune.ops.batching import generation_prompt
+from captune.ops.feature_map import ImageColumn
 from captune.ops.features import image_features
 from captune.ops.lm import unwrap
 from captune.ops.sampling import SamplingSpec, sample_captions
@@ -166,8 +167,8 @@ class ScstTrainer:
                 return image_features(self.model, self.processor, images, batch_size=bs, device=self.device)
 
         train_ex, val_ex = self.inputs.train_examples, self.inputs.val_examples
-        self.train_feats = feature_fn([e.image for e in train_ex])
-        self.val_feats = feature_fn([e.image for e in val_ex]) if val_ex else None
+        self.train_feats = feature_fn(ImageColumn(train_ex))  # images read a batch at a time, in order
+        self.val_feats = feature_fn(ImageColumn(val_ex)) if val_ex else None
 
     def _setup_position(self) -> None:
         self.checkpointer = Checkpointer(self.inputs.checkpoint_dir, self.cfg.train.keep_checkpoints,
