@@ -124,3 +124,32 @@ def test_images_read_once_in_order_and_digests_spare_the_reads(tmp_path, demo):
     assert _Lazy.reads == [] and store.hits == 1  # a hit reads no image at all
     layout = json.loads((store.path_for(images) / "manifest.json").read_text())
     assert layout["rows_per_shard"] == 2 and len(layout["shards"]) == 3
+
+
+def _rss_file_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux only")
+def test_reading_a_whole_map_keeps_resident_memory_bounded(tmp_path):
+    rows, width = 4096, 4096  # 64 MiB of float32 in 8 shards
+    w = ShardWriter(tmp_path, rows, 512)
+    for start in range(0, rows, 512):
+        w.write_rows(start, torch.full((512, width), float(start)))
+    w.finish()
+    m = FeatureMap(tmp_path)
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
+    m.rows(order[:64])  # the first gather pages in torch's own code (RssFile counts libraries too)
+    m.release()
+    before = _rss_file_kb()
+    for part in order.split(64):
+        got = m.rows(part)
+        assert torch.equal(got[:, 0], (part // 512 * 512).float())
+    assert _rss_file_kb() - before < 16 << 10  # under 16 MiB of map pages held, not the 64 MiB read
+    hold = FeatureMap(tmp_path, release=False)  # never released: the same reads hold them all
+    for part in order.split(64):
+        hold.rows(part)
+    assert _rss_file_kb() - before > 48 << 10

@@ -95,6 +95,9 @@ class Streamed:
         return feats, done
 
     def _fetch(self, batches: list[list[int]], out: queue.Queue, halt: threading.Event) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.device)  # a new thread starts on device 0; under DDP ours may be another
+
         def offer(item) -> bool:
             while not halt.is_set():
                 try:
