@@ -101,12 +101,14 @@ def test_write_map_equals_image_features_and_resumes_from_complete_shards(tmp_pa
     monkeypatch.setattr(ShardWriter, "write_rows", real)
     assert ShardWriter(tmp_path, 9, 4).missing() == [2] and not (tmp_path / "manifest.json").exists()
     assert not list(tmp_path.glob(".*"))
+    (tmp_path / ".shard-00002.bin.k1ll3d").write_bytes(b"half")  # what a SIGKILL leaves behind
     seen = []
     monkeypatch.setattr(feature_map, "image_features", lambda m, p, imgs, **kw: seen.append(len(imgs)) or
                         image_features(m, p, imgs, **kw))  # fmt: skip
     write_map(demo.model, demo.processor, images, tmp_path, rows_per_shard=4, batch_size=2)
     assert seen == [1]  # only the missing shard's one image was computed again
     assert torch.equal(FeatureMap(tmp_path).whole(), whole)
+    assert not list(tmp_path.glob(".*"))  # the killed attempt's half shard is gone
 
 
 def test_images_read_once_in_order_and_digests_spare_the_reads(tmp_path, demo):

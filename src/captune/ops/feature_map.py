@@ -104,6 +104,13 @@ class ShardWriter:
         start, stop = self.shard_rows(index)
         return path.is_file() and path.stat().st_size == (stop - start) * self._row_bytes()
 
+    def clear_temporaries(self, shards: Iterable[int]) -> None:
+        """Remove half-written files of ``shards`` that a killed computation left (each process clears
+        only its own shards', so none removes a file another is writing)."""
+        for s in shards:
+            for tmp in self.root.glob(f".{shard_name(s)}.*"):
+                tmp.unlink(missing_ok=True)
+
     def missing(self, shards: Iterable[int] | None = None) -> list[int]:
         """Those of ``shards`` (default all) not yet on disk whole."""
         return [s for s in (range(self.shards) if shards is None else shards) if not self.complete(s)]
@@ -312,6 +319,7 @@ def write_map(model, processor, images: Sequence, root: Path, *, rows_per_shard:
     rank, size = (world.rank, world.size) if many else (0, 1)
     writer = ShardWriter(root, len(images), rows_per_shard)
     mine = list(range(rank, writer.shards, size))
+    writer.clear_temporaries(mine)
     todo = writer.missing(mine)
     keep = keep and not many and todo == mine and bool(mine)
     ranges = [writer.shard_rows(s) for s in todo]

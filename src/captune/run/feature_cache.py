@@ -43,9 +43,10 @@ def model_fingerprint(model, processor, source: str) -> str:
 class FeatureStore:
     """Frozen image features on disk, keyed by model fingerprint and the images' content hashes.
 
-    Each image set is a sharded feature map (``ops.feature_map``): ``rows_per_shard`` rows a shard
-    (rounded up to a multiple of the batch size), written while the features are computed, never
-    whole in memory; a killed computation resumes from its complete shards. Under several
+    Each image set is a sharded feature map (``ops.feature_map``): up to ``rows_per_shard`` rows a
+    shard (fewer when that gives every process a shard; always a multiple of the batch size, so the
+    features do not depend on the shard size), written while the features are computed, never
+    whole in memory; a killed computation resumes from its complete shards (of the same size). Under several
     processes each computes and writes its own shards, then every process reads the shared map.
     """
 
@@ -90,7 +91,9 @@ class FeatureStore:
             self.hits += 1
         else:
             self.misses += 1
-            rows = -(-self.rows_per_shard // batch_size) * batch_size
+            # a multiple of the batch, and small enough that every process has a shard to compute
+            share = -(-len(images) // (world.size if many else 1))
+            rows = -(-max(1, min(self.rows_per_shard, share)) // batch_size) * batch_size
             kept = write_map(model, processor, images, path, rows_per_shard=rows, batch_size=batch_size,
                              device=device, world=world, keep=not stream)  # fmt: skip
             if kept is not None:

@@ -64,8 +64,10 @@ class Streamed:
     streamed = True
 
     def __init__(self, fmap: FeatureMap, device: torch.device, depth: int = 3):
-        self.fmap, self.device, self.depth = fmap, device, depth
         self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.fmap, self.device, self.depth = fmap, device, depth
         self.side = torch.cuda.Stream(device) if self.cuda else None
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue()
