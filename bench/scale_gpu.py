@@ -53,7 +53,10 @@ class SyntheticExample:
     def image(self) -> bytes:
         jpg = self.pictures[self.i % len(self.pictures)]
         payload = f"captune synthetic image {self.i}".encode()
-        return jpg[:2] + b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload + jpg[2:]  # COM segment
+        at = 2  # after SOI, and after the JFIF APP0 segment where there is one (it must come first)
+        if jpg[2:4] == b"\xff\xe0":
+            at = 4 + struct.unpack(">H", jpg[4:6])[0]
+        return jpg[:at] + b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload + jpg[at:]  # COM segment
 
 
 def _environment(args, device: str) -> dict:
