@@ -171,6 +171,25 @@ class ShardWriter:
         write_atomic(self.root / "manifest.json", json.dumps(doc, indent=1))
 
 
+def _drop_pages(address: int, length: int) -> None:
+    """madvise(MADV_DONTNEED) on a private, never-written file map: its pages leave the process and
+    are read again (from the page cache) on the next access. A no-op where libc has no madvise."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True).madvise
+            _LIBC.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC and length:
+        _LIBC(address, length, getattr(mmap, "MADV_DONTNEED", 4))
+
+
+_LIBC = None
+
+
 def is_complete(root: Path) -> bool:
     return (Path(root) / "manifest.json").is_file()
 
@@ -189,13 +208,14 @@ class FeatureMap:
         doc = json.loads((self.root / "manifest.json").read_text())
         self.count, self.rows_per_shard = int(doc["count"]), int(doc["rows_per_shard"])
         self.row_shape, self.dtype = tuple(doc["row_shape"]), _DTYPES[doc["dtype"]]
-        self._maps: list[mmap.mmap] = []
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
         self._shards: list[torch.Tensor] = []
         for name in doc["shards"]:
-            with open(self.root / name, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable, pages on demand
-            self._maps.append(mm)
-            self._shards.append(torch.frombuffer(mm, dtype=self.dtype).view(-1, *self.row_shape))
+            path = self.root / name
+            # a private map (pages on demand, never written back) that keeps no file descriptor open:
+            # a million-image split has a thousand shards
+            flat = torch.from_file(str(path), shared=False, size=path.stat().st_size // itemsize, dtype=self.dtype)
+            self._shards.append(flat.view(-1, *self.row_shape))
         self._words = [_words(t) for t in self._shards]
 
     def __len__(self) -> int:
@@ -249,8 +269,9 @@ class FeatureMap:
     def release(self, shards: Iterable[int] | None = None) -> None:
         """Let go of the pages read from ``shards`` (default all): they stay in the page cache, not
         in this process."""
-        for s in range(len(self._maps)) if shards is None else shards:
-            self._maps[s].madvise(mmap.MADV_DONTNEED)  # private, never-written pages: dropped, re-read on demand
+        for s in range(len(self._shards)) if shards is None else shards:
+            part = self._shards[s]
+            _drop_pages(part.data_ptr(), part.numel() * part.element_size())
 
 
 class ImageColumn(Sequence):
