@@ -119,6 +119,26 @@ def test_two_processes_give_the_single_process_run(tmp_path):
     assert (run / "report" / "index.html").is_file()
 
 
+@pytest.mark.slow  # CI runs it (.ci/run, -m slow)
+def test_two_processes_stream_features_from_one_shared_map(tmp_path):
+    """train.feature_residence=stream under torchrun: each process computes and writes its own shards of
+    the feature cache once, both read the shared map, and the adapter is the single process's."""
+    run, single = _prepared(tmp_path, "stream", ["train.feature_residence=stream", "eval.batch_size=16"])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+        "-m", "captune.cli", "train", str(run),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "streamed from disk" in done.stdout
+    _same_adapter(run, single)
+    maps = sorted(p.parent for p in (run / "features").glob("*/*/manifest.json"))
+    assert len(maps) == 2  # the train and validation splits, each one map; no per-process copies
+    train_map = max(maps, key=lambda m: json.loads((m / "manifest.json").read_text())["count"])
+    assert len(json.loads((train_map / "manifest.json").read_text())["shards"]) == 2  # one each
+    assert not [p for p in (run / "features").rglob(".*")]  # no temporary left
+
+
 def _gather_in_process(rank: int, port: int, total: int, out) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",

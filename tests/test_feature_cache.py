@@ -19,13 +19,14 @@ def test_cache_hits_equal_fresh_features(tmp_path):
     store = FeatureStore(tmp_path, key)
     images = _images(1)
     first = store.get(loaded.model, loaded.processor, images)
-    assert store.get(loaded.model, loaded.processor, images) is first or store.hits == 1  # while or after writing
-    store.flush()
+    assert torch.equal(store.get(loaded.model, loaded.processor, images), first)
     again = FeatureStore(tmp_path, key).get(loaded.model, loaded.processor, images)
     assert torch.equal(first, again)
     assert torch.equal(first, image_features(loaded.model, loaded.processor, images))
-    assert store.misses == 1 and store.hits == 1 and len(list((tmp_path / key).glob("*.safetensors"))) == 1
-    assert not list((tmp_path / key).glob(".features.*"))  # no temporary left behind
+    assert store.misses == 1 and store.hits == 1 and len(list((tmp_path / key).glob("*/manifest.json"))) == 1
+    assert not list((tmp_path / key).rglob(".*"))  # no temporary left behind
+    streamed = store.get(loaded.model, loaded.processor, images, stream=True)
+    assert torch.equal(streamed.rows([2, 0]), first[[2, 0]]) and store.hits == 2
 
 
 def test_changed_image_changes_the_entry(tmp_path):

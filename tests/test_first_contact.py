@@ -77,7 +77,7 @@ def test_outputs_follow_the_umask(tmp_path, group_umask, capsys):
     import torch
 
     from captune.atomic import staged_dir, write_atomic
-    from captune.run.feature_cache import save_features
+    from captune.ops.feature_map import ShardWriter
     from tests.test_card import make_run
 
     write_atomic(tmp_path / "a.json", "{}")
@@ -86,11 +86,13 @@ def test_outputs_follow_the_umask(tmp_path, group_umask, capsys):
     with staged_dir(tmp_path / "folder") as tmp:
         (tmp / "sub").mkdir(mode=0o700)
         save_file({"w": torch.zeros(1)}, tmp / "sub" / "model.safetensors")  # safetensors writes 0600
-    save_features(tmp_path / "f" / "feats.safetensors", torch.zeros(2))
+    shards = ShardWriter(tmp_path / "f", 2, 2)
+    shards.write_rows(0, torch.zeros(2, 3))
+    shards.finish()
     assert _mode(tmp_path / "a.json") == 0o664 and _mode(tmp_path / "folder") == 0o775
     assert _mode(tmp_path / "folder" / "sub") == 0o775
     assert _mode(tmp_path / "folder" / "sub" / "model.safetensors") == 0o664
-    assert _mode(tmp_path / "f" / "feats.safetensors") == 0o664
+    assert {_mode(p) for p in (tmp_path / "f").iterdir()} == {0o664}  # shards, layout and manifest
     run = make_run(tmp_path / "run", [])
     out = tmp_path / "staged"
     assert main(["push", str(run), "--repo", "me/x", "--dry-run", "--out", str(out)]) == 0

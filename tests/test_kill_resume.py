@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -21,8 +22,8 @@ ARGS = [
 ]
 
 
-def _run(out, wait=True):
-    cmd = [sys.executable, "-m", "captune.cli", "run", "demo", "--out", str(out), *ARGS]
+def _run(out, wait=True, extra=()):
+    cmd = [sys.executable, "-m", "captune.cli", "run", "demo", "--out", str(out), *ARGS, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
         out_text, _ = proc.communicate(timeout=600)
@@ -55,6 +56,30 @@ def test_sigkill_during_training_then_rerun(tmp_path):
     assert ma == mb
     leftovers = [p for p in killed.rglob(".*") if p.name.startswith(".") and ".tmp-" in p.name]
     assert leftovers == []
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_with_streamed_features_then_rerun(tmp_path):
+    """Features streamed from the sharded cache (train.feature_residence=stream): killed once a
+    mid-epoch checkpoint is written, the re-run resumes there and ends with the adapter of an
+    uninterrupted run that kept its features on the device."""
+    whole = tmp_path / "whole"
+    _run(whole)
+    killed = tmp_path / "killed"
+    stream = ["train.feature_residence=stream"]
+    proc = _run(killed, wait=False, extra=stream)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any((killed / "checkpoints").glob("step-*/state.json")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter").exists()
+    log = _run(killed, extra=stream)
+    assert "resuming from step-" in log and "streamed from disk" in log
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [str(p) for p in killed.rglob(".*")] == []
 
 
 def test_sigkill_at_random_points_of_every_phase(tmp_path):

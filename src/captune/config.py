@@ -182,6 +182,11 @@ class TrainConfig:
     auto = what the accelerate launch config says (configs/accelerate/*.yaml), else DDP."""
     progress: Literal["auto", "on", "off"] = "auto"
     """A progress bar (step, loss, lr, samples/s, ETA, GPU memory); auto = on a terminal or in Jupyter."""
+    feature_residence: Literal["auto", "gpu", "stream"] = "auto"
+    """Where the training split's image features live: gpu = the whole split in device memory (fastest
+    when it fits); stream = a memory-mapped sharded cache on disk, each micro-batch's rows copied in
+    ahead of its step (device memory does not grow with the data); auto = gpu when the split's
+    features take under a quarter of the free device memory (256 MiB on a CPU), else stream."""
 
     def check(self) -> None:
         _require(self.epochs >= 1 or self.max_steps >= 1, "train.epochs", "must be 1 or more")

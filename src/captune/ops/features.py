@@ -100,6 +100,7 @@ def image_features(
     progress: Callable[[int], None] | None = None,
     stage: str = "projected",
     instruction: str | None = None,
+    sink: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Projected Q-Former outputs, shape (N, num_query_tokens, lm_hidden), on ``device``; with
     ``stage="vision"`` the vision tower's output instead (N, patches + 1, vision_hidden), for
@@ -107,6 +108,9 @@ def image_features(
 
     An InstructBLIP Q-Former reads the instruction too: the one ``load_model`` recorded
     (``model.prompt``), or ``instruction`` when given.
+
+    With ``sink``, each batch's features are handed to it in order and not kept (the return is
+    empty): a split's features written to disk as they come, never whole in memory.
 
     JPEG decoding and preprocessing run in a thread pool, a few batches ahead of the
     GPU, through the model's own image processor. With the model on a GPU each torch
@@ -135,7 +139,9 @@ def image_features(
                 part = list(images[start : start + batch_size])
                 return [pool.submit(pixel_values, processor, part[i : i + sub]) for i in range(0, len(part), sub)]
 
-            first = gpu_pixel_values(processor, images[:batch_size], device) if starts else None
+            first = None  # (on a CPU the first batch is not read here: each image is read once)
+            if starts and device.type == "cuda":
+                first = gpu_pixel_values(processor, images[:batch_size], device)
             on_gpu = first is not None  # decode on the GPU; otherwise prefetch CPU batches in threads
             ahead = [] if on_gpu else [submit(s) for s in starts[:3]]
             for n, start in enumerate(starts):
@@ -149,16 +155,32 @@ def image_features(
                     pv = torch.cat([f.result() for f in ahead.pop(0)])
                 pv = pv.to(device, vision_dtype, non_blocking=True)
                 if stage == "vision":
-                    chunks.append(blip.vision_model(pixel_values=pv, return_dict=True).last_hidden_state)
+                    out = blip.vision_model(pixel_values=pv, return_dict=True).last_hidden_state
                 else:
                     text = {k: v.expand(pv.size(0), -1) for k, v in instruct.items()}
-                    out = blip.get_image_features(pixel_values=pv, return_dict=True, **text)
-                    chunks.append(out.pooler_output.to(dtype))
+                    out = blip.get_image_features(pixel_values=pv, return_dict=True, **text).pooler_output.to(dtype)
+                if sink is None:
+                    chunks.append(out)
+                else:
+                    sink(out)
                 if progress:
                     progress(min(start + batch_size, len(images)))
     finally:
         torch.set_num_threads(cpu_threads)
     return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def feature_row_bytes(blip, stage: str = "projected") -> int:
+    """Bytes of one image's features (``image_features``' row), from the config alone: what a split's
+    features will take before any is computed."""
+    if stage == "vision":
+        vc = blip.config.vision_config
+        rows, width = (vc.image_size // vc.patch_size) ** 2 + 1, vc.hidden_size
+        weight = blip.vision_model.embeddings.patch_embedding.weight
+    else:
+        weight = blip.language_projection.weight
+        rows, width = blip.config.num_query_tokens, weight.shape[0]
+    return rows * width * weight.element_size()
 
 
 def project_queries(blip, image_embeds: torch.Tensor) -> torch.Tensor:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from captune.model.instruct import instruction
-from captune.ops.features import _workers, image_features, qformer_matmul
+from captune.ops.feature_map import FeatureMap, is_complete, write_map
+from captune.ops.features import _workers, qformer_matmul
 from captune.ops.lm import unwrap
 
 
@@ -46,23 +45,25 @@ def model_fingerprint(model, processor, source: str) -> str:
 class FeatureStore:
     """Frozen image features on disk, keyed by model fingerprint and the images' content hashes.
 
-    A computed set is returned at once and written in a background thread (under a temporary
-    name, then renamed); until the write ends, a second request for it gets the same tensor.
-    ``flush`` waits for the writes.
+    Each image set is a sharded feature map (``ops.feature_map``): up to ``rows_per_shard`` rows a
+    shard (fewer when that gives every process a shard; always a multiple of the batch size, so the
+    features do not depend on the shard size), written while the features are computed, never
+    whole in memory; a killed computation resumes from its complete shards (of the same size). Under several
+    processes each computes and writes its own shards, then every process reads the shared map.
     """
 
-    def __init__(self, root: Path, fingerprint: str):
+    def __init__(self, root: Path, fingerprint: str, rows_per_shard: int = 1024):
         self.root = Path(root) / fingerprint
+        self.rows_per_shard = rows_per_shard
         self.hits = 0
         self.misses = 0
-        self._writing: dict[Path, tuple[threading.Thread | None, torch.Tensor]] = {}
-        self._errors: list[BaseException] = []
 
-    def path_for(self, images: Sequence[bytes]) -> Path:
+    def path_for(self, images: Sequence[bytes], digests: Sequence[bytes] | None = None) -> Path:
+        """The map folder of ``images`` (their SHA-256 ``digests`` when known: then no image is read)."""
         h = hashlib.sha256()
-        for digest in _digests(images):
+        for digest in _digests(images) if digests is None else digests:
             h.update(digest)
-        return self.root / f"{h.hexdigest()[:24]}.safetensors"
+        return self.root / h.hexdigest()[:24]
 
     def get(
         self,
@@ -70,87 +71,53 @@ class FeatureStore:
         processor,
         images: Sequence[bytes],
         *,
+        digests: Sequence[bytes] | None = None,
         batch_size: int = 64,
         device: torch.device | None = None,
         world=None,
-    ) -> torch.Tensor:
-        """The features of ``images``, from the cache or computed. Under several processes
-        (``world``, a ``captune.distributed.World``) every process must call it with the same
-        images: each computes every size-th image, one all-gather gives all of them the whole
-        set, and the main process writes the file."""
-        from safetensors.torch import load_file
-
+        stream: bool = False,
+    ) -> torch.Tensor | FeatureMap:
+        """The features of ``images``, from the cache or computed: a tensor on ``device``, or with
+        ``stream`` the memory-mapped ``FeatureMap`` (nothing loaded). Under several processes
+        (``world``, a ``captune.distributed.World``) every process must call it with the same images."""
         blip = unwrap(model)
         device = device or next(blip.parameters()).device
         many = world is not None and world.distributed
-        path = self.path_for(images)
-        known = path in self._writing
-        hit = known or path.is_file()
+        path = self.path_for(images, digests)
+        hit = is_complete(path)
         if many:
             from captune.distributed import all_agree
 
             hit = all_agree(hit)  # one decision: a process that computes alone would wait for the others forever
         if hit:
             self.hits += 1
-            if known:
-                return self._writing[path][1].to(device)
-            return load_file(str(path), device=str(device))["features"]
-        self.misses += 1
-        if many:
-            from captune.distributed import gather_strided
-
-            mine = [images[i] for i in range(world.rank, len(images), world.size)]
-            part = image_features(model, processor, mine, batch_size=batch_size, device=device)
-            feats = gather_strided(part, len(images))
         else:
-            feats = image_features(model, processor, images, batch_size=batch_size, device=device)
-        writer = None
-        if not many or world.is_main:
-            writer = threading.Thread(target=self._write, args=(path, feats), name="captune-features-write")
-            writer.start()
-        self._writing[path] = (writer, feats)  # the other processes keep theirs in memory until flush
-        return feats
-
-    def _write(self, path: Path, feats: torch.Tensor) -> None:
-        try:
-            save_features(path, feats)
-        except BaseException as exc:  # handed to flush(), which raises it in the caller's thread
-            self._errors.append(exc)
+            self.misses += 1
+            # a multiple of the batch, and small enough that every process has a shard to compute
+            share = -(-len(images) // (world.size if many else 1))
+            rows = -(-max(1, min(self.rows_per_shard, share)) // batch_size) * batch_size
+            kept = write_map(model, processor, images, path, rows_per_shard=rows, batch_size=batch_size,
+                             device=device, world=world, keep=not stream)  # fmt: skip
+            if kept is not None:
+                return kept
+        fmap = FeatureMap(path)
+        return fmap if stream else fmap.whole(device)
 
     def flush(self) -> None:
-        """Wait until every features file this store started writing is in place; raise the first
-        write error (a full disk, say)."""
-        while self._writing:
-            _, (writer, _) = self._writing.popitem()
-            if writer is not None:
-                writer.join()
-        if self._errors:
-            error, self._errors = self._errors[0], []
-            raise error
+        """Nothing to wait for: a map is whole on disk when ``get`` returns (kept for callers that
+        joined the background writes of the single-file cache)."""
 
 
 def _digests(images: Sequence[bytes]) -> list[bytes]:
-    """SHA-256 of each image, in threads (hashlib lets go of the GIL for large buffers)."""
-    if len(images) < 64:
-        return [hashlib.sha256(data).digest() for data in images]
+    """SHA-256 of each image: the sequence's own (``ImageColumn.digests``) when it has them, else
+    computed in threads (hashlib lets go of the GIL for large buffers), a batch of images at a time."""
+    if hasattr(images, "digests"):
+        return images.digests()
+    out: list[bytes] = []
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(_workers()) as pool:
-        return list(pool.map(lambda data: hashlib.sha256(data).digest(), images, chunksize=32))
-
-
-def save_features(path: Path, feats: torch.Tensor) -> None:
-    """A features file written under a temporary name and renamed into place (never half-written)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from captune.atomic import mkstemp_like_open, mode_for
-
-    fd, tmp = mkstemp_like_open(".features.", path.parent)
-    os.close(fd)
-    try:
-        save_file({"features": feats.contiguous().cpu()}, tmp)
-        os.chmod(tmp, mode_for(False))  # safetensors writes owner-only files
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        for start in range(0, len(images), 256):
+            part = images[start : start + 256]
+            out.extend(pool.map(lambda data: hashlib.sha256(data).digest(), part))
+    return out

@@ -124,8 +124,11 @@ class Run:
 
         self._pending.append((name, submit(fn, *args)))
 
-    def features(self, images: list[bytes]):
-        """Frozen image features from RUN/features (computed once per model and image set)."""
+    def features(self, images, *, digests=None, stream: bool = False):
+        """Frozen image features from RUN/features (computed once per model and image set, in shards):
+        a device tensor, or with ``stream`` the memory-mapped ``FeatureMap``. ``images`` is read in
+        order, a batch at a time; with their SHA-256 ``digests`` (or an ``ImageColumn``) the cache
+        is looked up without reading any."""
         from captune.run.feature_cache import FeatureStore, model_fingerprint
 
         loaded = self.base()
@@ -133,7 +136,8 @@ class Run:
             key = model_fingerprint(loaded.model, loaded.processor, loaded.source)
             self._store = FeatureStore(self.path("features"), key)
         bs, device = self.cfg.eval.batch_size, loaded.device
-        return self._store.get(loaded.model, loaded.processor, images, batch_size=bs, device=device, world=world())
+        return self._store.get(loaded.model, loaded.processor, images, digests=digests, batch_size=bs, device=device,
+                               world=world(), stream=stream)  # fmt: skip
 
     def tuned(self):
         """The base model with the run's adapter (the one training left in memory, else loaded)."""

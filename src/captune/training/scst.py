@@ -97,6 +97,7 @@ class ScstTrainer(LoopParts):
     """Trains the LoRA parameters of ``model`` (a PEFT model) in place with SCST; keeps the best ones."""
 
     what = "SCST "
+    can_stream = False  # the sampler and the policy loss index whole feature tensors
     vision_trains = False  # setup refuses adapters on the Q-Former: the features are fixed
 
     def __init__(self, model, processor, cfg: Config, inputs: TrainInputs, log: Callable[[str], None] = print):

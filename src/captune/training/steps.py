@@ -112,19 +112,36 @@ def token_weight(own: int, world: World, device: torch.device):
 
 
 class Steps:
-    """The forward of one micro-batch (its global list of images or pairs) on this process's share."""
+    """The forward of one micro-batch (its global list of images or pairs) on this process's share.
+
+    ``rows`` is the split's features (``training.feed``: ``Resident`` on the device, or ``Streamed``
+    from the memory map); ``plan`` tells it an epoch's micro-batches so it can fetch ahead."""
 
     def __init__(self, model, tokenizer, cfg: Config, world: World, device: torch.device, *, packed: bool,
-                 vision_trains: bool, examples: list, feats: torch.Tensor):  # fmt: skip
+                 vision_trains: bool, examples: list, rows):  # fmt: skip
         self.tokenizer, self.cfg, self.world, self.device = tokenizer, cfg, world, device
         self.packed, self.vision_trains = packed, vision_trains
-        self.examples, self.feats = examples, feats
+        self.examples, self.rows = examples, rows
         self.counter = LabelCounter(tokenizer, unwrap(model), cfg)
+
+    def _mine(self, chunk: list) -> list:
+        w = self.world
+        return rank_share(chunk, w.rank, w.size) if w.distributed else chunk
+
+    def needs(self, chunk: list) -> list[int] | None:
+        """The feature rows this process's share of ``chunk`` reads, in order (None: the whole tensor)."""
+        mine = self._mine(chunk)
+        return list(mine) if self.packed else self.needs_of(mine)
+
+    def plan(self, chunks: list[list]) -> None:
+        """The micro-batches to come, in order: a streamed feed starts fetching their rows."""
+        if self.rows.streamed:
+            self.rows.plan([self.needs(c) for c in chunks])
 
     def forward(self, module: torch.nn.Module, chunk: list) -> tuple[torch.Tensor, object, int]:
         """(loss of this process's share, its token weight, pairs in the whole micro-batch)."""
         w = self.world
-        mine = rank_share(chunk, w.rank, w.size) if w.distributed else chunk
+        mine = self._mine(chunk)
         if self.packed:
             loss, own = self._packed(module, mine)
             n_pairs = sum(len(self.examples[i].captions) for i in chunk)
@@ -146,16 +163,20 @@ class Steps:
             prompt=self.cfg.model.prompt,
             max_text_tokens=self.cfg.train.max_text_tokens,
         ).to(self.device)
-        index = torch.tensor(mine)
-        if self.device.type == "cuda":
-            index = index.pin_memory()
-        loss = module(self.feats[index.to(self.device, non_blocking=True)], batch)
+        loss = module(self.rows.take(list(mine)), batch)
         return loss, int(batch.keep.numel())
 
     def _flat(self, module, mine: list[tuple[int, str]]) -> torch.Tensor:
-        if self.vision_trains:  # only the images of this share go through the Q-Former
-            imgs = sorted({i for i, _ in mine})
-            local = {i: j for j, i in enumerate(imgs)}
-            share = [(local[i], c) for i, c in mine]
-            return module(self.tokenizer, self.feats[imgs], share, self.cfg)
-        return module(self.tokenizer, self.feats, mine, self.cfg)
+        imgs = self.needs_of(mine)
+        if imgs is None:
+            return module(self.tokenizer, self.rows.feats, mine, self.cfg)
+        # only the images of this share: read (or, with a trained Q-Former, run through it) once each
+        local = {i: j for j, i in enumerate(imgs)}
+        share = [(local[i], c) for i, c in mine]
+        return module(self.tokenizer, self.rows.take(imgs), share, self.cfg)
+
+    def needs_of(self, mine: list[tuple[int, str]]) -> list[int] | None:
+        """The images of an unpacked share, once each and sorted (None: index the resident tensor)."""
+        if not self.rows.streamed and not self.vision_trains:
+            return None
+        return sorted({i for i, _ in mine})

@@ -29,10 +29,12 @@ from captune.distributed import all_agree, world
 from captune.model.family import can_pack, language_family
 from captune.model.lora import adapter_touches_vision
 from captune.model.lora_compute import use_16bit_compute
-from captune.ops.features import image_features
+from captune.ops.feature_map import FeatureMap, ImageColumn, write_map
+from captune.ops.features import feature_row_bytes, image_features
 from captune.ops.lm import unwrap
 from captune.training.checkpoint import Checkpointer, Position
 from captune.training.engines import make_engine
+from captune.training.feed import Resident, Streamed, choose_residence
 from captune.training.plan import Plan
 from captune.training.progress import TrainLog, _quiet
 from captune.training.steps import StepLoss, Steps
@@ -69,7 +71,8 @@ class TrainInputs:
     val_examples: list[Example]
     log_path: Path | None = None
     score_fn: Callable[[list[str], list[list[str]]], float] | None = None
-    feature_fn: Callable[[list[bytes]], torch.Tensor] | None = None
+    # images (a sequence, read in order) -> features; stream=True: a FeatureMap instead of a tensor
+    feature_fn: Callable[..., torch.Tensor | FeatureMap] | None = None
     checkpoint_dir: Path | None = None
     on_step: Callable[[int], None] | None = None
 
@@ -84,6 +87,7 @@ class LoopParts:
     checkpoint's batch settings) and log (the end)."""
 
     what = ""  # how the loop's log lines name it ("SCST ")
+    can_stream = True  # the training split's features may stream from disk (SCST's steps index a whole tensor)
 
     def _setup_lora_compute(self) -> None:
         """The adapter's products in 16 bits where ``lora.compute`` allows; not under FSDP or ZeRO-3,
@@ -96,25 +100,49 @@ class LoopParts:
     def _setup_features(self) -> None:
         """Image features computed once (no dropout). A trainable Q-Former (lora preset qformer) changes
         them every step: then the vision tower's output is what is computed once (not the disk-cached
-        features), and the Q-Former runs in each step."""
+        features), and the Q-Former runs in each step. The cross-entropy loop's training split stays whole
+        on the device or streams from a memory map (``train.feature_residence``, ``train_rows``); SCST's
+        and the validation split's stay whole (``train_feats``, ``val_feats``)."""
         self.model.eval()
-        feature_fn = self.inputs.feature_fn
-        if feature_fn is None or self.vision_trains:
-            stage = "vision" if self.vision_trains else "projected"
-            bs = self.cfg.eval.batch_size
-
-            def feature_fn(images):
-                return image_features(
-                    self.model, self.processor, images, batch_size=bs, device=self.device, stage=stage
-                )
-
+        stage = "vision" if self.vision_trains else "projected"
         train_ex, val_ex = self.inputs.train_examples, self.inputs.val_examples
-        self.train_feats = feature_fn([e.image for e in train_ex])
-        self.val_feats = feature_fn([e.image for e in val_ex]) if val_ex else None
+        stream = False
+        if self.can_stream:
+            nbytes = len(train_ex) * feature_row_bytes(self.blip, stage)
+            stream = choose_residence(self.cfg.train.feature_residence, nbytes, self.device) == "stream"
+        feature_fn = None if self.vision_trains else self.inputs.feature_fn
+        if feature_fn is None:
+            feature_fn = self._features_here(stage)
+        train = feature_fn(ImageColumn(train_ex), stream=stream)  # images read a batch at a time, in order
+        if self.can_stream:
+            self.train_rows = Streamed(train, self.device) if stream else Resident(train, self.device)
+        else:
+            self.train_feats = train
+        self.val_feats = feature_fn(ImageColumn(val_ex)) if val_ex else None
+        where = f" ({'streamed from disk' if stream else 'on the device'})" if self.can_stream else ""
         self.say(
-            f"  image features: {len(train_ex)} train, {len(val_ex)} validation images "
-            f"in {time.perf_counter() - self.started:.1f}s"
+            f"  image features: {len(train_ex)} train{where}, "
+            f"{len(val_ex)} validation images in {time.perf_counter() - self.started:.1f}s"
         )
+
+    def _features_here(self, stage: str) -> Callable:
+        """Features computed by this process for all images (no run folder to cache them in): kept on
+        the device, or written to a scratch map that lives as long as the trainer."""
+        bs = self.cfg.eval.batch_size
+
+        def feature_fn(images, stream: bool = False):
+            if not stream:
+                return image_features(self.model, self.processor, images, batch_size=bs, device=self.device,
+                                      stage=stage)  # fmt: skip
+            import tempfile
+
+            self._scratch = tempfile.TemporaryDirectory(prefix="captune-features-")
+            root = Path(self._scratch.name)
+            write_map(self.model, self.processor, images, root, rows_per_shard=bs * max(1, 1024 // bs),
+                      batch_size=bs, device=self.device, stage=stage)  # fmt: skip
+            return FeatureMap(root)
+
+        return feature_fn
 
     def _setup_position(self) -> None:
         """A fresh position, or the restored one (weights, best adapter, optimizer, scheduler, RNG)."""
@@ -159,6 +187,7 @@ class Trainer(LoopParts):
         self.device = next(self.blip.parameters()).device
         self.world = world()
         self.say = log if self.world.is_main else _quiet
+        self._scratch = None  # a temporary feature map's folder, when there is no run folder
 
     # ------------------------------------------------------------------ setup
 
@@ -181,7 +210,7 @@ class Trainer(LoopParts):
         self.module = self.engine.wrap(self.step_loss, packed=self.plan.packed)
         self.steps = Steps(self.model, self.tokenizer, self.cfg, self.world, self.device, packed=self.plan.packed,
                            vision_trains=self.vision_trains, examples=self.inputs.train_examples,
-                           feats=self.train_feats)  # fmt: skip
+                           rows=self.train_rows)  # fmt: skip
         self.validator = Validator(self.model, self.tokenizer, self.cfg, self.inputs.val_examples, self.val_feats,
                                    score_fn=self.inputs.score_fn, engine=self.engine, selection=self.selection,
                                    log=self.log)  # fmt: skip
@@ -228,8 +257,11 @@ class Trainer(LoopParts):
                     break
             self.validator.settle()
         finally:
+            self.train_rows.stop()
             self.validator.close()
             self.log.close()
+            if self._scratch is not None:
+                self._scratch.cleanup()
         return self.finish()
 
     def _train_epoch(self, epoch: int) -> None:
@@ -238,6 +270,7 @@ class Trainer(LoopParts):
         self.rng.setstate(pos.epoch_rng)  # the epoch's order is a function of this state (and of nothing else)
         epoch_rng = pos.epoch_rng
         chunks = plan.micro_batches(self.inputs.train_examples, self.rng)
+        self.steps.plan(chunks[pos.next_micro :])
         for i, chunk in enumerate(chunks):
             if i < pos.next_micro:
                 continue
@@ -319,6 +352,7 @@ def train(model, processor, train_examples: list[Example], val_examples: list[Ex
     """Train the LoRA parameters of ``model`` (a PEFT model) in place; keep the best ones.
 
     ``inputs`` are ``TrainInputs``' other fields: ``log_path``, ``score_fn`` (captions, references ->
-    validation CIDEr), ``feature_fn`` (images -> features, e.g. the run's disk cache),
+    validation CIDEr), ``feature_fn`` (images, stream=False -> features: a device tensor, or a
+    ``FeatureMap`` with stream=True; e.g. the run's disk cache),
     ``checkpoint_dir`` and ``on_step`` (called after each optimizer step)."""
     return Trainer(model, processor, cfg, TrainInputs(train_examples, val_examples, **inputs), log).setup().fit()

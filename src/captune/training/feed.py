@@ -1,0 +1,143 @@
+"""The training split's image features, fed to each micro-batch: resident on the device, or streamed.
+
+``Resident`` holds the whole split on the device and indexes it (the fast path, used whenever the
+split fits). ``Streamed`` reads a memory-mapped ``FeatureMap``: a background thread gathers the
+rows of the next micro-batches on the CPU into pinned memory and copies them to the device on a
+side stream, so device memory holds a few micro-batches' features whatever the split's size. Both
+hand the step the same rows in the same order: losses and adapters are bit-identical
+(tests/test_feature_feed.py pins it).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from captune.distributed import all_agree
+from captune.ops.feature_map import FeatureMap
+
+CPU_RESIDENT_BYTES = 256 << 20  # on a CPU the map is as fast as RAM; keep small splits whole anyway
+DEVICE_SHARE = 0.25  # of the free device memory, when the split's features may stay whole
+
+
+def choose_residence(setting: str, nbytes: int, device: torch.device) -> str:
+    """``gpu`` or ``stream`` for ``train.feature_residence=setting`` and features of ``nbytes``: the
+    same answer on every process (any process short of memory makes all stream)."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        fits = nbytes <= DEVICE_SHARE * free
+    else:
+        fits = nbytes <= CPU_RESIDENT_BYTES
+    return "gpu" if all_agree(fits) else "stream"
+
+
+class Resident:
+    """The whole split's features as one device tensor."""
+
+    streamed = False
+
+    def __init__(self, feats: torch.Tensor, device: torch.device):
+        self.feats, self.device = feats, device
+
+    def plan(self, batches: Sequence[list[int]]) -> None:
+        """Nothing to fetch ahead."""
+
+    def take(self, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` (in that order), indexed on the device through a pinned index."""
+        index = torch.tensor(rows)
+        if self.device.type == "cuda":
+            index = index.pin_memory()
+        return self.feats[index.to(self.device, non_blocking=True)]
+
+    def stop(self) -> None:
+        """Nothing under way."""
+
+
+class Streamed:
+    """Rows from a memory map, fetched ``depth`` micro-batches ahead by a thread (see the module)."""
+
+    streamed = True
+
+    def __init__(self, fmap: FeatureMap, device: torch.device, depth: int = 3):
+        self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.fmap, self.device, self.depth = fmap, device, depth
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._halt = threading.Event()
+
+    def plan(self, batches: Sequence[list[int]]) -> None:
+        """Start fetching ``batches`` (each a list of rows), in the order ``take`` will ask for them."""
+        self.stop()
+        self._halt = threading.Event()
+        self._queue = queue.Queue(maxsize=self.depth)
+        self._thread = threading.Thread(
+            target=self._fetch, args=([list(b) for b in batches], self._queue, self._halt), daemon=True,
+            name="captune-feature-feed",
+        )  # fmt: skip
+        self._thread.start()
+
+    def _load(self, rows: list[int]):
+        """Rows on the device, and the event after which they are there (None on a CPU)."""
+        if not self.cuda:
+            return self.fmap.rows(rows), None
+        host = torch.empty((len(rows), *self.fmap.row_shape), dtype=self.fmap.dtype, pin_memory=True)
+        self.fmap.rows(rows, out=host)
+        with torch.cuda.stream(self.side):
+            feats = host.to(self.device, non_blocking=True)  # the host allocator keeps `host` until copied
+            done = torch.cuda.Event()
+            done.record(self.side)
+        return feats, done
+
+    def _fetch(self, batches: list[list[int]], out: queue.Queue, halt: threading.Event) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.device)  # a new thread starts on device 0; under DDP ours may be another
+
+        def offer(item) -> bool:
+            while not halt.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for rows in batches:
+                if not offer((rows, *self._load(rows))):
+                    return
+            offer(None)  # the plan is done: a take beyond it reads its rows itself
+        except BaseException as exc:  # raised by take() in the training thread
+            offer(exc)
+
+    def take(self, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` (in that order) on the device: the next fetched micro-batch, or read now if
+        it is not the one planned."""
+        item = self._queue.get() if self._thread is not None else None
+        if isinstance(item, BaseException):
+            self.stop()
+            raise item
+        if item is None or item[0] != list(rows):
+            self.stop()  # past or off the plan (never in the loop): read it here
+            feats, done = self._load(list(rows))
+        else:
+            _, feats, done = item
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            feats.record_stream(stream)  # its memory is not reused until this stream is done with it
+        return feats
+
+    def stop(self) -> None:
+        """Stop fetching (the epoch ended or training stopped early)."""
+        if self._thread is not None:
+            self._halt.set()
+            self._thread.join()
+            self._thread = None
