@@ -306,6 +306,7 @@ def test_split_is_read_lazily_in_order_with_digests(tmp_path):
     assert view.images()[2:4] == [examples[102].image, examples[103].image]
     assert split.images_by_id()[examples[150].image_id] == examples[150].image
     assert len(split._images.items) <= cache.ROW_GROUP_CACHE  # a bounded number of row groups decoded
+    assert split[7].digest == examples[7].digest and split[7]._image is None
 
 
 _KILLED_PREPARE = """
