@@ -374,3 +374,20 @@ def test_killed_prepare_restarts_from_completed_work(tmp_path):
     finally:
         p.COMMIT_ITEMS, p.SHARD_ROWS = old
     assert _cache_content(out) == _cache_content(tmp_path / "whole")
+
+
+def test_cache_written_before_digests_reads_the_same(tmp_path):
+    """A cache from before the digest column (same CACHE_VERSION) reads as before; digests are hashed."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    _, root = _prep(tmp_path, source="demo:shapes-catalog", num_images=40)
+    path = root / "train-00000.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["digest"]), path)
+    split = load_split(root, "train")
+    rows = pq.read_table(path).to_pylist()
+    assert [(e.image_id, e.captions, e.image) for e in split] == [
+        (r["image_id"], r["captions"], r["image"]) for r in rows
+    ]
+    assert split[3].digest == hashlib.sha256(rows[3]["image"]).hexdigest()
