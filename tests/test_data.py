@@ -391,3 +391,19 @@ def test_cache_written_before_digests_reads_the_same(tmp_path):
         (r["image_id"], r["captions"], r["image"]) for r in rows
     ]
     assert split[3].digest == hashlib.sha256(rows[3]["image"]).hexdigest()
+
+
+def test_progress_line_says_images_per_second_and_eta():
+    from captune.data.prepare import _Progress
+
+    out = io.StringIO()
+    bar = _Progress("writing", 1000, True, stream=out)
+    bar.shown -= 60  # a line is due (every 30 s when not on a terminal)
+    bar.update(250)
+    bar.update(1000, last=True)
+    first, last = out.getvalue().splitlines()
+    assert first.startswith("  writing: 250/1000 images, ") and "images/s, ETA " in first
+    assert last.startswith("  writing: 1000/1000 images, ") and "ETA" not in last
+    quiet = io.StringIO()
+    _Progress("reading", 0, False, stream=quiet).update(5, last=True)
+    assert quiet.getvalue() == ""
