@@ -46,37 +46,74 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def make_source(folder: Path, n: int, seed: int = 0) -> dict:
-    """``n`` JPEGs in ``folder/images/NNNN/`` and ``folder/metadata.jsonl``; returns sizes and time."""
+def _scenes(seed: int) -> list:
     import numpy as np
     from PIL import Image
 
     from captune.demo import world
 
-    t0 = time.perf_counter()
     catalog = world.make_items("catalog", SCENES, seed=seed)
     plain = world.make_items("plain", SCENES, seed=seed)
-    scenes = [
+    return [
         (np.asarray(Image.open(io.BytesIO(c["image"])).convert("RGB").resize((SIDE, SIDE), Image.NEAREST)), c, p)
         for c, p in zip(catalog, plain, strict=True)
     ]
-    rng = np.random.default_rng(seed)
-    total = 0
+
+
+def _write_images(folder: Path, scenes: list, indices: range, rng) -> tuple[list[str], int]:
+    """Images ``indices`` (scene i % SCENES plus noise from ``rng``): their metadata lines, their bytes."""
+    import numpy as np
+    from PIL import Image
+
+    lines, total = [], 0
+    for i in indices:
+        pixels, c, p = scenes[i % SCENES]
+        img = Image.fromarray(np.clip(pixels + rng.normal(0, 10, pixels.shape), 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        name = f"images/{i // 1000:04d}/{i:07d}.jpg"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(buf.getvalue())
+        total += buf.tell()
+        lines.append(json.dumps({"file_name": name, "caption": c["captions"][:3] + p["captions"][:2]}) + "\n")
+    return lines, total
+
+
+def _block(args: tuple) -> tuple[list[str], int]:
+    import numpy as np
+
+    folder, n, seed, block = args
+    rng = np.random.default_rng([seed, block])  # a block's noise, whichever process makes it
+    return _write_images(folder, _scenes(seed), range(block * 1000, min(n, (block + 1) * 1000)), rng)
+
+
+def make_source(folder: Path, n: int, seed: int = 0, jobs: int = 1) -> dict:
+    """``n`` JPEGs in ``folder/images/NNNN/`` and ``folder/metadata.jsonl``; returns sizes and time.
+
+    One process draws every image's noise from one stream (the committed 10k and 100k results);
+    ``jobs`` > 1 makes blocks of 1,000 images in parallel, each block's noise its own stream."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    if jobs <= 1:
+        parts = [_write_images(folder, _scenes(seed), range(n), np.random.default_rng(seed))]
+    else:
+        from multiprocessing import Pool
+
+        with Pool(jobs) as pool:
+            parts = pool.map(_block, [(folder, n, seed, b) for b in range((n + 999) // 1000)])
     tmp = folder / "metadata.jsonl.tmp"
     with tmp.open("w") as meta:
-        for i in range(n):
-            pixels, c, p = scenes[i % SCENES]
-            noise = rng.normal(0, 10, pixels.shape)
-            img = Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=85)
-            name = f"images/{i // 1000:04d}/{i:07d}.jpg"
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_bytes(buf.getvalue())
-            total += buf.tell()
-            meta.write(json.dumps({"file_name": name, "caption": c["captions"][:3] + p["captions"][:2]}) + "\n")
+        for lines, _ in parts:
+            meta.writelines(lines)
     tmp.rename(folder / "metadata.jsonl")
-    return {"images": n, "mean_jpeg_bytes": round(total / n), "seconds": round(time.perf_counter() - t0, 1)}
+    total = sum(t for _, t in parts)
+    return {
+        "images": n,
+        "mean_jpeg_bytes": round(total / n),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "jobs": jobs,
+    }
 
 
 def write_recipe(path: Path, source: Path, steps: int, eval_images: int) -> None:
@@ -133,11 +170,11 @@ def run_phase(run: Path, argv: list[str], work: Path) -> dict:
     }
 
 
-def measure(n: int, work: Path, steps: int, eval_images: int) -> dict:
+def measure(n: int, work: Path, steps: int, eval_images: int, jobs: int = 1) -> dict:
     source, run = work / "source", work / "run"
     shutil.rmtree(work, ignore_errors=True)
     source.mkdir(parents=True)
-    made = make_source(source, n)
+    made = make_source(source, n, jobs=jobs)
     recipe = work / "scale.yaml"
     write_recipe(recipe, source, steps, eval_images)
     phases = {
@@ -199,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, required=True)
     ap.add_argument("--steps", type=int, default=20, help="training steps (train.max_steps)")
     ap.add_argument("--eval-images", type=int, default=500, help="eval.max_images: images scored per side")
+    ap.add_argument("--jobs", type=int, default=1, help="processes making the source images (not timed)")
     ap.add_argument("--work", default=None, help="scratch folder (default $TMPDIR/captune-scale-N)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     ap.add_argument("--out", required=True)
@@ -208,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work or Path(tempfile.gettempdir()) / f"captune-scale-{args.images}")
     started = datetime.datetime.now(datetime.timezone.utc)
-    result = measure(args.images, work, args.steps, args.eval_images)
+    result = measure(args.images, work, args.steps, args.eval_images, args.jobs)
     doc = {
         "what": "N synthetic ~15 KB JPEGs x 5 captions through data, baseline eval, train (fixed steps), "
         "fine-tuned eval, compare, report; each phase in its own process, its peak RSS (ru_maxrss) "

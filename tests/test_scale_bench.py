@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
 def _bench():
     spec = importlib.util.spec_from_file_location("scale_bench", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["scale_bench"] = module  # its worker function is pickled by module name
     spec.loader.exec_module(module)
     return module
 
@@ -39,3 +41,10 @@ def test_every_phase_runs_and_reports_its_peak(tmp_path):
     assert doc["counts"] == {"train": 108, "validation": 6, "test": 6} and doc["references"] == 600
     assert doc["date"] and doc["cpu"] and doc["versions"]["torch"]
     assert doc["command"].startswith("python bench/scale.py")
+
+
+def test_source_in_parallel_blocks_is_the_same_kind(tmp_path):
+    made = _bench().make_source(tmp_path, 2100, jobs=2)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == [f"images/{i // 1000:04d}/{i:07d}.jpg" for i in range(2100)]
+    assert made["jobs"] == 2 and 8_000 < made["mean_jpeg_bytes"] < 25_000
