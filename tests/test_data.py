@@ -407,3 +407,15 @@ def test_progress_line_says_images_per_second_and_eta():
     quiet = io.StringIO()
     _Progress("reading", 0, False, stream=quiet).update(5, last=True)
     assert quiet.getvalue() == ""
+
+
+def test_demo_vocabulary_check_streams_the_training_captions(tmp_path):
+    """The data phase's unknown-word check reads the captions shard by shard, never as one list."""
+    import types
+
+    from captune.demo.vocabulary import _train_captions
+
+    _, root = _prep(tmp_path, source="demo:shapes-catalog", num_images=40)
+    captions = _train_captions(root)
+    assert isinstance(captions, types.GeneratorType)
+    assert list(captions) == [c for e in load_split(root, "train") for c in e.captions]
