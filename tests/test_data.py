@@ -280,3 +280,142 @@ def test_training_pair_modes():
     assert training_pairs(ex, "first", random.Random(0)) == [(0, "a1"), (1, "b1")]
     picks = {training_pairs(ex, "random", random.Random(s))[0][1] for s in range(20)}
     assert picks == {"a1", "a2", "a3"}
+
+
+def test_split_is_read_lazily_in_order_with_digests(tmp_path):
+    import hashlib
+
+    from captune.data import cache
+
+    _, root = _prep(tmp_path, source="demo:shapes-catalog", num_images=260)
+    split = load_split(root, "train")
+    assert len(split) == 208 and len(list((root).glob("train-*.parquet"))) == 1
+    examples = list(split)
+    assert all(e._image is None for e in examples)  # no bytes held
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(root / "train-00000.parquet").to_pylist()
+    assert [(e.image_id, e.captions, e.image) for e in examples] == [
+        (r["image_id"], r["captions"], r["image"]) for r in rows
+    ]
+    assert all(e.digest == hashlib.sha256(e.image).hexdigest() for e in examples[:20])
+    assert [e.image_id for b in split.batches(50) for e in b] == [e.image_id for e in examples]
+    assert [len(b) for b in split.batches(50)] == [50, 50, 50, 50, 8]
+    view = split[100:110]
+    assert [e.image_id for e in view] == [e.image_id for e in examples[100:110]]
+    assert view.images()[2:4] == [examples[102].image, examples[103].image]
+    assert split.images_by_id()[examples[150].image_id] == examples[150].image
+    assert len(split._images.items) <= cache.ROW_GROUP_CACHE  # a bounded number of row groups decoded
+    assert split[7].digest == examples[7].digest and split[7]._image is None
+
+
+_KILLED_PREPARE = """
+import os, signal, sys
+from captune.config import DataConfig
+from captune.data import prepare as p
+from captune.data.sources import read_source
+p.COMMIT_ITEMS, p.SHARD_ROWS = 40, 30
+cfg = DataConfig(source="demo:shapes-catalog", num_images=150)
+stop_at, shards = int(sys.argv[2]), int(sys.argv[3])
+def items():
+    for n, item in enumerate(read_source(cfg)):
+        if n == stop_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield item
+import pyarrow.parquet as pq
+real, count = pq.write_table, [0]
+def write_table(*a, **k):
+    count[0] += 1
+    if count[0] > shards:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+pq.write_table = write_table
+p.prepare(cfg, sys.argv[1], items=items(), progress=False, log=lambda m: None)
+"""
+
+
+def _cache_content(root):
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.pop("seconds")
+    shards = {f.name: pq.read_table(f).to_pylist() for f in sorted(root.glob("*.parquet"))}
+    return manifest, shards
+
+
+def test_killed_prepare_restarts_from_completed_work(tmp_path):
+    """Killed in the first pass (after some committed chunks), then in the second (after some
+    shards): each re-run goes on from there, and the cache equals an uninterrupted run's."""
+    import os
+    import subprocess
+    import sys
+
+    from captune.data import prepare as p
+
+    out = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for stop_at, shards in ((95, 99), (10_000, 2)):
+        done = subprocess.run([sys.executable, "-c", _KILLED_PREPARE, str(out), str(stop_at), str(shards)], env=env)
+        assert done.returncode == -9
+        assert not out.exists() and (tmp_path / ".cache.partial").is_dir()
+    partial = tmp_path / ".cache.partial"
+    assert len(list(partial.glob("*.parquet"))) == 2  # the second kill came after two shards
+    done = subprocess.run([sys.executable, "-c", _KILLED_PREPARE, str(out), "10000", "99"], env=env)
+    assert done.returncode == 0 and not partial.exists()
+    old = (p.COMMIT_ITEMS, p.SHARD_ROWS)
+    try:
+        p.COMMIT_ITEMS, p.SHARD_ROWS = 40, 30
+        p.prepare(
+            DataConfig(source="demo:shapes-catalog", num_images=150),
+            tmp_path / "whole",
+            progress=False,
+            log=lambda m: None,
+        )
+    finally:
+        p.COMMIT_ITEMS, p.SHARD_ROWS = old
+    assert _cache_content(out) == _cache_content(tmp_path / "whole")
+
+
+def test_cache_written_before_digests_reads_the_same(tmp_path):
+    """A cache from before the digest column (same CACHE_VERSION) reads as before; digests are hashed."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    _, root = _prep(tmp_path, source="demo:shapes-catalog", num_images=40)
+    path = root / "train-00000.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["digest"]), path)
+    split = load_split(root, "train")
+    rows = pq.read_table(path).to_pylist()
+    assert [(e.image_id, e.captions, e.image) for e in split] == [
+        (r["image_id"], r["captions"], r["image"]) for r in rows
+    ]
+    assert split[3].digest == hashlib.sha256(rows[3]["image"]).hexdigest()
+
+
+def test_progress_line_says_images_per_second_and_eta():
+    from captune.data.prepare import _Progress
+
+    out = io.StringIO()
+    bar = _Progress("writing", 1000, True, stream=out)
+    bar.shown -= 60  # a line is due (every 30 s when not on a terminal)
+    bar.update(250)
+    bar.update(1000, last=True)
+    first, last = out.getvalue().splitlines()
+    assert first.startswith("  writing: 250/1000 images, ") and "images/s, ETA " in first
+    assert last.startswith("  writing: 1000/1000 images, ") and "ETA" not in last
+    quiet = io.StringIO()
+    _Progress("reading", 0, False, stream=quiet).update(5, last=True)
+    assert quiet.getvalue() == ""
+
+
+def test_demo_vocabulary_check_streams_the_training_captions(tmp_path):
+    """The data phase's unknown-word check reads the captions shard by shard, never as one list."""
+    import types
+
+    from captune.demo.vocabulary import _train_captions
+
+    _, root = _prep(tmp_path, source="demo:shapes-catalog", num_images=40)
+    captions = _train_captions(root)
+    assert isinstance(captions, types.GeneratorType)
+    assert list(captions) == [c for e in load_split(root, "train") for c in e.captions]

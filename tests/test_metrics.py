@@ -207,3 +207,29 @@ def test_corpus_meteor_of_each_resample_equals_the_jars_eval(caption_set):
         _, jar = server.evaluate([stats[i] for i in idx])
         ours = float(corpus_meteor_from_stats(summable[idx].sum(axis=0)))
         assert ours == pytest.approx(jar, abs=1e-12)
+
+
+def test_scoring_in_chunks_equals_scoring_at_once(caption_set, monkeypatch, tmp_path):
+    """Chunked scoring (CIDEr-D's frequencies and N over the whole set, corpus BLEU/METEOR from all
+    statistics) gives every number of one-chunk scoring, bit for bit; so does scoring from a file."""
+    import json
+
+    from captune.evaluation import metrics
+
+    preds, refs = caption_set
+    whole = score_captions(preds, refs)
+    monkeypatch.setattr(metrics, "SCORE_CHUNK", 7)
+    chunked = score_captions(preds, refs)
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(
+        "".join(json.dumps({"image_id": i, "caption": preds[i], "references": refs[i]}) + "\n" for i in preds)
+    )
+    from_file = metrics.score_file(path)
+    for got in (chunked, from_file):
+        assert got.corpus == whole.corpus
+        assert got.per_image == whole.per_image
+        assert (got.image_ids, got.bleu_stats, got.meteor_stats) == (
+            whole.image_ids,
+            whole.bleu_stats,
+            whole.meteor_stats,
+        )

@@ -256,7 +256,7 @@ class Gallery:
         cider = lambda doc: dict(zip(doc["image_ids"], doc["per_image"]["CIDEr"], strict=True))  # noqa: E731
         b, t = cider(result.baseline), cider(result.finetuned)
         chosen = pick_examples(ids, [b[i] for i in ids], [t[i] for i in ids], n, seed)
-        images = {e.image_id: e.image for e in load_split(result.root / "data", result.config.eval.split)}
+        images = load_split(result.root / "data", result.config.eval.split).images_by_id()  # read on lookup
         items = [
             {
                 "image_id": i,

@@ -1,52 +1,52 @@
-"""Group, validate, sample and split a source into a local parquet cache.
+"""Group, validate, sample and split a source into a local parquet cache, with bounded memory.
 
 Cache layout (``DIR``)::
 
     manifest.json                  source, settings, counts, skipped items
-    train-00000.parquet ...        image_id, image (bytes as they came), captions
+    train-00000.parquet ...        image_id, image (bytes as they came), captions, digest (SHA-256)
     validation-00000.parquet ...
     test-00000.parquet ...
 
-The cache is written to a temporary folder beside ``DIR`` and renamed, so an
-interrupted prepare never leaves a cache that looks complete.
+Preparation streams in two passes. The first reads the source once: each new image's bytes go
+to an append-only spool file and its id, digest and captions to a SQLite table, so grouping,
+merging and the split decision never hold images (nor, at a million images, their metadata) in
+memory. The second writes each split's shards from the spool, one shard at a time. Both passes
+work in ``.DIR.partial`` beside ``DIR``, renamed to ``DIR`` when complete, so an interrupted
+prepare never leaves a cache that looks complete; a killed one restarts from its last committed
+chunk of the first pass and its completed shards (same cache as an uninterrupted run).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
 import random
+import shutil
+import sqlite3
 import sys
 import time
+from array import array
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from captune.atomic import staged_dir
+from captune.atomic import public_modes, write_atomic
 from captune.config import DataConfig
+from captune.data.cache import Example, Split, open_split
 from captune.data.images import check_image
 from captune.data.sources import RawItem, Skip, read_source
 from captune.errors import UserError
 
+__all__ = ["SPLITS", "Example", "Split", "load_split", "prepare"]
+
 SPLITS = ("train", "validation", "test")
 SHARD_ROWS = 500
+ROW_GROUP_ROWS = 100  # a lazily read image costs one row group (~1.5 MB at 15 KB an image)
+COMMIT_ITEMS = 2000  # source items per committed chunk of the first pass (what a restart redoes)
 CACHE_VERSION = 1
-
-
-@dataclass
-class Example:
-    image_id: str
-    image: bytes
-    captions: list[str]
-
-
-@dataclass
-class _Group:
-    image_id: str
-    image: bytes
-    digest: str
-    captions: list[str] = field(default_factory=list)
-    split: str | None = None
+_SPLIT_CODE = {None: 0, "train": 1, "validation": 2, "test": 3}
 
 
 def clean_caption(text: str) -> str:
@@ -71,8 +71,10 @@ def settings_of(cfg: DataConfig) -> dict:
     return d
 
 
-def _split_ids(ids: list[str], ratios: list[float], seed: int) -> dict[str, list[str]]:
-    order = list(ids)
+def _split_ids(ids, ratios: list[float], seed: int) -> dict[str, list]:
+    """Shuffle with ``seed`` and cut by ``ratios``. ``ids`` may be positions (an ``array``): the
+    shuffle's permutation depends only on the length, so positions split as the ids would."""
+    order = array("q", ids) if isinstance(ids, array) else list(ids)
     random.Random(seed).shuffle(order)
     n = len(order)
     n_train = round(n * ratios[0])
@@ -86,76 +88,150 @@ def _split_ids(ids: list[str], ratios: list[float], seed: int) -> dict[str, list
     }
 
 
-def _progress(count: int, total: int, started: float, stream=sys.stderr) -> None:
-    if not stream.isatty():
-        return
-    rate = count / max(time.perf_counter() - started, 1e-9)
-    stream.write(f"\r  preparing: {count}/{total or '?'} images, {rate:.0f} images/s")
-    stream.flush()
+class _Progress:
+    """One line of progress with images/s and ETA: redrawn on a terminal, every 30 s otherwise."""
+
+    def __init__(self, label: str, total: int, enabled: bool, stream=None):
+        self.label, self.total, self.enabled = label, total, enabled
+        self.stream = stream or sys.stderr
+        self.started = self.shown = time.perf_counter()
+        self.tty = self.stream.isatty()
+
+    def update(self, count: int, *, last: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not last and now - self.shown < (0.5 if self.tty else 30.0):
+            return
+        self.shown = now
+        rate = count / max(now - self.started, 1e-9)
+        eta = f", ETA {(self.total - count) / rate:.0f}s" if self.total and rate > 0 and not last else ""
+        line = f"  {self.label}: {count}/{self.total or '?'} images, {rate:.0f} images/s{eta}"
+        self.stream.write(("\r" + line + ("\n" if last else "")) if self.tty else line + "\n")
+        self.stream.flush()
+
+
+_SCHEMA = """
+create table if not exists groups (ord integer primary key, key text unique not null, digest text unique not null,
+    split integer, off integer, len integer, captions text not null, ncaps integer not null);
+create table if not exists skipped (n integer primary key, item text, reason text);
+create table if not exists state (k text primary key, v text);
+"""
 
 
 class _Collector:
     """Raw items grouped into images: captions of one image together (by id, else by image hash),
-    identical bytes under another id merged, bad images and captions skipped with their reason."""
+    identical bytes under another id merged, bad images and captions skipped with their reason.
 
-    def __init__(self, cfg: DataConfig):
+    State lives in SQLite (``db``) and new images' bytes in ``spool``; ``commit`` makes the
+    items taken so far durable, so a restarted prepare goes on from there."""
+
+    def __init__(self, cfg: DataConfig, folder: Path):
         self.cfg = cfg
-        self.groups: dict[str, _Group] = {}
-        self.by_digest: dict[str, str] = {}
-        self.skipped: list[dict] = []
-        self.merged_duplicates = 0
-        self.dropped = {"empty": 0, "repeated": 0}  # captions left out of an image that keeps others
+        self.db = sqlite3.connect(folder / "groups.sqlite", isolation_level=None)
+        self.db.executescript(_SCHEMA)
+        self.db.execute("begin")
+        state = dict(self.db.execute("select k, v from state"))
+        self.consumed = int(state.get("consumed", 0))
+        self.done = state.get("done") == "1"
+        self.merged_duplicates = int(state.get("merged", 0))
+        self.dropped = json.loads(state.get("dropped", '{"empty": 0, "repeated": 0}'))
+        self.last_key = state.get("last_key")
+        self.groups = self.db.execute("select count(*) from groups").fetchone()[0]
         self.want = cfg.num_images if cfg.sample == "first" else 0
-        self.last_key = None
+        self.spool = open(folder / "images.spool", "a+b")  # noqa: SIM115 (closed by close())
+        self.spool.truncate(int(state.get("spool", 0)))  # bytes written after the last commit go
+        self.spool.seek(0, os.SEEK_END)
 
     def add(self, item: RawItem | Skip) -> bool:
         """Take one item; True once enough images are in (the stream may stop)."""
+        self.consumed += 1
         if isinstance(item, Skip):
-            self.skipped.append({"item": item.where, "reason": item.reason})
+            self._skip(item.where, item.reason)
             return False
         digest = hashlib.sha256(item.image).hexdigest()
         key = item.image_id if item.image_id is not None else digest
-        if key not in self.groups:
-            if digest in self.by_digest and self.by_digest[digest] != key:
+        row = self.db.execute("select key from groups where key = ?", (key,)).fetchone()
+        if row is None:
+            other = self.db.execute("select key from groups where digest = ?", (digest,)).fetchone()
+            if other is not None and other[0] != key:
                 # Identical bytes under another id: one image, all references kept.
-                key = self.by_digest[digest]
+                key = other[0]
                 self.merged_duplicates += 1
             else:
-                if self.want and len(self.groups) >= self.want and key != self.last_key:
+                if self.want and self.groups >= self.want and key != self.last_key:
+                    self.consumed -= 1
                     return True
                 reason = check_image(item.image, self.cfg.max_pixels)
                 if reason is not None:
-                    self.skipped.append({"item": item.where, "reason": reason})
+                    self._skip(item.where, reason)
                     return False
-                self.groups[key] = _Group(key, item.image, digest, split=item.split)
-                self.by_digest[digest] = key
+                off = self.spool.tell()
+                self.spool.write(item.image)
+                self.db.execute(
+                    "insert into groups values (?, ?, ?, ?, ?, ?, '[]', 0)",
+                    (self.groups, key, digest, _SPLIT_CODE[item.split], off, len(item.image)),
+                )
+                self.groups += 1
         self.last_key = key
-        self._add_captions(self.groups[key], item)
+        self._add_captions(key, item)
         return False
 
-    def _add_captions(self, group: _Group, item: RawItem) -> None:
+    def _skip(self, where: str, reason: str) -> None:
+        self.db.execute("insert into skipped (item, reason) values (?, ?)", (where, reason))
+
+    def _add_captions(self, key: str, item: RawItem) -> None:
+        captions = json.loads(self.db.execute("select captions from groups where key = ?", (key,)).fetchone()[0])
+        before = len(captions)
         for cap in item.captions:
             why = caption_too_long(cap, self.cfg.max_caption_words)
             if why:
-                self.skipped.append({"item": f"{item.where} caption", "reason": why})
+                self._skip(f"{item.where} caption", why)
                 continue
             cap = clean_caption(cap)
-            if cap and cap not in group.captions:
-                group.captions.append(cap)
+            if cap and cap not in captions:
+                captions.append(cap)
             else:
                 self.dropped["repeated" if cap else "empty"] += 1
+        if len(captions) != before:
+            self.db.execute(
+                "update groups set captions = ?, ncaps = ? where key = ?", (json.dumps(captions), len(captions), key)
+            )
 
-    def kept(self, strict: bool) -> list[_Group]:
-        """The images with a caption (a seeded sample of them with ``data.sample=random``), checked."""
-        cfg, skipped = self.cfg, self.skipped
-        kept: list[_Group] = []
-        for g in self.groups.values():
-            if g.captions:
-                kept.append(g)
+    def commit(self, done: bool = False) -> None:
+        """Make every item taken so far durable: the spool on disk first, then the table."""
+        self.spool.flush()
+        os.fsync(self.spool.fileno())
+        state = {
+            "consumed": self.consumed,
+            "spool": self.spool.tell(),
+            "merged": self.merged_duplicates,
+            "dropped": json.dumps(self.dropped),
+            "last_key": self.last_key,
+            "done": "1" if done else "0",
+        }
+        self.db.executemany("insert or replace into state values (?, ?)", [(k, str(v)) for k, v in state.items()])
+        self.db.execute("commit")
+        self.db.execute("begin")
+        self.done = done
+
+    def skipped(self) -> list[dict]:
+        return [{"item": i, "reason": r} for i, r in self.db.execute("select item, reason from skipped order by n")]
+
+    def kept(self, strict: bool) -> tuple[array, list[dict]]:
+        """Positions of the images with a caption (a seeded sample of them with ``data.sample=random``),
+        checked, and every skipped item."""
+        cfg = self.cfg
+        skipped = self.skipped()
+        kept = array("q")
+        for ord_, key, ncaps in self.db.execute("select ord, key, ncaps from groups order by ord"):
+            if ncaps:
+                kept.append(ord_)
             else:
-                skipped.append({"item": f"image {g.image_id}", "reason": "no non-empty caption"})
+                skipped.append({"item": f"image {key}", "reason": "no non-empty caption"})
         if cfg.sample == "random" and cfg.num_images and len(kept) > cfg.num_images:
-            kept = random.Random(cfg.seed).sample(kept, cfg.num_images)
+            # sample() draws by the population's length only: positions pick what the groups would
+            kept = array("q", (kept[i] for i in random.Random(cfg.seed).sample(range(len(kept)), cfg.num_images)))
         if strict and skipped:
             first = "; ".join(f"{s['item']}: {s['reason']}" for s in skipped[:3])
             raise UserError(f"--strict: {len(skipped)} item(s) skipped, first: {first}")
@@ -168,7 +244,58 @@ class _Collector:
                 f"data.source '{cfg.source}' gave {len(kept)} usable image(s); at least 3 are needed "
                 f"(skipped {len(skipped)}{': ' + top if top else ''})"
             )
-        return kept
+        return kept, skipped
+
+    def splits_of(self, kept: array) -> tuple[dict[str, array], int]:
+        """Each split's positions (by ``data.split_column`` or by ratios) and the references kept."""
+        codes = bytearray(self.groups)
+        ncaps = array("l", bytes(8 * self.groups)) if self.groups else array("l")
+        for ord_, split, n in self.db.execute("select ord, split, ncaps from groups"):
+            codes[ord_], ncaps[ord_] = split or 0, n
+        references = sum(ncaps[i] for i in kept)
+        if self.cfg.split_column:
+            return {s: array("q", (i for i in kept if codes[i] == _SPLIT_CODE[s])) for s in SPLITS}, references
+        return _split_ids(kept, self.cfg.ratios, self.cfg.seed), references
+
+    def rows(self, ords) -> list[tuple[str, bytes, list[str], str]]:
+        """(image id, bytes, captions, digest) of the groups at ``ords``, in that order."""
+        found = {}
+        marks = ",".join("?" * len(ords))
+        query = f"select ord, key, digest, off, len, captions from groups where ord in ({marks})"
+        for ord_, key, digest, off, length, captions in self.db.execute(query, list(ords)):
+            found[ord_] = (key, os.pread(self.spool.fileno(), length, off), json.loads(captions), digest)
+        return [found[i] for i in ords]
+
+    def close(self) -> None:
+        self.spool.close()
+        self.db.close()
+
+
+def _partial_dir(out_dir: Path, settings: dict, force: bool) -> Path:
+    """``.DIR.partial`` beside ``DIR``, kept from an interrupted prepare of the same settings."""
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    mark = partial / "settings.json"
+    if partial.is_dir() and (force or not mark.is_file() or json.loads(mark.read_text()) != settings):
+        shutil.rmtree(partial)
+    if not partial.is_dir():
+        partial.mkdir(parents=True)
+        write_atomic(mark, json.dumps(settings))
+    return partial
+
+
+def _read_items(collector: _Collector, items: Iterable[RawItem | Skip], progress: _Progress) -> None:
+    """The first pass: every item into the collector, committed every ``COMMIT_ITEMS`` items."""
+    if collector.done:
+        return
+    stream = itertools.islice(iter(items), collector.consumed, None)  # a restart skips what is committed
+    for item in stream:
+        if collector.add(item):
+            break  # streaming stops once N images (with all their rows) are in
+        if collector.consumed % COMMIT_ITEMS == 0:
+            collector.commit()
+        progress.update(collector.groups)
+    collector.commit(done=True)
+    progress.update(collector.groups, last=True)
 
 
 def prepare(
@@ -196,34 +323,29 @@ def prepare(
         raise UserError(f"{out_dir} holds data prepared with other settings; use --force to rebuild it")
 
     started = time.perf_counter()
-    collector = _Collector(cfg)
-    for item in read_source(cfg) if items is None else items:
-        if collector.add(item):
-            break  # streaming stops once N images (with all their rows) are in
-        if progress and len(collector.groups) % 200 == 0:
-            _progress(len(collector.groups), collector.want, started)
-    if progress and sys.stderr.isatty():
-        _progress(len(collector.groups), collector.want, started)
-        sys.stderr.write("\n")
-    kept, skipped = collector.kept(strict), collector.skipped
-    by_id = {g.image_id: g for g in kept}
-    if cfg.split_column:
-        splits = {s: [g.image_id for g in kept if g.split == s] for s in SPLITS}
-    else:
-        splits = _split_ids([g.image_id for g in kept], cfg.ratios, cfg.seed)
+    partial = _partial_dir(out_dir, settings, force)
+    collector = _Collector(cfg, partial)
+    try:
+        reading = _Progress("reading", collector.want, progress)
+        _read_items(collector, read_source(cfg) if items is None else items, reading)
+        kept, skipped = collector.kept(strict)
+        splits, references = collector.splits_of(kept)
+        _write_shards(partial, splits, collector, _Progress("writing", len(kept), progress))
+    finally:
+        collector.close()
     manifest = {
         "source": cfg.source,
         "revision": cfg.source.partition("@")[2] or None,
         "settings": settings,
         "counts": {s: len(ids) for s, ids in splits.items()},
         "images": len(kept),
-        "references": sum(len(g.captions) for g in kept),
+        "references": references,
         "merged_duplicate_images": collector.merged_duplicates,
         "dropped_captions": collector.dropped,
         "skipped": skipped,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _write_cache(out_dir, splits, by_id, manifest)
+    _finish(partial, out_dir, manifest)
     log(
         f"  data: {len(kept)} images, {manifest['references']} references, "
         f"train/validation/test {manifest['counts']['train']}/{manifest['counts']['validation']}/"
@@ -232,36 +354,53 @@ def prepare(
     return manifest
 
 
-def _write_cache(out_dir: Path, splits: dict, by_id: dict, manifest: dict) -> None:
+def _write_shards(folder: Path, splits: dict, collector: _Collector, progress: _Progress) -> None:
+    """The second pass: each split's shards from the spool, one shard in memory at a time; a shard
+    already complete (from an interrupted run) is kept."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with staged_dir(out_dir) as tmp:
-        for split, ids in splits.items():
-            for shard, start in enumerate(range(0, max(len(ids), 1), SHARD_ROWS)):
-                rows = [by_id[i] for i in ids[start : start + SHARD_ROWS]]
-                table = pa.table(
-                    {
-                        "image_id": pa.array([g.image_id for g in rows], pa.string()),
-                        "image": pa.array([g.image for g in rows], pa.binary()),
-                        "captions": pa.array([g.captions for g in rows], pa.list_(pa.string())),
-                    }
-                )
-                pq.write_table(table, tmp / f"{split}-{shard:05d}.parquet")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    done = 0
+    for split, ords in splits.items():
+        for shard, start in enumerate(range(0, max(len(ords), 1), SHARD_ROWS)):
+            path = folder / f"{split}-{shard:05d}.parquet"
+            chunk = ords[start : start + SHARD_ROWS]
+            done += len(chunk)
+            if path.is_file():
+                continue
+            rows = collector.rows(chunk) if len(chunk) else []
+            table = pa.table(
+                {
+                    "image_id": pa.array([r[0] for r in rows], pa.string()),
+                    "image": pa.array([r[1] for r in rows], pa.binary()),
+                    "captions": pa.array([r[2] for r in rows], pa.list_(pa.string())),
+                    "digest": pa.array([r[3] for r in rows], pa.string()),
+                }
+            )
+            tmp = folder / f".{path.name}.tmp"
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+            os.replace(tmp, path)
+            progress.update(done)
+    progress.update(done, last=True)
 
 
-def load_split(data_dir: Path, split: str) -> list[Example]:
-    import pyarrow.parquet as pq
+def _finish(partial: Path, out_dir: Path, manifest: dict) -> None:
+    """The spool and table go; the manifest is written last and the folder renamed into place."""
+    for name in ("images.spool", "groups.sqlite", "settings.json"):
+        (partial / name).unlink(missing_ok=True)
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    public_modes(partial)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
 
+
+def load_split(data_dir: Path, split: str) -> Split:
+    """The examples of ``split``, read lazily from the shards (image bytes only when asked for)."""
     data_dir = Path(data_dir)
     if not (data_dir / "manifest.json").is_file():
         raise UserError(f"{data_dir} is not a prepared data cache; run 'captune data' first")
-    out: list[Example] = []
-    for shard in sorted(data_dir.glob(f"{split}-*.parquet")):
-        for row in pq.read_table(shard).to_pylist():
-            out.append(Example(row["image_id"], row["image"], list(row["captions"])))
-    return out
+    return open_split(data_dir, split)
 
 
 def skip_reasons(skipped: list[dict]) -> dict[str, list[str]]:

@@ -9,7 +9,7 @@ unknown words, once the data cache exists.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from captune.config import Config
@@ -35,14 +35,13 @@ def unknown_words(captions: Iterable[str]) -> tuple[int, Counter]:
     return seen, unknown
 
 
-def _train_captions(data_dir: Path) -> list[str]:
+def _train_captions(data_dir: Path) -> Iterator[str]:
+    """Every training caption, one shard in memory at a time (a large cache is never held whole)."""
     import pyarrow.parquet as pq
 
-    out: list[str] = []
     for shard in sorted(Path(data_dir).glob("train-*.parquet")):
         for row in pq.read_table(shard, columns=["captions"]).column("captions").to_pylist():
-            out.extend(row)
-    return out
+            yield from row
 
 
 def warn_unknown_words(cfg: Config, data_dir: Path, log: Callable[[str], None]) -> float | None:

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 from captune.atomic import staged_dir
+from captune.data.cache import Example, as_images
 from captune.data.prepare import load_split
 from captune.demo import attributes
 from captune.distributed import gather_strided_objects, world
 from captune.errors import UserError
 from captune.run.folder import Run
 
+# Images captioned per call; predictions are written after each. A split of up to this many is
+# captioned in one call, exactly as before (the fast decoder sizes its batches by the call).
+CAPTION_CHUNK = 8192
 
-def eval_examples(run: Run):
+
+def eval_examples(run: Run) -> Sequence[Example]:
+    """The evaluation split (its first ``eval.max_images``), read lazily: no image bytes held."""
     examples = load_split(run.path("data"), run.cfg.eval.split)
     if run.cfg.eval.max_images:
         examples = examples[: run.cfg.eval.max_images]
@@ -25,9 +34,10 @@ def eval_examples(run: Run):
 def evaluate(run: Run, model, processor, out_name: str) -> None:
     """Caption the eval split with ``model``; write predictions.jsonl and metrics.json.
 
-    Scoring runs on the CPU (and in Java). When ``run.overlap`` is set, the baseline's
-    scoring goes on in a background thread while the GPU trains; ``run.join()``
-    waits for it before anything reads its metrics.
+    Predictions go to a temporary file as they are made (``CAPTION_CHUNK`` images at a time);
+    scoring reads that file. Scoring runs on the CPU (and in Java). When ``run.overlap`` is
+    set, the baseline's scoring goes on in a background thread while the GPU trains;
+    ``run.join()`` waits for it before anything reads its metrics.
     """
     from captune.model.lora import adapter_touches_vision
     from captune.ops.features import image_features
@@ -37,51 +47,75 @@ def evaluate(run: Run, model, processor, out_name: str) -> None:
     t0 = time.perf_counter()
     if adapter_touches_vision(model):  # a trained Q-Former: the cached base features do not apply
         loaded = run.base()
-        images = [e.image for e in examples]
+        images = as_images(examples)
         feats = image_features(model, processor, images, batch_size=run.cfg.eval.batch_size, device=loaded.device)
     else:
-        feats = run.features([e.image for e in examples])
+        feats = run.features(as_images(examples))
     w = world()
+    predictions = run.path(f".{out_name}-predictions.jsonl.partial")
+
+    def caption(part) -> list[str]:
+        return caption_features(model, processor.tokenizer, part, run.cfg.eval, run.cfg.model.prompt)
+
     if w.distributed:  # each process captions every size-th image; the main one gathers them once
         mine = list(range(w.rank, len(examples), w.size))
-        part = caption_features(model, processor.tokenizer, feats[mine], run.cfg.eval, run.cfg.model.prompt)
-        captions = gather_strided_objects(part, len(examples))
+        captions = gather_strided_objects(caption(feats[mine]), len(examples))
         if not w.is_main:
             return
+        _write_predictions(predictions, [(examples, captions)])
     else:
-        captions = caption_features(model, processor.tokenizer, feats, run.cfg.eval, run.cfg.model.prompt)
+        chunks = range(0, len(examples), CAPTION_CHUNK)
+        parts = ((examples[i : i + CAPTION_CHUNK], caption(feats[i : i + CAPTION_CHUNK])) for i in chunks)
+        _write_predictions(predictions, parts)
     gen_s = time.perf_counter() - t0
     run.log(f"  {out_name}: {len(examples)} images captioned in {gen_s:.1f}s")
     if run.overlap and out_name == "baseline":
         run.in_background(f"{out_name} scoring (overlapped with training)", _score_and_write, run, examples,
-                          captions, out_name, gen_s)  # fmt: skip
+                          predictions, out_name, gen_s)  # fmt: skip
         run.log(f"  {out_name}: scoring in the background")
         return
-    _score_and_write(run, examples, captions, out_name, gen_s)
+    _score_and_write(run, examples, predictions, out_name, gen_s)
 
 
-def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen_s: float) -> float:
-    from captune.evaluation.clipscore import add_clip_scores
-    from captune.evaluation.metrics import score_captions
+def _write_predictions(path: Path, parts) -> None:
+    """predictions.jsonl rows ({"image_id", "caption", "references"}), written part by part."""
+    with path.open("w", encoding="utf-8") as f:
+        for examples, captions in parts:
+            for e, c in zip(examples, captions, strict=True):
+                f.write(json.dumps({"image_id": e.image_id, "caption": c, "references": e.captions}) + "\n")
+
+
+def _read_predictions(path: Path, fields: tuple[str, ...]):
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            yield tuple(row[k] for k in fields)
+
+
+def _score_and_write(run: Run, examples, predictions: Path, out_name: str, gen_s: float) -> float:
+    from captune.evaluation.clipscore import OFF, add_clip_scores
+    from captune.evaluation.metrics import score_file
     from captune.evaluation.seed_metrics import seed_compatible
 
     t1 = time.perf_counter()
-    preds = {e.image_id: c for e, c in zip(examples, captions, strict=True)}
-    refs = {e.image_id: e.captions for e in examples}
-    scores = score_captions(preds, refs, spice=True)
-    clip_note = add_clip_scores(
-        scores, [e.image for e in examples], captions, [refs[i] for i in preds], run.cfg.eval.clip_model
-    )
-    if clip_note:
-        run.log(f"  {out_name}: {clip_note}")
-    seed = seed_compatible(preds, refs)
+    scores = score_file(predictions, spice=True)
+    if str(run.cfg.eval.clip_model).strip().lower() not in OFF:  # CLIP needs every caption and image
+        rows = list(_read_predictions(predictions, ("caption", "references")))
+        clip_note = add_clip_scores(
+            scores, as_images(examples), [r[0] for r in rows], [r[1] for r in rows], run.cfg.eval.clip_model
+        )
+        if clip_note:
+            run.log(f"  {out_name}: {clip_note}")
+    first = {i: [refs[0]] for i, _, refs in _read_predictions(predictions, ("image_id", "caption", "references"))}
+    seed = seed_compatible(dict(_read_predictions(predictions, ("image_id", "caption"))), first)
+    del first
     score_s = time.perf_counter() - t1
     # The official metrics are top-level keys (the run-folder contract); the rest describes them.
     doc = {
         **scores.corpus,
         "split": run.cfg.eval.split,
         "images": len(examples),
-        "references": sum(len(e.captions) for e in examples),
+        "references": sum(len(refs) for (refs,) in _read_predictions(predictions, ("references",))),
         "unavailable": scores.unavailable,
         "seed_compatible": seed,
         "seconds": {"generation": round(gen_s, 3), "scoring": round(score_s, 3)},
@@ -91,11 +125,11 @@ def _score_and_write(run: Run, examples, captions: list[str], out_name: str, gen
         "meteor_stats": scores.meteor_stats,
     }
     with staged_dir(run.path(out_name)) as tmp:
-        with (tmp / "predictions.jsonl").open("w") as f:
-            for e, c in zip(examples, captions, strict=True):
-                f.write(json.dumps({"image_id": e.image_id, "caption": c, "references": e.captions}) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(doc, indent=2))
-        attributes.write_side(tmp, run.cfg.data.source, examples, captions)  # demo runs: attributes.json
+        if attributes.applies(run.cfg.data.source):  # demo runs: attributes.json
+            captions = [c for (c,) in _read_predictions(predictions, ("caption",))]
+            attributes.write_side(tmp, run.cfg.data.source, examples, captions)
+        os.replace(predictions, tmp / "predictions.jsonl")
     shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.corpus.items())
     run.log(f"  {out_name}: scored in {score_s:.1f}s: {shown}")
     return score_s

@@ -14,6 +14,8 @@ otherwise, which fails offline).
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -141,6 +143,12 @@ def spice_available() -> str | None:
     return None
 
 
+# Images scored together: tokenized, counted and scored one chunk at a time, so memory holds one
+# chunk's n-gram counts (plus CIDEr-D's document frequencies and a few numbers per image), not
+# the whole set's. Every score is the same as scoring the whole set at once (tests/test_metrics.py).
+SCORE_CHUNK = 5_000
+
+
 def score_captions(
     predictions: dict[str, str],
     references: dict[str, list[str]],
@@ -153,42 +161,181 @@ def score_captions(
     ``metrics`` picks a subset (validation during training asks for CIDEr only,
     which skips METEOR's Java start-up).
     """
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
+    ids = list(predictions)
+    missing = [i for i in ids if not references.get(i)]
+    if missing:
+        raise UserError(f"no references for image id(s) {', '.join(missing[:5])}")
+    return score_rows(((i, predictions[i], references[i]) for i in ids), metrics=metrics, spice=spice)
 
-    ids = [i for i in predictions]
-    gts, res = _tokenized(predictions, references, ids)
 
-    corpus: dict[str, float] = {}
-    per_image: dict[str, list[float]] = {}
-    bleu_stats: list[list[float]] = []
-    meteor_stats: list[list[float]] = []
-    # METEOR runs in Java: start it first and let the Python scorers run meanwhile.
-    pool = ThreadPoolExecutor(max_workers=1)
-    meteor_job = pool.submit(_meteor, gts, res) if "METEOR" in metrics else None
-    if any(m.startswith("BLEU") for m in metrics):
-        bleu, bleu_each, bleu_stats = _bleu(gts, res)
-        for n in range(4):
-            corpus[f"BLEU-{n + 1}"] = float(bleu[n])
-            per_image[f"BLEU-{n + 1}"] = [float(x) for x in bleu_each[n]]
-    if "ROUGE-L" in metrics:
-        r, r_each = Rouge().compute_score(gts, res)
-        corpus["ROUGE-L"] = float(r)
-        per_image["ROUGE-L"] = [float(x) for x in r_each]
-    if "CIDEr" in metrics:
-        c, c_each = Cider().compute_score(gts, res)
-        corpus["CIDEr"] = float(c)
-        per_image["CIDEr"] = [float(x) for x in c_each]
-    if meteor_job is not None:
+def score_file(path: Path, *, metrics: tuple[str, ...] = OFFICIAL, spice: bool = False) -> Scores:
+    """``score_captions`` of a predictions.jsonl ({"image_id", "caption", "references"}), read as a stream."""
+    from captune.data.files import json_lines
+
+    def rows():
+        with open(path, encoding="utf-8") as f:
+            for _, row in json_lines(Path(path), f):
+                if not row.get("references"):
+                    raise UserError(f"no references for image id(s) {row.get('image_id')}")
+                yield str(row["image_id"]), row["caption"], row["references"]
+
+    return score_rows(rows(), metrics=metrics, spice=spice)
+
+
+def score_rows(rows, *, metrics: tuple[str, ...] = OFFICIAL, spice: bool = False) -> Scores:
+    """The scores of (image id, caption, references) rows, ``SCORE_CHUNK`` images at a time.
+
+    Pass 1 tokenizes each chunk (one PTB call), scores BLEU, ROUGE-L and METEOR (all per image)
+    and adds the chunk's references to CIDEr-D's document frequencies; the tokens go to a
+    temporary file. Pass 2 scores CIDEr-D chunk by chunk with the whole set's frequencies.
+    Corpus BLEU and METEOR come from the summed statistics, as the scorers compute them.
+    """
+    corpus = _Corpus(metrics, spice)
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as spill:
+        for chunk in _chunks(rows, SCORE_CHUNK):
+            ids = [r[0] for r in chunk]
+            gts, res = _tokenized({r[0]: r[1] for r in chunk}, {r[0]: r[2] for r in chunk}, ids)
+            corpus.add(ids, gts, res)
+            if "CIDEr" in metrics:
+                spill.write(json.dumps([ids, [gts[i] for i in ids], [res[i] for i in ids]]) + "\n")
+        if not corpus.ids:
+            raise UserError("no captions to score")
+        if "CIDEr" in metrics:
+            spill.seek(0)
+            for line in spill:
+                ids, g, r = json.loads(line)
+                corpus.add_cider(dict(zip(ids, g, strict=True)), dict(zip(ids, r, strict=True)))
+    return corpus.finish()
+
+
+def _chunks(rows, size: int):
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Corpus:
+    """What a corpus score needs, gathered chunk by chunk: per-image scores and statistics,
+    BLEU's summed counts, CIDEr-D's document frequencies, METEOR's statistics lines."""
+
+    def __init__(self, metrics: tuple[str, ...], spice: bool):
+        from collections import defaultdict
+
+        self.metrics, self.spice = metrics, spice
+        self.ids: list[str] = []
+        self.per_image: dict[str, list[float]] = {}
+        self.bleu_stats: list[list[float]] = []
+        self.meteor_lines: list[str] = []
+        self.meteor_stats: list[list[float]] = []
+        self.document_frequency = defaultdict(float)
+        self.spice_sets: tuple[dict, dict] = ({}, {})
+        self.pool = ThreadPoolExecutor(max_workers=1)  # METEOR in Java while Python scores a chunk
+
+    def add(self, ids: list[str], gts: dict, res: dict) -> None:
+        """Pass 1 for one chunk: every metric but CIDEr-D's scores."""
+        metrics, per = self.metrics, self.per_image
+        self.ids += ids
+        meteor_job = self.pool.submit(_meteor_server().score_lines, gts, res) if "METEOR" in metrics else None
         try:
-            m, m_each, meteor_stats = meteor_job.result()
+            if any(m.startswith("BLEU") for m in metrics):
+                _, each, stats = _bleu(gts, res)
+                for n in range(4):
+                    per.setdefault(f"BLEU-{n + 1}", []).extend(float(x) for x in each[n])
+                self.bleu_stats += stats
+            if "ROUGE-L" in metrics:
+                from pycocoevalcap.rouge.rouge import Rouge
+
+                _, r_each = Rouge().compute_score(gts, res)
+                per.setdefault("ROUGE-L", []).extend(float(x) for x in r_each)
+            if "CIDEr" in metrics:
+                for i in ids:  # CiderScorer.compute_doc_freq, one image at a time
+                    for ngram in {ng for ref in gts[i] for ng in _ngrams(ref)}:
+                        self.document_frequency[ngram] += 1
         finally:
-            pool.shutdown()
-        corpus["METEOR"] = float(m)
-        per_image["METEOR"] = [float(x) for x in m_each]
-    corpus = {k: corpus[k] for k in OFFICIAL if k in corpus}
-    unavailable = _spice(gts, res, corpus, per_image) if spice else {}
-    return Scores(corpus, per_image, ids, unavailable, bleu_stats, meteor_stats)
+            if meteor_job is not None:
+                m_each, lines = meteor_job.result()
+                per.setdefault("METEOR", []).extend(float(x) for x in m_each)
+                self.meteor_lines += lines
+                self.meteor_stats += [[float(x) for x in line.split()] for line in lines]
+        if self.spice and spice_available() is None:  # SPICE scores the whole set in one Java call
+            self.spice_sets[0].update(gts)
+            self.spice_sets[1].update(res)
+
+    def add_cider(self, gts: dict, res: dict) -> None:
+        """Pass 2 for one chunk: CIDEr-D with the whole set's document frequencies and size."""
+        from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+        scorer = CiderScorer(n=4, sigma=6.0)
+        for i in gts:
+            scorer += (res[i][0], gts[i])
+        scorer.document_frequency = self.document_frequency
+        scorer.crefs = _Counted(scorer.crefs, len(self.ids))  # compute_cider's N: the whole set's
+        self.per_image.setdefault("CIDEr", []).extend(float(x) for x in scorer.compute_cider())
+
+    def finish(self) -> Scores:
+        import numpy as np
+
+        self.pool.shutdown()
+        corpus: dict[str, float] = {}
+        per = self.per_image
+        if self.bleu_stats:
+            for n, value in enumerate(_corpus_bleu(self.bleu_stats)):
+                corpus[f"BLEU-{n + 1}"] = float(value)
+        if "ROUGE-L" in per:
+            corpus["ROUGE-L"] = float(np.mean(np.array(per["ROUGE-L"])))
+        if "CIDEr" in per:
+            assert len(self.ids) >= max(self.document_frequency.values())  # as CiderScorer.compute_score
+            corpus["CIDEr"] = float(np.mean(np.array(per["CIDEr"])))
+        if "METEOR" in per:
+            corpus["METEOR"] = _meteor_server().corpus(self.meteor_lines)
+        corpus = {k: corpus[k] for k in OFFICIAL if k in corpus}
+        per = {k: per[k] for k in (*OFFICIAL, "SPICE") if k in per}
+        scores = Scores(corpus, per, self.ids, {}, self.bleu_stats, self.meteor_stats)
+        if self.spice:
+            scores.unavailable = _spice(*self.spice_sets, scores.corpus, scores.per_image)
+        return scores
+
+
+class _Counted(list):
+    """A list whose ``len`` is the scored set's size: ``CiderScorer.compute_cider`` takes its
+    idf's N from ``len(self.crefs)``, and a chunk's scorer holds only the chunk's references."""
+
+    def __init__(self, items: list, total: int):
+        super().__init__(items)
+        self.total = total
+
+    def __len__(self) -> int:
+        return self.total
+
+
+def _ngrams(sentence: str):
+    from pycocoevalcap.cider.cider_scorer import precook
+
+    return precook(sentence, 4).keys()
+
+
+def _corpus_bleu(stats: list[list[float]]) -> list[float]:
+    """``BleuScorer.compute_score``'s corpus BLEU-1..4 ("closest") from per-image statistics,
+    with its arithmetic and order of operations (sums of integers: exact in any order)."""
+    tiny, small = 1e-15, 1e-9
+    testlen = sum(s[0] for s in stats)
+    reflen = sum(s[1] for s in stats)
+    guess = [sum(s[2 + k] for s in stats) for k in range(4)]
+    correct = [sum(s[6 + k] for s in stats) for k in range(4)]
+    bleus, bleu = [], 1.0
+    for k in range(4):
+        bleu *= float(correct[k] + tiny) / (guess[k] + small)
+        bleus.append(bleu ** (1.0 / (k + 1)))
+    ratio = (testlen + tiny) / (reflen + small)
+    if ratio < 1:
+        for k in range(4):
+            bleus[k] *= math.exp(1 - 1 / ratio)
+    return bleus
 
 
 def _tokenized(predictions: dict, references: dict, ids: list[str]) -> tuple[dict, dict]:
@@ -273,6 +420,11 @@ class _MeteorServer:
 
     def score(self, gts: dict, res: dict) -> tuple[float, list[float], list[list[float]]]:
         """Corpus METEOR, per-image METEOR and per-image statistics (pycocoevalcap's protocol)."""
+        scores, lines = self.score_lines(gts, res)
+        return self.corpus(lines), scores, [[float(x) for x in line.split()] for line in lines]
+
+    def score_lines(self, gts: dict, res: dict) -> tuple[list[float], list[str]]:
+        """Per-image METEOR and the jar's statistics lines, for a corpus EVAL of all of them later."""
         ids = list(gts)
         lines = []
         for i in ids:
@@ -285,8 +437,13 @@ class _MeteorServer:
             writer.start()
             stats = [_read_line(proc) for _ in ids]
             writer.join()
-            scores, score = self._eval(stats)
-        return score, scores, [[float(x) for x in line.split()] for line in stats]
+            scores, _ = self._eval(stats)
+        return scores, stats
+
+    def corpus(self, stats: list[str]) -> float:
+        """Corpus METEOR of the jar's statistics lines (its EVAL, as ``Meteor.compute_score`` asks)."""
+        with self.lock:
+            return self._eval(stats)[1]
 
     def evaluate(self, stats: list[list[float]]) -> tuple[list[float], float]:
         """The jar's own EVAL of any list of per-segment statistics: per-segment and corpus score."""

@@ -194,7 +194,7 @@ def phase_report(run: Run, force: bool = False) -> None:
 
     if not run.done("compare"):
         phase_compare(run)
-    images = {e.image_id: e.image for e in eval_examples(run)}
+    images = eval_examples(run).images_by_id()  # read on lookup: the report shows a few
     page, md = build_report(run.root, run.cfg, images)
     with staged_dir(run.path("report")) as tmp:
         (tmp / "index.html").write_text(page, encoding="utf-8")

@@ -1,0 +1,263 @@
+"""A prepared split read as a stream: examples whose image bytes stay in the parquet shards.
+
+``Split`` is a read-only sequence of ``Example``. Its ids and captions are read once, on first
+use, into two Arrow arrays (the text and its offsets: about 300 bytes an image with 5 captions,
+so training can look up any image's captions at once); digests and image bytes are read from
+the shards on demand, through a small cache of decoded row groups. Iterating a million images
+keeps at most ``ROW_GROUP_CACHE`` row groups of images in memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import overload
+
+# Row groups kept decoded per split; a row group is at most prepare.ROW_GROUP_ROWS rows.
+ROW_GROUP_CACHE = 4
+
+
+class Example:
+    """One image of a split: id, every reference, content digest; bytes read on demand.
+
+    ``Example(id, bytes, captions)`` holds its bytes (tests, in-memory data); an example from
+    ``load_split`` reads them from its shard each time ``image`` is asked for.
+    """
+
+    __slots__ = ("_digest", "_image", "_where", "captions", "image_id")
+
+    def __init__(
+        self,
+        image_id: str,
+        image: bytes | None = None,
+        captions: list[str] | None = None,
+        *,
+        digest: str | None = None,
+        where: tuple[Split, int, int] | None = None,
+    ):
+        if image is None and where is None:
+            raise ValueError("an Example needs its image bytes or where to read them")
+        self.image_id = image_id
+        self.captions = list(captions or [])
+        self._image = image
+        self._digest = digest
+        self._where = where
+
+    @property
+    def image(self) -> bytes:
+        """The image's encoded bytes, as they came from the source."""
+        if self._image is not None:
+            return self._image
+        split, group, row = self._where
+        return split.image_bytes(group, row)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the image bytes; from the cache, so asking for it reads no image."""
+        if self._digest is None and self._where is not None:
+            split, group, row = self._where
+            self._digest = split.digest_of(group, row)
+        if self._digest is None:
+            self._digest = hashlib.sha256(self.image).hexdigest()
+        return self._digest
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Example):
+            return NotImplemented
+        return (self.image_id, self.captions, self.digest) == (other.image_id, other.captions, other.digest)
+
+    def __repr__(self) -> str:
+        return f"Example({self.image_id!r}, captions={self.captions!r})"
+
+
+class _GroupCache:
+    """A bounded LRU of decoded row groups, shared by the threads that read one split."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.items: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key, load):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = load()
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value
+
+
+class Split(Sequence[Example]):
+    """The examples of one split, in shard order, read on demand (see the module docstring)."""
+
+    def __init__(self, shards: list[Path], *, _groups: list | None = None, _range: range | None = None):
+        import pyarrow.parquet as pq
+
+        self.shards = shards
+        if _groups is None:
+            _groups = []  # (shard index, row group index, rows) in order
+            for s, path in enumerate(shards):
+                meta = pq.ParquetFile(path).metadata
+                _groups += [(s, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        self._groups = _groups
+        self._starts = [0]
+        for _, _, rows in _groups:
+            self._starts.append(self._starts[-1] + rows)
+        self._range = range(self._starts[-1]) if _range is None else _range
+        self._meta = _GroupCache(ROW_GROUP_CACHE)
+        self._columns: list = []  # [ids, captions] of the whole split, read on first use
+        self._images = _GroupCache(ROW_GROUP_CACHE)
+        self._files = _GroupCache(ROW_GROUP_CACHE)
+        self._read_lock = threading.Lock()  # one parquet read at a time (threads hash images)
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    @overload
+    def __getitem__(self, i: int) -> Example: ...
+    @overload
+    def __getitem__(self, i: slice) -> Split: ...
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            sub = self._range[i]
+            if sub.step != 1:
+                return [self._example(j) for j in sub]
+            view = Split(self.shards, _groups=self._groups, _range=sub)
+            view._meta, view._images, view._files = self._meta, self._images, self._files
+            view._columns = self._columns  # shared: filled once for the split and its views
+            view._read_lock = self._read_lock
+            return view
+        return self._example(self._range[i])
+
+    def __iter__(self) -> Iterator[Example]:
+        for j in self._range:
+            yield self._example(j)
+
+    def batches(self, size: int) -> Iterator[list[Example]]:
+        """The split in lists of ``size`` examples (the last may be shorter), shard by shard."""
+        batch: list[Example] = []
+        for example in self:
+            batch.append(example)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def images(self) -> SplitImages:
+        """The split's image bytes as a lazy sequence (slices read only the rows they name)."""
+        return SplitImages(self)
+
+    def images_by_id(self) -> ImagesById:
+        """A mapping image id -> bytes that reads an image only when it is looked up."""
+        return ImagesById(self)
+
+    def digests(self) -> list[str]:
+        """Every image's SHA-256 (hex), read from the cache without reading an image."""
+        return [e.digest for e in self]
+
+    def _example(self, j: int) -> Example:
+        group = bisect.bisect_right(self._starts, j) - 1
+        ids, captions = self._ids_and_captions()
+        return Example(ids[j].as_py(), None, captions[j].as_py(), where=(self, group, j - self._starts[group]))
+
+    def _ids_and_captions(self):
+        if not self._columns:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            with self._read_lock:
+                if not self._columns:
+                    tables = [pq.read_table(path, columns=["image_id", "captions"]) for path in self.shards]
+                    if tables:
+                        table = pa.concat_tables(tables)
+                        ids, captions = table.column("image_id"), table.column("captions")
+                    else:
+                        ids, captions = pa.chunked_array([], pa.string()), pa.chunked_array([], pa.list_(pa.string()))
+                    self._columns += [ids.combine_chunks(), captions.combine_chunks()]
+        return self._columns
+
+    def digest_of(self, group: int, row: int) -> str | None:
+        """One row's digest from its row group (None in a cache written before digests were kept)."""
+        return self._meta.get(group, lambda: self._read_digests(group))[row] if self._has_digests() else None
+
+    def _has_digests(self) -> bool:
+        return bool(self.shards) and "digest" in self._file(0).schema_arrow.names
+
+    def _file(self, shard: int):
+        import pyarrow.parquet as pq
+
+        return self._files.get(shard, lambda: pq.ParquetFile(self.shards[shard]))
+
+    def _read_digests(self, group: int) -> list[str]:
+        shard, g, _ = self._groups[group]
+        pf = self._file(shard)
+        with self._read_lock:
+            return pf.read_row_group(g, columns=["digest"]).column("digest").to_pylist()
+
+    def image_bytes(self, group: int, row: int) -> bytes:
+        """The bytes of one row, through the bounded cache of decoded row groups."""
+
+        def load():
+            shard, g, _ = self._groups[group]
+            pf = self._file(shard)
+            with self._read_lock:
+                return pf.read_row_group(g, columns=["image"]).column("image").combine_chunks()
+
+        return self._images.get(group, load)[row].as_py()
+
+
+class SplitImages(Sequence[bytes]):
+    """A split's image bytes, read on demand: what a features pass needs, without holding them."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [e.image for e in self.split[i]]
+        return self.split[i].image
+
+    def __iter__(self) -> Iterator[bytes]:
+        for e in self.split:
+            yield e.image
+
+
+class ImagesById(Mapping[str, bytes]):
+    """Image bytes by id, read on lookup (a report shows a few images of a large split)."""
+
+    def __init__(self, split: Split):
+        self.split = split
+        self.index = {e.image_id: j for j, e in enumerate(split)}
+
+    def __getitem__(self, image_id: str) -> bytes:
+        return self.split[self.index[image_id]].image
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def open_split(data_dir: Path, split: str) -> Split:
+    """The shards of ``split`` in ``data_dir`` as one ``Split`` (read lazily)."""
+    return Split(sorted(Path(data_dir).glob(f"{split}-*.parquet")))
+
+
+def as_images(examples: Sequence[Example]) -> Sequence[bytes]:
+    """The image bytes of ``examples`` without reading them all at once where they come from a cache."""
+    if isinstance(examples, Split):
+        return examples.images()
+    return [e.image for e in examples]

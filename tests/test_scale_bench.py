@@ -1,0 +1,50 @@
+"""bench/scale.py: the synthetic source it makes, and (slow) a tiny run of every phase."""
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("scale_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["scale_bench"] = module  # its worker function is pickled by module name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_source_is_unique_jpegs_with_five_captions(tmp_path):
+    made = _bench().make_source(tmp_path, 30)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == made["images"] == 30
+    assert all(len(set(r["caption"])) == 5 for r in rows)
+    data = [(tmp_path / r["file_name"]).read_bytes() for r in rows]
+    assert len({hashlib.sha256(d).digest() for d in data}) == 30  # scenes repeat, bytes never
+    assert all(d[:3] == b"\xff\xd8\xff" for d in data)
+    assert 8_000 < made["mean_jpeg_bytes"] < 25_000  # COCO-like small JPEGs, ~15 KB
+
+
+@pytest.mark.slow
+def test_every_phase_runs_and_reports_its_peak(tmp_path):
+    out = tmp_path / "scale.json"
+    assert _bench().main(["--images", "120", "--eval-images", "6", "--steps", "2", "--work", str(tmp_path / "w"),
+                          "--out", str(out)]) == 0  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert list(doc["phases"]) == ["data", "baseline", "train", "finetuned", "compare", "report"]
+    assert all(p["peak_rss_mb"] > 50 and p["seconds"] > 0 for p in doc["phases"].values())
+    assert doc["counts"] == {"train": 108, "validation": 6, "test": 6} and doc["references"] == 600
+    assert doc["date"] and doc["cpu"] and doc["versions"]["torch"]
+    assert doc["command"].startswith("python bench/scale.py")
+
+
+def test_source_in_parallel_blocks_is_the_same_kind(tmp_path):
+    made = _bench().make_source(tmp_path, 2100, jobs=2)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == [f"images/{i // 1000:04d}/{i:07d}.jpg" for i in range(2100)]
+    assert made["jobs"] == 2 and 8_000 < made["mean_jpeg_bytes"] < 25_000
