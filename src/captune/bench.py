@@ -172,7 +172,7 @@ def lm_params(model) -> int:
 
 
 def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
-    from captune.ops.features import image_features, pixel_values
+    from captune.ops.features import image_features, pixel_values, qformer_matmul
 
     pv = pixel_values(processor, jpegs[:batch]).to("cuda", torch.bfloat16)
     with torch.no_grad():
@@ -186,6 +186,8 @@ def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
     return {
         "features_gpu_images_per_s": round(batch / gpu, 1),
         "features_from_jpeg_images_per_s": round(len(jpegs) / (time.perf_counter() - t0), 1),
+        # the GPU-only line is plain HF (fp32 Q-Former); captune's path from JPEG uses this choice
+        "features_qformer_matmul": qformer_matmul(model),
     }
 
 
