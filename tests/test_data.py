@@ -407,6 +407,9 @@ def test_progress_line_says_images_per_second_and_eta():
     quiet = io.StringIO()
     _Progress("reading", 0, False, stream=quiet).update(5, last=True)
     assert quiet.getvalue() == ""
+    short = io.StringIO()  # a pass under 30 s off a terminal: no line (a failing run's stderr stays one line)
+    _Progress("reading", 5, True, stream=short).update(5, last=True)
+    assert short.getvalue() == ""
 
 
 def test_demo_vocabulary_check_streams_the_training_captions(tmp_path):
@@ -419,3 +422,60 @@ def test_demo_vocabulary_check_streams_the_training_captions(tmp_path):
     captions = _train_captions(root)
     assert isinstance(captions, types.GeneratorType)
     assert list(captions) == [c for e in load_split(root, "train") for c in e.captions]
+
+
+def _coco_captions_with_splits(root):
+    """A local copy of jxie/coco_captions with its three Hub splits (train/validation/test parquet files)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True)
+    for split, first, count in (("train", 0, 6), ("validation", 6, 3), ("test", 9, 2)):
+        rows = [
+            {
+                "image": {"bytes": jpeg_bytes((i * 20, 90, 160)), "path": f"COCO_{i}.jpg"},
+                "filename": f"COCO_{i}.jpg",
+                "cocoid": 1000 + i,
+                "caption": f"image {i} caption {j}.",
+            }
+            for i in range(first, first + count)
+            for j in range(5)
+        ]
+        pq.write_table(pa.Table.from_pylist(rows), root / "data" / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+def test_joined_hub_splits_keep_each_image_in_its_own_split(tmp_path):
+    """data.split=train+validation+test (the coco-karpathy recipe): every Hub split is read and each
+    image lands in the split its Hub split names, not by the ratios."""
+    repo = _coco_captions_with_splits(tmp_path / "coco_captions")
+    manifest, cache = _prep(
+        tmp_path, source=f"hub:{repo}", split="train+validation+test", id_column="cocoid", num_images=0
+    )
+    splits = _all(cache)
+    assert sorted(int(e.image_id) for e in splits["train"]) == list(range(1000, 1006))
+    assert sorted(int(e.image_id) for e in splits["validation"]) == [1006, 1007, 1008]
+    assert sorted(int(e.image_id) for e in splits["test"]) == [1009, 1010]
+    assert manifest["references"] == 55
+
+
+def test_joined_splits_are_checked():
+    from captune.config import ConfigError
+
+    for bad in (
+        {"source": "manifest:m.csv", "split": "train+test"},
+        {"source": "hub:a/b", "split": "train+dev2"},
+        {"source": "hub:a/b", "split": "train+test", "split_column": "karpathy"},
+    ):
+        with pytest.raises(ConfigError, match="data.split"):
+            DataConfig(**bad).check()
+
+
+def test_validation_sample_is_seeded_and_in_split_order():
+    from captune.data.cache import Example, sample_examples
+
+    examples = [Example(str(i), b"x", ["c"]) for i in range(50)]
+    a, b = sample_examples(examples, 10, 3), sample_examples(examples, 10, 3)
+    assert [e.image_id for e in a] == [e.image_id for e in b]
+    assert [int(e.image_id) for e in a] == sorted(int(e.image_id) for e in a) and len(a) == 10
+    assert sample_examples(examples, 0, 3) is examples and sample_examples(examples, 80, 3) is examples

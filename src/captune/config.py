@@ -36,7 +36,8 @@ class DataConfig:
     images: str | None = None
     """Image folder for coco: sources (file_name is relative to it)."""
     split: str = "train"
-    """Split of the source to read (hub and parquet sources)."""
+    """Split of the source to read (hub and parquet sources); for a Hub dataset several joined with '+'
+    (train+validation+test) are read in turn and each image keeps its own split (the ratios are unused)."""
     image_column: str = "image"
     """Column holding the image (hub/parquet) or the image path (manifest)."""
     id_column: str | None = None
@@ -73,6 +74,12 @@ class DataConfig:
         _require(self.ratios[0] > 0, "data.ratios", "the train fraction must be above 0")
         _require(self.max_pixels > 0, "data.max_pixels", "must be positive")
         _require(self.max_caption_words > 0, "data.max_caption_words", "must be positive")
+        parts = [p.strip() for p in self.split.split("+")]
+        if len(parts) > 1:
+            _require(self.source.startswith("hub:"), "data.split", "joins splits with '+' for hub: sources only")
+            _require(not self.split_column, "data.split", "joins Hub splits with '+'; leave data.split_column unset")
+            named = {"train", "restval", "validation", "val", "valid", "dev", "test"}
+            _require(all(p in named for p in parts), "data.split", "joined splits must be train, validation, test")
 
 
 @dataclass
@@ -159,6 +166,9 @@ class TrainConfig:
     """Seed for initialisation, shuffling and dropout."""
     validate_every: int = 1
     """Validate every N epochs (0 = never)."""
+    val_images: int = 0
+    """Validate on at most this many images of the validation split, a sample seeded by data.seed (0 = all);
+    SCST validates on the same ones."""
     select: Literal["CIDEr", "loss", "last"] = "CIDEr"
     """Which adapter to keep: best validation CIDEr, lowest validation loss, or the last."""
     early_stop: int = 0
@@ -193,6 +203,7 @@ class TrainConfig:
         _require(self.epochs >= 0, "train.epochs", "must not be negative")
         _require(self.max_steps >= 0, "train.max_steps", "must be 0 (no limit) or more")
         _require(self.batch_size >= 1, "train.batch_size", "must be 1 or more")
+        _require(self.val_images >= 0, "train.val_images", "must be 0 (all) or more")
         _require(self.grad_accum >= 1, "train.grad_accum", "must be 1 or more")
         _require(0 < self.lr < 1, "train.lr", "must be between 0 and 1")
         _require(self.weight_decay >= 0, "train.weight_decay", "must not be negative")

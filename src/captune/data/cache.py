@@ -261,3 +261,13 @@ def as_images(examples: Sequence[Example]) -> Sequence[bytes]:
     if isinstance(examples, Split):
         return examples.images()
     return [e.image for e in examples]
+
+
+def sample_examples(examples: Sequence[Example], n: int, seed: int) -> Sequence[Example]:
+    """At most ``n`` of ``examples`` (0 = all): a seeded sample, in split order; nothing is read."""
+    if n <= 0 or n >= len(examples):
+        return examples
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]

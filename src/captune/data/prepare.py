@@ -18,6 +18,7 @@ chunk of the first pass and its completed shards (same cache as an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -36,7 +37,7 @@ from captune.atomic import public_modes, write_atomic
 from captune.config import DataConfig
 from captune.data.cache import Example, Split, open_split
 from captune.data.images import check_image
-from captune.data.sources import RawItem, Skip, read_source
+from captune.data.sources import RawItem, Skip, given_splits, read_source
 from captune.errors import UserError
 
 __all__ = ["SPLITS", "Example", "Split", "load_split", "prepare"]
@@ -89,13 +90,15 @@ def _split_ids(ids, ratios: list[float], seed: int) -> dict[str, list]:
 
 
 class _Progress:
-    """One line of progress with images/s and ETA: redrawn on a terminal, every 30 s otherwise."""
+    """One line of progress with images/s and ETA: redrawn on a terminal, every 30 s otherwise (a pass
+    shorter than that prints nothing there: a log or a failing run's stderr stays one line)."""
 
     def __init__(self, label: str, total: int, enabled: bool, stream=None):
         self.label, self.total, self.enabled = label, total, enabled
         self.stream = stream or sys.stderr
         self.started = self.shown = time.perf_counter()
         self.tty = self.stream.isatty()
+        self.printed = False
 
     def update(self, count: int, *, last: bool = False) -> None:
         if not self.enabled:
@@ -103,7 +106,9 @@ class _Progress:
         now = time.perf_counter()
         if not last and now - self.shown < (0.5 if self.tty else 30.0):
             return
-        self.shown = now
+        if last and not self.tty and not self.printed:
+            return
+        self.shown, self.printed = now, True
         rate = count / max(now - self.started, 1e-9)
         eta = f", ETA {(self.total - count) / rate:.0f}s" if self.total and rate > 0 and not last else ""
         line = f"  {self.label}: {count}/{self.total or '?'} images, {rate:.0f} images/s{eta}"
@@ -253,7 +258,7 @@ class _Collector:
         for ord_, split, n in self.db.execute("select ord, split, ncaps from groups"):
             codes[ord_], ncaps[ord_] = split or 0, n
         references = sum(ncaps[i] for i in kept)
-        if self.cfg.split_column:
+        if given_splits(self.cfg):
             return {s: array("q", (i for i in kept if codes[i] == _SPLIT_CODE[s])) for s in SPLITS}, references
         return _split_ids(kept, self.cfg.ratios, self.cfg.seed), references
 
@@ -267,8 +272,12 @@ class _Collector:
         return [found[i] for i in ords]
 
     def close(self) -> None:
-        self.spool.close()
-        self.db.close()
+        if self.spool.closed:
+            return
+        try:
+            self.spool.close()
+        finally:
+            self.db.close()
 
 
 def _partial_dir(out_dir: Path, settings: dict, force: bool) -> Path:
@@ -331,6 +340,15 @@ def prepare(
         kept, skipped = collector.kept(strict)
         splits, references = collector.splits_of(kept)
         _write_shards(partial, splits, collector, _Progress("writing", len(kept), progress))
+    except UserError:  # the same settings would fail the same way: no partial to resume from
+        _discard(collector, partial)
+        raise
+    except (OSError, sqlite3.OperationalError) as exc:
+        full = _full_disk(exc, partial)
+        if full is None:
+            raise
+        _discard(collector, partial)  # its space is what the user must free: nothing kept
+        raise full from None
     finally:
         collector.close()
     manifest = {
@@ -352,6 +370,28 @@ def prepare(
         f"{manifest['counts']['test']}, skipped {len(skipped)}"
     )
     return manifest
+
+
+def _discard(collector: _Collector, partial: Path) -> None:
+    """Close the collector (its flush fails on a full disk too) and remove the partial preparation."""
+    with contextlib.suppress(OSError, sqlite3.Error):
+        collector.close()
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def _full_disk(exc: BaseException, partial: Path) -> OSError | None:
+    """An out-of-space or read-only failure of the preparation as an ``OSError`` naming the cache
+    folder (SQLite reports it as "database or disk is full"), or None for any other error."""
+    import errno
+
+    if isinstance(exc, OSError):
+        return exc if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else None
+    text = str(exc).lower()
+    if "disk is full" in text:
+        return OSError(errno.ENOSPC, "No space left on device", str(partial.parent))
+    if "readonly database" in text or "read-only" in text:
+        return OSError(errno.EROFS, "Read-only file system", str(partial.parent))
+    return None
 
 
 def _write_shards(folder: Path, splits: dict, collector: _Collector, progress: _Progress) -> None:

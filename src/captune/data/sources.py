@@ -9,6 +9,7 @@ with the reason) and never raise for one bad row. Malformed container files
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import json
 from collections.abc import Iterator
@@ -97,6 +98,21 @@ SPLIT_NAMES = {
 }
 
 
+HUB_SPLIT_COLUMN = "_hub_split"
+
+
+def joined_splits(cfg: DataConfig) -> list[str]:
+    """The source splits ``data.split`` joins with '+' (``train+validation+test``), or [] for one."""
+    parts = [p.strip() for p in cfg.split.split("+")]
+    return parts if len(parts) > 1 else []
+
+
+def given_splits(cfg: DataConfig) -> bool:
+    """True when the source says each image's split (``data.split_column`` or joined Hub splits):
+    the ratios are not used."""
+    return bool(cfg.split_column) or bool(joined_splits(cfg))
+
+
 def _split_of(row: dict, cfg: DataConfig, label: str) -> str | None:
     """The split a row names in ``data.split_column`` (Karpathy's restval counts as train)."""
     if not cfg.split_column:
@@ -147,19 +163,30 @@ def read_hub(spec: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:
     import datasets
 
     name, _, revision = spec.partition("@")
+    splits = joined_splits(cfg)
+    for split in splits or [cfg.split]:
+        ds = _open_hub(datasets, name, split, revision, cfg)
+        if not splits:
+            yield from _rows_to_items(iter(ds), cfg, f"hub:{name}")
+            continue
+        # each Hub split is the split of its rows (Karpathy's, in jxie/coco_captions)
+        rows = ({**row, HUB_SPLIT_COLUMN: split} for row in ds)
+        yield from _rows_to_items(rows, dataclasses.replace(cfg, split_column=HUB_SPLIT_COLUMN), f"hub:{name}")
+
+
+def _open_hub(datasets, name: str, split: str, revision: str, cfg: DataConfig):
     try:
-        ds = datasets.load_dataset(name, split=cfg.split, streaming=True, revision=revision or None)
+        ds = datasets.load_dataset(name, split=split, streaming=True, revision=revision or None)
     except Exception as exc:  # datasets raises many types for "cannot reach the Hub"
         raise UserError(
-            f"cannot open Hub dataset '{name}' split '{cfg.split}' ({type(exc).__name__}); "
+            f"cannot open Hub dataset '{name}' split '{split}' ({type(exc).__name__}); "
             "check the name and your internet connection, or download it and use "
             "parquet:PATH / arrow:PATH"
         ) from None
     if ds.features is not None:
         needed = {cfg.image_column: "data.image_column", cfg.caption_column: "data.caption_column"}
         check_columns(dict(ds.features), f"hub:{name}", needed)
-    ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
-    yield from _rows_to_items(iter(ds), cfg, f"hub:{name}")
+    return ds.cast_column(cfg.image_column, datasets.Image(decode=False))
 
 
 def read_parquet(pattern: str, cfg: DataConfig) -> Iterator[RawItem | Skip]:

@@ -56,7 +56,7 @@ class Run:
                     "'captune run RECIPE --out RUN' or pass --recipe"
                 )
             cfg = config_from_dict(load_yaml(saved.read_text(), str(saved)))
-        elif saved.is_file() and not force and any(p.name != "config.yaml" for p in root.iterdir()):
+        elif saved.is_file() and not force and any(_holds_results(p) for p in root.iterdir()):
             # (a folder with only its config, left by a run that stopped at a user error, takes the new one)
             if load_yaml(saved.read_text(), str(saved)) != cfg.to_dict():
                 raise UserError(
@@ -178,3 +178,9 @@ def describe_device() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
+
+
+def _holds_results(entry: Path) -> bool:
+    """True for what a run made; not its config, nor a preparation interrupted part-way
+    (``.data.partial``: resumed only under the same settings, discarded under others)."""
+    return entry.name != "config.yaml" and not (entry.name.startswith(".") and entry.name.endswith(".partial"))

@@ -21,6 +21,14 @@ from captune.run.folder import PHASES, Run
 from captune.training.memory import train_within_memory
 
 
+def validation_examples(run: Run):
+    """The validation split, or its seeded sample of ``train.val_images``."""
+    from captune.data.cache import sample_examples
+
+    cfg = run.cfg
+    return sample_examples(load_split(run.path("data"), "validation"), cfg.train.val_images, cfg.data.seed)
+
+
 def phase_data(run: Run, force: bool = False) -> None:
     from captune.demo.vocabulary import warn_unknown_words
 
@@ -47,7 +55,7 @@ def phase_train(run: Run, force: bool = False) -> None:
     trainable, total = count_parameters(model)
     run.log(f"  LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     train_ex = load_split(run.path("data"), "train")
-    val_ex = load_split(run.path("data"), "validation")
+    val_ex = validation_examples(run)
 
     def attempt(cfg):
         return train(
@@ -145,7 +153,7 @@ def _train_scst(run: Run, model, processor) -> None:
         model,
         processor,
         load_split(run.path("data"), "train"),
-        load_split(run.path("data"), "validation"),
+        validation_examples(run),
         run.cfg,
         log_path=run.path("logs", "scst.jsonl"),
         log=run.log,
