@@ -70,3 +70,10 @@ def test_saved_config_round_trips():
     cfg = load_config("coco5k", ["train.epochs=3"])
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+def test_coco_karpathy_recipe_reads_the_datasets_own_splits():
+    cfg = load_config("coco-karpathy")
+    assert cfg.data.source == "hub:jxie/coco_captions" and cfg.data.num_images == 0
+    assert cfg.data.split == "train+validation+test" and cfg.data.split_column is None
+    assert cfg.train.val_images == 1000 and cfg.eval.split == "test"
