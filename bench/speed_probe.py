@@ -146,8 +146,7 @@ def _profile_decode_step(lm, embeds) -> dict:
 def probe_training(model, processor, feats, compile_modes) -> dict:
     from captune.config import LoraConfig
     from captune.model.lora import attach_lora
-    from captune.ops.batching import IGNORE
-    from captune.ops.packing import PackedBatch, packed_loss
+    from captune.ops.packing import packed_loss
 
     torch.manual_seed(0)
     peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="seed"))
@@ -156,14 +155,8 @@ def probe_training(model, processor, feats, compile_modes) -> dict:
     sixteen = use_16bit_compute(peft_model)  # captune's default (lora.compute=auto)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    g, k, t = 52, 5, 12
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(4, 50000, (g, k, t), device="cuda", generator=gen)
-    ids[:, :, 0] = 2
-    labels = ids.clone()
-    labels[:, :, 0] = IGNORE
-    packed = PackedBatch(ids, torch.ones_like(ids), labels, g * k)
-    f = feats[torch.arange(g, device="cuda") % feats.size(0)]
+    g, k = 52, 5
+    packed, f = bench.synthetic_packed_batch(feats, g, k, 12)
     peft_model.train()
 
     def make_step(loss_fn):

@@ -56,3 +56,18 @@ def test_packed_equals_unpacked_loss_and_gradients():
         assert torch.allclose(loss, ref, atol=1e-5), (loss, ref)
         for name, grad in _grads(model).items():
             assert torch.allclose(grad, ref_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_bench_synthetic_packed_batch_labels_all_but_bos():
+    """The batch captune bench and the speed probe train on: BOS unlabelled, every other token a
+    target, the same ids for the same call, features cycled over the images."""
+    from captune.bench import synthetic_packed_batch
+    from captune.ops.batching import IGNORE
+
+    feats = torch.arange(3 * 2 * 4, dtype=torch.float32).view(3, 2, 4)
+    packed, f = synthetic_packed_batch(feats, 5, 2, 6)
+    again, _ = synthetic_packed_batch(feats, 5, 2, 6)
+    assert packed.ids.shape == (5, 2, 6) and torch.equal(packed.ids, again.ids)
+    assert (packed.labels[:, :, 0] == IGNORE).all() and torch.equal(packed.labels[:, :, 1:], packed.ids[:, :, 1:])
+    assert packed.pairs == 10 and len(packed.targets) == 5 * 2 * 5
+    assert torch.equal(f[3], feats[0]) and torch.equal(f[4], feats[1])

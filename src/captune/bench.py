@@ -191,13 +191,29 @@ def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
     }
 
 
+def synthetic_packed_batch(feats: torch.Tensor, images: int, k: int, text_tokens: int):
+    """A packed batch of ``images`` x ``k`` random captions (BOS first, the rest labelled; ids from
+    a seeded generator) and the images' features, cycled from ``feats``."""
+    from captune.ops.batching import IGNORE
+    from captune.ops.packing import PackedBatch
+
+    dev = feats.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(4, 50000, (images, k, text_tokens), device=dev, generator=gen)
+    ids[:, :, 0] = 2
+    labels = ids.clone()
+    labels[:, :, 0] = IGNORE
+    packed = PackedBatch(ids, torch.ones_like(ids), labels, images * k)
+    return packed, feats[torch.arange(images, device=dev) % feats.size(0)]
+
+
 def measure_captune_training(model, processor, feats, *, images_per_step: int, text_tokens: int) -> dict:
     from captune.config import LoraConfig
     from captune.model.lora import attach_lora
     from captune.model.lora_compute import applies, use_16bit_compute
     from captune.ops.batching import IGNORE
     from captune.ops.lm import lm_loss
-    from captune.ops.packing import PackedBatch, packed_loss
+    from captune.ops.packing import packed_loss
 
     torch.manual_seed(0)
     peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="seed"))
@@ -207,13 +223,8 @@ def measure_captune_training(model, processor, feats, *, images_per_step: int, t
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     k, q = 5, feats.size(1)
     g = images_per_step
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(4, 50000, (g, k, text_tokens), device="cuda", generator=gen)
-    ids[:, :, 0] = 2
-    labels = ids.clone()
-    labels[:, :, 0] = IGNORE
-    packed = PackedBatch(ids, torch.ones_like(ids), labels, g * k)
-    f = feats[torch.arange(g, device="cuda") % feats.size(0)]
+    packed, f = synthetic_packed_batch(feats, g, k, text_tokens)
+    ids, labels = packed.ids, packed.labels
     flat_ids = torch.cat(
         [torch.full((g * k, q), model.config.image_token_index, device="cuda"), ids.view(g * k, text_tokens)], dim=1
     )
