@@ -154,8 +154,8 @@ def run(args) -> dict:
     import torch
 
     from captune.bench import synthetic_captions, synthetic_jpegs
+    from captune.data.cache import ImageColumn
     from captune.model.lora import trainable_state
-    from captune.ops.feature_map import ImageColumn
     from captune.run.feature_cache import FeatureStore
 
     model, processor, cfg, device = _model(args)

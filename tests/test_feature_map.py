@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from captune.config import ModelConfig
+from captune.data.cache import ImageColumn
 from captune.demo import world
 from captune.model.load import load_model
 from captune.ops import feature_map
-from captune.ops.feature_map import FeatureMap, ImageColumn, ShardWriter, write_map
+from captune.ops.feature_map import FeatureMap, ShardWriter, write_map
 from captune.ops.features import feature_row_bytes, image_features
 from captune.run.feature_cache import FeatureStore
 

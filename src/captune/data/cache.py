@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import overload
 
+from captune.data.files import chunks
+
 # Row groups kept decoded per split; a row group is at most prepare.ROW_GROUP_ROWS rows.
 ROW_GROUP_CACHE = 4
 
@@ -143,18 +145,12 @@ class Split(Sequence[Example]):
 
     def batches(self, size: int) -> Iterator[list[Example]]:
         """The split in lists of ``size`` examples (the last may be shorter), shard by shard."""
-        batch: list[Example] = []
-        for example in self:
-            batch.append(example)
-            if len(batch) == size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        return chunks(self, size)
 
-    def images(self) -> SplitImages:
-        """The split's image bytes as a lazy sequence (slices read only the rows they name)."""
-        return SplitImages(self)
+    def images(self) -> ImageColumn:
+        """The split's image bytes as a lazy sequence (slices read only the rows they name), with the
+        cache's digests."""
+        return ImageColumn(self)
 
     def images_by_id(self) -> ImagesById:
         """A mapping image id -> bytes that reads an image only when it is looked up."""
@@ -215,23 +211,44 @@ class Split(Sequence[Example]):
         return self._images.get(group, load)[row].as_py()
 
 
-class SplitImages(Sequence[bytes]):
-    """A split's image bytes, read on demand: what a features pass needs, without holding them."""
+class ImageColumn(Sequence[bytes]):
+    """The images of a list of examples, read only when indexed (a lazily read ``Example.image`` stays
+    unread until its batch), and their SHA-256 digests: the examples' own (``digest``, hex) where
+    they carry one, else computed from the bytes."""
 
-    def __init__(self, split: Split):
-        self.split = split
+    def __init__(self, examples: Sequence):
+        self.examples = examples
 
     def __len__(self) -> int:
-        return len(self.split)
+        return len(self.examples)
 
     def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [e.image for e in self.split[i]]
-        return self.split[i].image
+        if isinstance(i, slice):  # a Split's slice is a view of its rows: nothing read until asked
+            return [e.image for e in self.examples[i]]
+        return self.examples[i].image
 
-    def __iter__(self) -> Iterator[bytes]:
-        for e in self.split:
-            yield e.image
+    def digests(self) -> list[bytes]:
+        """Each image's SHA-256: the example's own where it has one (no read), else of its bytes, read
+        in order a batch at a time and hashed in threads (hashlib lets go of the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from captune.ops.features import _workers
+
+        out: list[bytes] = []
+        with ThreadPoolExecutor(_workers()) as pool:
+            for start in range(0, len(self.examples), 256):
+                part = self.examples[start : start + 256]
+                known = [getattr(e, "digest", None) for e in part]
+                if all(isinstance(k, str) for k in known):
+                    out.extend(bytes.fromhex(k) for k in known)
+                    continue
+                data = [None if isinstance(k, str) else e.image for e, k in zip(part, known, strict=True)]
+                out.extend(pool.map(_digest_of, known, data))
+        return out
+
+
+def _digest_of(known: str | None, data: bytes | None) -> bytes:
+    return bytes.fromhex(known) if data is None else hashlib.sha256(data).digest()
 
 
 class ImagesById(Mapping[str, bytes]):
@@ -256,11 +273,10 @@ def open_split(data_dir: Path, split: str) -> Split:
     return Split(sorted(Path(data_dir).glob(f"{split}-*.parquet")))
 
 
-def as_images(examples: Sequence[Example]) -> Sequence[bytes]:
-    """The image bytes of ``examples`` without reading them all at once where they come from a cache."""
-    if isinstance(examples, Split):
-        return examples.images()
-    return [e.image for e in examples]
+def as_images(examples: Sequence[Example]) -> ImageColumn:
+    """The image bytes of ``examples``, read a batch at a time as asked, with their digests (the
+    cache's where the examples come from one: no image hashed again for the feature cache's key)."""
+    return ImageColumn(examples)
 
 
 def sample_examples(examples: Sequence[Example], n: int, seed: int) -> Sequence[Example]:

@@ -6,9 +6,12 @@ import glob
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from captune.data.images import check_image
 from captune.errors import UserError
+
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -70,3 +73,15 @@ def json_lines(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
         if not isinstance(row, dict):
             raise UserError(f"{path} line {n}: expected a JSON object")
         yield n, row
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last may be shorter), never more than one list held."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from captune.data.files import chunks
 from captune.errors import UserError
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ def score_rows(rows, *, metrics: tuple[str, ...] = OFFICIAL, spice: bool = False
     """
     corpus = _Corpus(metrics, spice)
     with tempfile.TemporaryFile("w+", encoding="utf-8") as spill:
-        for chunk in _chunks(rows, SCORE_CHUNK):
+        for chunk in chunks(rows, SCORE_CHUNK):
             ids = [r[0] for r in chunk]
             gts, res = _tokenized({r[0]: r[1] for r in chunk}, {r[0]: r[2] for r in chunk}, ids)
             corpus.add(ids, gts, res)
@@ -206,17 +207,6 @@ def score_rows(rows, *, metrics: tuple[str, ...] = OFFICIAL, spice: bool = False
                 ids, g, r = json.loads(line)
                 corpus.add_cider(dict(zip(ids, g, strict=True)), dict(zip(ids, r, strict=True)))
     return corpus.finish()
-
-
-def _chunks(rows, size: int):
-    chunk = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 class _Corpus:

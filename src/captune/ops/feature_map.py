@@ -15,7 +15,6 @@ are never held whole in memory: a shard is appended batch by batch, and reading 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -272,46 +271,6 @@ class FeatureMap:
         for s in range(len(self._shards)) if shards is None else shards:
             part = self._shards[s]
             _drop_pages(part.data_ptr(), part.numel() * part.element_size())
-
-
-class ImageColumn(Sequence):
-    """The images of a list of examples, read only when indexed (a lazily read ``Example.image`` stays
-    unread until its batch), and their SHA-256 digests: the examples' own (``digest``, hex) where
-    they carry one, else computed from the bytes."""
-
-    def __init__(self, examples: Sequence):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self.examples[j].image for j in range(*i.indices(len(self.examples)))]
-        return self.examples[i].image
-
-    def digests(self) -> list[bytes]:
-        """Each image's SHA-256: the example's own where it has one (no read), else of its bytes, read
-        in order a batch at a time and hashed in threads (hashlib lets go of the GIL)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from captune.ops.features import _workers
-
-        out: list[bytes] = []
-        with ThreadPoolExecutor(_workers()) as pool:
-            for start in range(0, len(self.examples), 256):
-                part = self.examples[start : start + 256]
-                known = [getattr(e, "digest", None) for e in part]
-                if all(isinstance(k, str) for k in known):
-                    out.extend(bytes.fromhex(k) for k in known)
-                    continue
-                data = [None if isinstance(k, str) else e.image for e, k in zip(part, known, strict=True)]
-                out.extend(pool.map(_digest_of, known, data))
-        return out
-
-
-def _digest_of(known: str | None, data: bytes | None) -> bytes:
-    return bytes.fromhex(known) if data is None else hashlib.sha256(data).digest()
 
 
 class _Ranges(Sequence):

@@ -24,12 +24,13 @@ import torch
 
 from captune import launch
 from captune.config import Config
+from captune.data.cache import ImageColumn
 from captune.data.prepare import Example
 from captune.distributed import all_agree, world
 from captune.model.family import can_pack, language_family
 from captune.model.lora import adapter_touches_vision
 from captune.model.lora_compute import use_16bit_compute
-from captune.ops.feature_map import FeatureMap, ImageColumn, write_map
+from captune.ops.feature_map import FeatureMap, write_map
 from captune.ops.features import feature_row_bytes, image_features
 from captune.ops.lm import unwrap
 from captune.training.checkpoint import Checkpointer, Position
