@@ -6,7 +6,11 @@ blip2-opt-2.7b with random weights, as ``captune bench`` builds it. Measures
   and with TF32 matmuls allowed;
 - greedy captioning: the prefill alone and the whole decode at batch 1024/2048;
 - the packed LoRA step: eager, and ``torch.compile`` (default and ``reduce-overhead``,
-  i.e. CUDA graphs), with a torch.profiler summary of the eager step's CPU vs GPU time.
+  i.e. CUDA graphs), with a torch.profiler summary of the eager step's CPU vs GPU time;
+- ``jpeg``: features from JPEG bytes, captune's ``image_features`` (nvJPEG on the GPU, and the
+  CPU thread pool), against its parts: one batch's decode + preprocessing alone, the model alone;
+- ``sampling``: SCST's sampler (LoRA attached, K samples per image), its prefill, one graph
+  step, one token choice and the text decode apart, and the eager step's kernels.
 
 Usage: python bench/speed_probe.py --out probe.json [--skip-compile]
 """
@@ -143,6 +147,102 @@ def _profile_decode_step(lm, embeds) -> dict:
     }
 
 
+@torch.no_grad()
+def probe_jpeg(model, processor, n: int = 2048, batch: int = 128) -> dict:
+    """Features from JPEG bytes: the whole path and its parts, GPU and CPU decoding."""
+    from captune.ops import features as F
+    from captune.ops.features import gpu_pixel_values, image_features, pixel_values, qformer_precision
+
+    jpegs = bench.synthetic_jpegs(n)
+    out = {"images": n, "batch": batch, "mean_jpeg_bytes": round(sum(map(len, jpegs)) / n)}
+    out["gpu_decode_preprocess_s_per_batch"] = round(
+        timed(lambda: gpu_pixel_values(processor, jpegs[:batch], torch.device("cuda")), 3), 4
+    )
+    out["cpu_preprocess_one_thread_s_per_batch"] = round(timed(lambda: pixel_values(processor, jpegs[:batch]), 1), 4)
+    pv = pixel_values(processor, jpegs[:batch]).to("cuda", torch.bfloat16)
+    with qformer_precision(model):
+        out["model_only_s_per_batch"] = round(
+            timed(lambda: model.get_image_features(pixel_values=pv, return_dict=True), 3), 4
+        )
+    for name, gpu in (("gpu_decode", True), ("cpu_threads", False)):
+        F._GPU_DECODE_FAILED = not gpu
+        image_features(model, processor, jpegs[: 2 * batch], batch_size=batch)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        image_features(model, processor, jpegs, batch_size=batch)
+        torch.cuda.synchronize()
+        out[f"whole_{name}_images_per_s"] = round(n / (time.perf_counter() - t0), 1)
+    F._GPU_DECODE_FAILED = False
+    out["model_only_images_per_s"] = round(batch / out["model_only_s_per_batch"], 1)
+    return out
+
+
+@torch.no_grad()
+def probe_sampling(model, processor, feats, images: int = 256, k: int = 5, tokens: int = 20) -> dict:
+    """SCST's sampler as training/scst.py runs it (LoRA attached, eval mode), in parts."""
+    from captune.config import LoraConfig
+    from captune.model.lora import attach_lora
+    from captune.ops.batching import generation_prompt
+    from captune.ops.fast_decode import SamplingOPT
+    from captune.ops.lm import embed_with_features, unwrap
+    from captune.ops.sampling import SamplingSpec, choose, sample_captions
+
+    tok = processor.tokenizer
+    peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="seed"))
+    peft_model.eval()
+    f = feats[torch.arange(images, device="cuda") % feats.size(0)]
+    spec = SamplingSpec(k=k, max_new_tokens=tokens, min_new_tokens=tokens)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    decoders: dict = {}
+    run = lambda: sample_captions(peft_model, tok, f, spec, generator=gen, decoders=decoders)  # noqa: E731
+    out = {"images": images, "k": k, "tokens": tokens, "whole_s": round(timed(run, 3), 4)}
+    dec = next(iter(decoders.values()))
+    ids = generation_prompt(tok, images, num_query_tokens=model.config.num_query_tokens,
+                            image_token_id=model.config.image_token_index).input_ids.to("cuda")  # fmt: skip
+    embeds = embed_with_features(model, ids, f)
+
+    def prefill():
+        hidden = dec._embed(embeds, torch.arange(embeds.size(1), device="cuda"))
+        return dec._forward(hidden, None).repeat_interleave(k, 0)
+
+    logits = prefill()
+    out["prefill_s"] = round(timed(prefill, 3), 4)
+    dec.static_pos.fill_(embeds.size(1) + 3)
+    out["graph_step_s"] = round(timed(dec._replay, 10), 5)
+    out["choose_s"] = round(timed(lambda: choose(logits, 3, spec, tok.eos_token_id, gen), 10), 5)
+    samples = run()
+    t0 = time.perf_counter()
+    tok.batch_decode(samples.tokens.tolist(), skip_special_tokens=True)
+    out["text_decode_s"] = round(time.perf_counter() - t0, 4)
+    eager = SamplingOPT(unwrap(peft_model).language_model, images, k, embeds.size(1), tokens, use_graph=False)
+    eager.sample(embeds, lambda lg, n: choose(lg, n, spec, tok.eos_token_id, gen), eos_token_id=-5, pad_token_id=1)
+    out["eager_step_profile"] = _profile_steps(eager._step)
+    del eager
+    decoders.clear()
+    peft_model.unload()
+    torch.cuda.empty_cache()
+    return out
+
+
+def _profile_steps(step) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]
+    return {
+        "kernel_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / 5 / 1e3, 3),
+        "kernels_per_step": sum(e.count for e in kernels) // 5,
+        "top": [(e.key[:70], round(e.self_device_time_total / 5 / 1e3, 3), e.count // 5) for e in top],
+    }
+
+
 def probe_training(model, processor, feats, compile_modes) -> dict:
     from captune.config import LoraConfig
     from captune.model.lora import attach_lora
@@ -208,7 +308,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--compile", default="default,reduce-overhead")
-    ap.add_argument("--only", default="features,captioning,training")
+    ap.add_argument(
+        "--only", default="features,captioning,training", help="of features,jpeg,captioning,sampling,training"
+    )
     args = ap.parse_args()
     jpegs = bench.synthetic_jpegs(256)
     model, cfg = bench.build_model("blip2-opt-2.7b", torch.bfloat16)
@@ -226,6 +328,14 @@ def main() -> None:
         result["captioning"] = probe_captioning(model, feats)
     print(json.dumps(result.get("captioning")), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    for name, probe in (
+        ("jpeg", lambda: probe_jpeg(model, processor)),
+        ("sampling", lambda: probe_sampling(model, processor, feats)),
+    ):
+        if name in only:
+            result[name] = probe()
+            print(json.dumps(result[name]), flush=True)
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     modes = [m for m in args.compile.split(",") if m]
     if "training" in only:
         result["training"] = probe_training(model, processor, feats, modes)
