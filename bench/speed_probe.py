@@ -116,9 +116,31 @@ def probe_captioning(model, feats) -> dict:
         }
         if batch == 2048:
             out["decode_step_profile_b2048"] = _profile_decode_step(lm, embeds)
+            out["decode_attention_sweep_b2048"] = _sweep_decode_attention(batch, lm.config)
         del dec
         torch.cuda.empty_cache()
     _ = generation_prompt
+    return out
+
+
+def _sweep_decode_attention(batch: int, cfg, prompt: int = 33, new: int = 20) -> dict:
+    """One layer's decode attention at ``batch``, each (chunk, warps), early and late in the caption,
+    with the prompt part per sequence (greedy) and shared by 5 (SCST's K)."""
+    from captune.ops import decode_attention as da
+
+    heads, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    out, chosen = {}, (da.CHUNK, da.NUM_WARPS)
+    for rep in (1, 5):
+        q = torch.randn(batch, heads, 1, d, device="cuda", dtype=torch.bfloat16)
+        kp = torch.randn(batch // rep, heads, prompt, d, device="cuda", dtype=torch.bfloat16)
+        kn = torch.randn(batch, heads, new, d, device="cuda", dtype=torch.bfloat16)
+        for chunk, warps in [(c, w) for c in (16, 32, 64) for w in (1, 2, 4, 8)]:
+            da.CHUNK, da.NUM_WARPS = chunk, warps
+            for slot in (3, 19):
+                pos = torch.tensor(prompt + slot, device="cuda")
+                ms = 1e3 * timed(lambda p=pos, q=q, kp=kp, kn=kn: da.decode_attention(q, q, q, kp, kp, kn, kn, p), 20)
+                out[f"rep{rep}_chunk{chunk}_warps{warps}_slot{slot}_ms"] = round(ms, 4)
+    da.CHUNK, da.NUM_WARPS = chosen
     return out
 
 

@@ -9,21 +9,31 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-@pytest.mark.parametrize("length, pos", [(53, 33), (53, 52), (17, 0)])
-def test_decode_attention_kernel_matches_sdpa(length, pos):
-    import torch.nn.functional as F
-
-    from captune.ops.decode_attention import decode_attention
+@pytest.mark.parametrize("rep, prompt, slot", [(1, 33, 0), (1, 33, 19), (5, 33, 7), (5, 33, 19), (2, 17, 3), (1, 1, 2)])
+def test_decode_attention_kernel_matches_sdpa(rep, prompt, slot):
+    """The Triton kernel against SDPA over the joined cache (the CPU path), prompt rows shared by
+    ``rep`` sequences; the new token's key and value land in their slot either way."""
+    from captune.ops.decode_attention import _reference, decode_attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(64, 8, 1, 80, device="cuda", dtype=torch.bfloat16, generator=g) * 80**-0.5
-    k = torch.randn(64, 8, length, 80, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(64, 8, length, 80, device="cuda", dtype=torch.bfloat16, generator=g)
-    p = torch.tensor(pos, device="cuda")
-    mask = (torch.arange(length, device="cuda") <= pos).view(1, 1, 1, -1)
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=1.0)
-    out = decode_attention(q, k, v, p)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    b, h, d, new = 16 * rep, 8, 80, 20
+    q, k, v = randn(b, h, 1, d) * d**-0.5, randn(b, h, 1, d), randn(b, h, 1, d)
+    kp, vp, kn, vn = (
+        randn(b // rep, h, prompt, d),
+        randn(b // rep, h, prompt, d),
+        randn(b, h, new, d),
+        randn(b, h, new, d),
+    )
+    pos = torch.tensor(prompt + slot, device="cuda")
+    kn_ref, vn_ref = kn.clone(), vn.clone()
+    ref = _reference(q.float(), k, v, kp.float(), vp.float(), kn_ref, vn_ref, pos, rep)
+    out = decode_attention(q, k, v, kp, vp, kn, vn, pos)
     assert (out.float() - ref).abs().max().item() < 2e-2
+    assert torch.equal(kn, kn_ref) and torch.equal(vn, vn_ref)
 
 
 @needs_cuda
@@ -71,6 +81,32 @@ def test_gpu_jpeg_decode_features_close_to_cpu_path():
         cpu = loaded.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output
     sim = F.cosine_similarity(gpu.float().flatten(1), cpu.float().flatten(1)).min().item()
     assert sim > 0.99, sim
+
+
+@needs_cuda
+def test_side_stream_jpeg_decoding_gives_the_in_line_features():
+    """Batches after the first are decoded on a side stream ahead of the model (_GpuDecoder); each
+    must equal the same batch decoded in line (each 4-image call is one first batch)."""
+    import io
+
+    from PIL import Image
+
+    from captune.config import ModelConfig
+    from captune.demo import world
+    from captune.model.load import load_model
+    from captune.ops import features as feat_mod
+
+    loaded = load_model(ModelConfig(device="cuda", dtype="bf16"))
+    jpegs = []
+    for it in world.make_items("plain", 24, seed=7):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(it["image"])).convert("RGB").resize((320, 240)).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    ahead = feat_mod.image_features(loaded.model, loaded.processor, jpegs, batch_size=4)
+    in_line = [feat_mod.image_features(loaded.model, loaded.processor, jpegs[i : i + 4], batch_size=4)
+               for i in range(0, 24, 4)]  # fmt: skip
+    assert not feat_mod._GPU_DECODE_FAILED
+    assert torch.equal(ahead, torch.cat(in_line))
 
 
 @needs_cuda

@@ -25,7 +25,15 @@ from captune.ops.decode_attention import decode_attention
 class GreedyOPT:
     """Batched greedy decoding of ``lm`` (an ``OPTForCausalLM``) from input embeddings."""
 
-    def __init__(self, lm, batch: int, prompt_len: int, max_new: int, use_graph: bool | None = None):
+    def __init__(
+        self,
+        lm,
+        batch: int,
+        prompt_len: int,
+        max_new: int,
+        use_graph: bool | None = None,
+        prompt_rows: int | None = None,
+    ):
         self.lm = lm
         self.dec = lm.model.decoder
         cfg = lm.config
@@ -36,9 +44,15 @@ class GreedyOPT:
         self.total = prompt_len + max_new
         p = next(lm.parameters())
         self.device, self.dtype = p.device, self.dec.layers[0].self_attn.v_proj.weight.dtype
-        shape = (len(self.dec.layers), batch, self.heads, self.total, self.head_dim)
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        # the cache in two parts: the prompt's slots, one row per prompt (``prompt_rows``: sequences
+        # that share a prompt share its row), and the generated tokens' slots, one row per sequence
+        layers, rows = len(self.dec.layers), prompt_rows or batch
+        prompt_shape = (layers, rows, self.heads, prompt_len, self.head_dim)
+        new_shape = (layers, batch, self.heads, max_new, self.head_dim)
+        self.k_prompt = torch.zeros(prompt_shape, device=self.device, dtype=self.dtype)
+        self.v_prompt = torch.zeros(prompt_shape, device=self.device, dtype=self.dtype)
+        self.k_new = torch.zeros(new_shape, device=self.device, dtype=self.dtype)
+        self.v_new = torch.zeros(new_shape, device=self.device, dtype=self.dtype)
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         self.graph = None
         self.static_token = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -55,16 +69,13 @@ class GreedyOPT:
         q = (attn.q_proj(h) * attn.scaling).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = attn.k_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
-        if pos is None:  # prefill: positions 0..t-1, causal
-            rep = kc.size(0) // b  # sampling prefills each image once and fills its K rows of the cache
-            kc[:, :, :t] = (k if rep == 1 else k.repeat_interleave(rep, 0)).to(kc.dtype)
-            vc[:, :, :t] = (v if rep == 1 else v.repeat_interleave(rep, 0)).to(vc.dtype)
+        kp, vp = self.k_prompt[layer_idx], self.v_prompt[layer_idx]
+        if pos is None:  # prefill of the prompt rows: positions 0..t-1, causal
+            kp.copy_(k)
+            vp.copy_(v)
             out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=1.0)
-        else:  # one new token at ``pos``; attend to every filled slot (static shapes)
-            kc.index_copy_(2, pos.view(1), k.to(kc.dtype))
-            vc.index_copy_(2, pos.view(1), v.to(vc.dtype))
-            out = decode_attention(q, kc, vc, pos)
+        else:  # one new token at ``pos``, written into its slot; attends to every filled slot
+            out = decode_attention(q, k, v, kp, vp, self.k_new[layer_idx], self.v_new[layer_idx], pos)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return attn.out_proj(out)
 
@@ -144,7 +155,7 @@ class SamplingOPT(GreedyOPT):
     """K sampled captions per image: ``batch`` is images x K rows; each image is prefilled once."""
 
     def __init__(self, lm, images: int, k: int, prompt_len: int, max_new: int, use_graph: bool | None = None):
-        super().__init__(lm, images * k, prompt_len, max_new, use_graph)
+        super().__init__(lm, images * k, prompt_len, max_new, use_graph, prompt_rows=images)
         self.images, self.k = images, k
 
     @torch.no_grad()

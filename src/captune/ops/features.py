@@ -85,6 +85,48 @@ def qformer_precision(blip) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+class _GpuDecoder:
+    """Batches decoded by nvJPEG on a side stream in one background thread, ``ahead`` batches ahead
+    of the model: the decoder's host work and its kernels overlap the vision tower's instead of
+    running between batches (on an H200 they took 15.5 ms of each 128-image batch's 162 ms, in line).
+    A batch the GPU cannot decode comes back as None (the caller reads it on the CPU)."""
+
+    def __init__(self, processor, images: Sequence[bytes], starts: list[int], batch_size: int, device, ahead: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.processor, self.images, self.batch_size, self.device = processor, images, batch_size, device
+        self.stream = torch.cuda.Stream(device)
+        self.pool = ThreadPoolExecutor(1)
+        self.pending = {s: self.pool.submit(self._decode, s) for s in starts[:ahead]}
+        self.queue = starts[ahead:]
+
+    def _decode(self, start: int):
+        with torch.cuda.stream(self.stream):
+            pv = gpu_pixel_values(self.processor, self.images[start : start + self.batch_size], self.device)
+            if pv is None:
+                return None
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return pv, done
+
+    def get(self, start: int) -> torch.Tensor | None:
+        """Batch ``start``'s pixel values, ready for the current stream (the next batch is queued)."""
+        got = self.pending.pop(start).result()
+        if self.queue:
+            nxt = self.queue.pop(0)
+            self.pending[nxt] = self.pool.submit(self._decode, nxt)
+        if got is None:
+            return None
+        pv, done = got
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(done)
+        pv.record_stream(current)  # made on the side stream, used and freed on this one
+        return pv
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2)))
 
@@ -112,9 +154,10 @@ def image_features(
     With ``sink``, each batch's features are handed to it in order and not kept (the return is
     empty): a split's features written to disk as they come, never whole in memory.
 
-    JPEG decoding and preprocessing run in a thread pool, a few batches ahead of the
-    GPU, through the model's own image processor. With the model on a GPU each torch
-    CPU op runs single-threaded meanwhile, so the worker threads do not fight over
+    On a GPU, JPEGs are decoded by nvJPEG on a side stream a batch or two ahead of the model
+    (``_GpuDecoder``) when the processor allows. Otherwise JPEG decoding and preprocessing run
+    in a thread pool, a few batches ahead of the GPU, through the model's own image processor.
+    With the model on a GPU each torch CPU op runs single-threaded meanwhile, so the worker threads do not fight over
     cores (the processor's resize and normalisation are torch ops when torchvision is
     installed). A process pool is not used: forking after CUDA start-up can hang.
     """
@@ -133,7 +176,7 @@ def image_features(
     if device.type == "cuda":
         torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool, qformer_precision(blip):
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(workers) as pool, qformer_precision(blip):
 
             def submit(start):
                 part = list(images[start : start + batch_size])
@@ -144,9 +187,12 @@ def image_features(
                 first = gpu_pixel_values(processor, images[:batch_size], device)
             on_gpu = first is not None  # decode on the GPU; otherwise prefetch CPU batches in threads
             ahead = [] if on_gpu else [submit(s) for s in starts[:3]]
+            gpu = _GpuDecoder(processor, images, starts[1:], batch_size, device) if on_gpu else None
+            if gpu is not None:
+                stack.callback(gpu.close)
             for n, start in enumerate(starts):
                 if on_gpu:
-                    pv = first if n == 0 else gpu_pixel_values(processor, images[start : start + batch_size], device)
+                    pv = first if n == 0 else gpu.get(start)
                     if pv is None:
                         pv = pixel_values(processor, images[start : start + batch_size])
                 else:
