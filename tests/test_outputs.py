@@ -135,3 +135,74 @@ def test_planted_token_is_nowhere(demo_run, tmp_path, monkeypatch, capsys):
     for path in demo_run.rglob("*"):
         if path.is_file():
             assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_caption_stream_in_chunks_equals_one_pass(tmp_path):
+    """captune caption reads and captions files chunk by chunk, one decoder kept across chunks (a short
+    chunk padded to its batch): the captions equal one pass over all the images, skipped files named."""
+    from captune.config import EvalConfig, ModelConfig
+    from captune.demo import world
+    from captune.model.load import load_model
+    from captune.ops.generation import caption_images
+    from captune.run.caption import CaptionStats, caption_chunks, read_chunks
+
+    items = world.make_items("plain", 7, seed=11)
+    paths = []
+    for i, item in enumerate(items):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(item["image"])
+    (tmp_path / "bad.jpg").write_bytes(jpeg_bytes(size=(64, 64))[:200])
+    paths.insert(3, tmp_path / "bad.jpg")
+    loaded = load_model(ModelConfig(device="cpu"))
+    cfg = EvalConfig(batch_size=2, max_new_tokens=8)
+    rows, stats = [], CaptionStats()
+    chunks = list(read_chunks(paths, chunk=3, workers=2))
+    assert [len(images) for images, _ in chunks] == [3, 2, 2]  # the bad file is in the second chunk
+    caption_chunks(loaded.model, loaded.processor, chunks, cfg, "", rows.extend, stats)
+    expected = caption_images(loaded.model, loaded.processor, [it["image"] for it in items], cfg)
+    assert [c for _, c in rows] == expected
+    assert [p.name for p, _ in rows] == [f"{i}.png" for i in range(7)]
+    assert stats.images == 7 and [w for w, _ in stats.skipped] == [str(tmp_path / "bad.jpg")]
+
+
+def test_read_images_in_threads_keeps_order_and_reasons(tmp_path):
+    from captune.data.files import read_images
+    from captune.demo import world
+
+    paths = []
+    for i, item in enumerate(world.make_items("plain", 5, seed=2)):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(item["image"])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    paths[1:1] = [tmp_path / "empty.jpg", tmp_path / "gone.jpg"]
+    assert read_images(paths, workers=4) == read_images(paths)
+    ok, bad = read_images(paths, workers=4)
+    assert [p.name for p, _ in ok] == [f"{i}.png" for i in range(5)]
+    assert [(w.rsplit("/", 1)[1], why.split(" ")[0]) for w, why in bad] == [
+        ("empty.jpg", "zero-byte"),
+        ("gone.jpg", "unreadable"),
+    ]
+
+
+def test_caption_output_appears_whole_or_not_at_all(tmp_path):
+    import os
+
+    from captune.atomic import mode_for
+    from captune.run.caption import RowWriter
+
+    out = tmp_path / "caps.csv"
+    w = RowWriter("csv", str(out))
+    w.write([(tmp_path / "a.png", "a dog")])
+    assert not out.exists()  # rows go to a temporary beside it
+    w.abandon()
+    assert not out.exists() and os.listdir(tmp_path) == []
+    w = RowWriter("csv", str(out))
+    w.write([(tmp_path / "a.png", "a dog"), (tmp_path / "b.png", 'a "red" bus')])
+    w.finish()
+    w.abandon()  # after finish: nothing to undo
+    assert out.read_text().splitlines() == [
+        "path,caption",
+        f"{tmp_path / 'a.png'},a dog",
+        f'{tmp_path / "b.png"},"a ""red"" bus"',
+    ]
+    assert os.stat(out).st_mode & 0o777 == mode_for(False) and os.listdir(tmp_path) == ["caps.csv"]

@@ -7,10 +7,12 @@ print one line (``captune: error: ...``) and return 2; nothing else is printed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from captune import __version__
@@ -270,12 +272,10 @@ def cmd_data_inspect(args) -> int:
 
 
 def cmd_caption(args) -> int:
-    import csv
-
     from captune.config import EvalConfig, ModelConfig
-    from captune.data.files import collect_paths, read_images
+    from captune.data.files import collect_paths
     from captune.model.load import load_model, resolve_model_path
-    from captune.ops.generation import caption_images
+    from captune.run.caption import CaptionStats, RowWriter, caption_chunks, read_chunks
 
     ecfg = EvalConfig(batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     ecfg.check()
@@ -286,36 +286,50 @@ def cmd_caption(args) -> int:
 
         adapter = resolve_adapter(args.adapter)  # before the model loads: a typo costs one line at once
     paths, missing = collect_paths(args.paths)
-    images, bad = read_images(paths)
-    for where, why in missing + bad:
+    for where, why in missing:
         print(f"captune: skipped {where}: {why}", file=sys.stderr)
-    if not images:
+    stats = CaptionStats(skipped=list(missing))
+    chunks = _reported(read_chunks(paths, chunk=max(4 * args.batch_size, 256)))
+    head = list(_until_readable(chunks))  # before the model loads: no image at all is one line
+    if not any(images for images, _ in head):
         raise UserError("no readable image among the given paths")
-    loaded = load_model(ModelConfig(name_or_path=model_path, device=args.device))
-    model = loaded.model
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    captions = caption_images(model, loaded.processor, [b for _, b in images], ecfg, args.prompt)
-    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    writer = RowWriter(args.format, args.output)
     try:
-        if args.format == "jsonl":
-            for (p, _), c in zip(images, captions, strict=True):
-                out.write(json.dumps({"path": str(p), "caption": c}) + "\n")
-        elif args.format == "csv":
-            w = csv.writer(out)
-            w.writerow(["path", "caption"])
-            for (p, _), c in zip(images, captions, strict=True):
-                w.writerow([str(p), c])
-        else:
-            for (p, _), c in zip(images, captions, strict=True):
-                out.write(f"{p}\t{c}\n")
+        t0 = time.perf_counter()
+        loaded = load_model(ModelConfig(name_or_path=model_path, device=args.device))
+        model = loaded.model
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter).eval()
+        load_s = time.perf_counter() - t0
+        caption_chunks(model, loaded.processor, itertools.chain(head, chunks), ecfg, args.prompt, writer.write, stats)
+        writer.finish()
     finally:
-        if out is not sys.stdout:
-            out.close()
-    print(f"captune: captioned {len(images)} image(s), skipped {len(missing) + len(bad)}", file=sys.stderr)
+        writer.abandon()
+    rate = stats.images / max(stats.seconds, 1e-9)
+    print(
+        f"captune: captioned {stats.images} image(s) in {stats.seconds:.1f}s ({rate:.1f} images/s; "
+        f"model load {load_s:.1f}s), skipped {len(stats.skipped)}",
+        file=sys.stderr,
+    )
     return 0
+
+
+def _reported(chunks):
+    """The chunks, each one's unreadable files named on stderr as it is read."""
+    for images, bad in chunks:
+        for where, why in bad:
+            print(f"captune: skipped {where}: {why}", file=sys.stderr)
+        yield images, bad
+
+
+def _until_readable(chunks):
+    """Chunks up to and including the first with a readable image (all of them when none has one)."""
+    for images, bad in chunks:
+        yield images, bad
+        if images:
+            return
 
 
 def _run_config(run: Path, command: str):

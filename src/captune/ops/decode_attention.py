@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
 CHUNK = 16  # keys per chunk of the online softmax
-NUM_WARPS = 2
+NUM_WARPS = 1
 
 
 if triton is not None:

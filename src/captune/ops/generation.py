@@ -47,25 +47,30 @@ def tidy_generated(text: str, prompt: str = "") -> str:
 
 
 @torch.no_grad()
-def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, prompt: str = "") -> list[str]:
+def caption_features(
+    model, tokenizer, features: torch.Tensor, cfg: EvalConfig, prompt: str = "", decoders: dict | None = None
+) -> list[str]:
     """Captions for precomputed image features, ``cfg.batch_size`` images at a time.
 
     Greedy decoding of an OPT model goes through the static-cache decoder
     (``fast_decode``); everything else through ``generate``. One decoder (and one
     CUDA graph) serves every full batch of a call; it is dropped at the end so its
-    KV cache does not outlive the call. On a GPU a batch's tokens are copied to the
-    host and turned into text while the next batch is being generated.
+    KV cache does not outlive the call - unless the caller passes ``decoders`` to keep
+    across calls (a stream of chunks): then every batch is ``cfg.batch_size`` images, a
+    short one padded, so one decoder serves them all. On a GPU a batch's tokens are
+    copied to the host and turned into text while the next batch is being generated.
     """
     blip = unwrap(model)
     fast = use_fast_path(blip, cfg)
     seq2seq = is_encoder_decoder(blip)
     kwargs = generation_kwargs(cfg, tokenizer)
-    decoders: dict[int, GreedyOPT] = {}
+    shared = decoders is not None
+    decoders = {} if decoders is None else decoders
     prompts: dict[int, object] = {}  # one tokenized prompt per batch size
     captions: list[str] = []
     pending: list[tuple[torch.Tensor, torch.cuda.Event | None, int]] = []
     total, size = features.size(0), cfg.batch_size
-    if fast and total:  # equal batches: one decoder shape, one CUDA graph capture per call
+    if fast and total and not shared:  # equal batches: one decoder shape, one CUDA graph capture per call
         size = math.ceil(total / math.ceil(total / size))
 
     def to_text(tokens: torch.Tensor, ready, real: int) -> None:
@@ -77,7 +82,7 @@ def caption_features(model, tokenizer, features: torch.Tensor, cfg: EvalConfig, 
     for start in range(0, total, size):
         feats = features[start : start + size]
         real = feats.size(0)
-        if fast and start and real < size:  # the short last batch is padded to the shape in use
+        if fast and (start or shared) and real < size:  # a short last batch is padded to the shape in use
             feats = torch.cat([feats, feats[-1:].expand(size - real, *feats.shape[1:])])
         n = feats.size(0)
         if n not in prompts:
@@ -133,9 +138,11 @@ def caption_images(
     cfg: EvalConfig,
     prompt: str = "",
     device: torch.device | None = None,
+    decoders: dict | None = None,
 ) -> list[str]:
     """Captions for encoded images: features in batches, then batched generation. ``prompt`` is
-    InstructBLIP's instruction as well (its Q-Former reads it)."""
+    InstructBLIP's instruction as well (its Q-Former reads it). ``decoders``: as for
+    ``caption_features``, kept by a caller that captions a stream of chunks."""
     out: list[str] = []
     for start in range(0, len(images), cfg.batch_size):
         feats = image_features(
@@ -146,5 +153,5 @@ def caption_images(
             device=device,
             instruction=prompt,
         )
-        out.extend(caption_features(model, processor.tokenizer, feats, cfg, prompt))
+        out.extend(caption_features(model, processor.tokenizer, feats, cfg, prompt, decoders))
     return out
