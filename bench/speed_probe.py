@@ -124,23 +124,36 @@ def probe_captioning(model, feats) -> dict:
 
 
 def _sweep_decode_attention(batch: int, cfg, prompt: int = 33, new: int = 20) -> dict:
-    """One layer's decode attention at ``batch``, each (chunk, warps), early and late in the caption,
-    with the prompt part per sequence (greedy) and shared by 5 (SCST's K)."""
+    """One layer's decode attention at ``batch``, each (split, chunk, warps), early and late in the
+    caption, with the prompt part per sequence (greedy) and shared by 5 (SCST's K); ``best``: the
+    fastest for greedy captioning (early + late)."""
     from captune.ops import decode_attention as da
 
     heads, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    out, chosen = {}, (da.CHUNK, da.NUM_WARPS)
+    out, chosen = {}, (da.CHUNK, da.NUM_WARPS, da.SPLIT_D)
+    configs = [(sp, c, w) for sp in (True, False) for c in (8, 16, 32) for w in (1, 2)]
     for rep in (1, 5):
         q = torch.randn(batch, heads, 1, d, device="cuda", dtype=torch.bfloat16)
         kp = torch.randn(batch // rep, heads, prompt, d, device="cuda", dtype=torch.bfloat16)
         kn = torch.randn(batch, heads, new, d, device="cuda", dtype=torch.bfloat16)
-        for chunk, warps in [(c, w) for c in (16, 32, 64) for w in (1, 2, 4, 8)]:
-            da.CHUNK, da.NUM_WARPS = chunk, warps
+        for split, chunk, warps in configs:
+            da.SPLIT_D, da.CHUNK, da.NUM_WARPS = split, chunk, warps
             for slot in (3, 19):
                 pos = torch.tensor(prompt + slot, device="cuda")
                 ms = 1e3 * timed(lambda p=pos, q=q, kp=kp, kn=kn: da.decode_attention(q, q, q, kp, kp, kn, kn, p), 20)
-                out[f"rep{rep}_chunk{chunk}_warps{warps}_slot{slot}_ms"] = round(ms, 4)
-    da.CHUNK, da.NUM_WARPS = chosen
+                out[f"rep{rep}_split{int(split)}_chunk{chunk}_warps{warps}_slot{slot}_ms"] = round(ms, 4)
+    da.CHUNK, da.NUM_WARPS, da.SPLIT_D = chosen
+
+    def greedy_ms(c):
+        return sum(out[f"rep1_split{int(c[0])}_chunk{c[1]}_warps{c[2]}_slot{s}_ms"] for s in (3, 19))
+
+    split, chunk, warps = min(configs, key=greedy_ms)
+    out["best"] = {
+        "split": split,
+        "chunk": chunk,
+        "warps": warps,
+        "early_plus_late_ms": round(greedy_ms((split, chunk, warps)), 4),
+    }
     return out
 
 

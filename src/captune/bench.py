@@ -293,7 +293,14 @@ def measure_captune_captioning(model, processor, feats, batches: tuple[int, ...]
     fast, slow = caption_features(model, tok, f[:batch], cfg), caption_features(model, tok, f[:batch], hf)
     t_hf = _timed(lambda: caption_features(model, tok, f, hf), 1)
     best = max(by_batch, key=by_batch.get)
+    from captune.ops import decode_attention as da
+
     return {
+        "caption_decode_attention": (
+            f"triton, {da.CHUNK} keys a chunk, {da.NUM_WARPS} warp(s), head dims {'split' if da.SPLIT_D else 'padded'}"
+            if da.available(feats.device)
+            else "sdpa"
+        ),
         "caption_images_per_s": by_batch[best],
         "caption_batch": best,
         "caption_images_per_s_by_batch": by_batch,

@@ -26,30 +26,44 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
 CHUNK = 16  # keys per chunk of the online softmax
-NUM_WARPS = 1
+NUM_WARPS = 1  # one warp per (sequence, head): the fastest at batch 2048 on an H200 (speed probe's sweep)
+SPLIT_D = True  # a head's dims in two power-of-two parts (80 = 64 + 16) rather than one padded (128)
 
 
 if triton is not None:
 
     @triton.jit
-    def _chunks(q, m_i, s_i, acc, k_base, v_base, skl, svl, length, offs_d, dmask, CHUNK: tl.constexpr):  # noqa: PLR0913
-        # (a Triton helper's state goes in and out as arguments)
-        """Fold keys/values 0..length-1 at ``k_base``/``v_base`` into the online softmax state."""
+    def _part(base, offs, stride, offs_d, dmask, lmask):
+        """Keys or values ``offs`` (a chunk of slots), dims ``offs_d``, as fp32 (masked: 0)."""
+        mask = lmask[:, None] & dmask[None, :]
+        return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _chunks(q1, q2, state, k_base, v_base, skl, svl, length, dims, CHUNK: tl.constexpr, D1: tl.constexpr,  # noqa: PLR0913
+                D2: tl.constexpr):  # fmt: skip
+        """Fold keys/values 0..length-1 at ``k_base``/``v_base`` into the online softmax ``state``.
+
+        The head's dims are in two parts, D1 then D2 wide (80 = 64 + 16: no lane idles on padding;
+        a D2 of 1 past ``dims`` is masked off)."""
+        m_i, s_i, acc1, acc2 = state
         offs_c = tl.arange(0, CHUNK)
+        offs_d1 = tl.arange(0, D1)
+        offs_d2 = D1 + tl.arange(0, D2)
+        d1mask, d2mask = offs_d1 < dims, offs_d2 < dims
         for start in range(0, length, CHUNK):
             offs = start + offs_c
             lmask = offs < length
-            mask = lmask[:, None] & dmask[None, :]
-            k = tl.load(k_base + offs[:, None] * skl + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-            scores = tl.where(lmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            scores = tl.sum(_part(k_base, offs, skl, offs_d1, d1mask, lmask) * q1[None, :], axis=1)
+            scores += tl.sum(_part(k_base, offs, skl, offs_d2, d2mask, lmask) * q2[None, :], axis=1)
+            scores = tl.where(lmask, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(scores - m_new)
-            v = tl.load(v_base + offs[:, None] * svl + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            acc1 = acc1 * alpha + tl.sum(p[:, None] * _part(v_base, offs, svl, offs_d1, d1mask, lmask), axis=0)
+            acc2 = acc2 * alpha + tl.sum(p[:, None] * _part(v_base, offs, svl, offs_d2, d2mask, lmask), axis=0)
             s_i = s_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
-        return m_i, s_i, acc
+        return m_i, s_i, acc1, acc2
 
     @triton.jit
     def _decode_kernel(  # noqa: PLR0913 (a Triton kernel's arguments are its launch signature)
@@ -86,30 +100,52 @@ if triton is not None:
         prefix_len,
         dim,
         CHUNK: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        D1: tl.constexpr,
+        D2: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
-        offs_d = tl.arange(0, BLOCK_D)
-        dmask = offs_d < dim
-        q = tl.load(q_ptr + b * sq + h * sqh + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        k_now = tl.load(k_ptr + b * sk + h * skh + offs_d, mask=dmask, other=0.0)
-        v_now = tl.load(v_ptr + b * sv + h * svh + offs_d, mask=dmask, other=0.0)
+        offs_d1 = tl.arange(0, D1)
+        offs_d2 = D1 + tl.arange(0, D2)
+        d1mask, d2mask = offs_d1 < dim, offs_d2 < dim
+        q_base, k_base, v_base = q_ptr + b * sq + h * sqh, k_ptr + b * sk + h * skh, v_ptr + b * sv + h * svh
+        q1 = tl.load(q_base + offs_d1, mask=d1mask, other=0.0).to(tl.float32)
+        q2 = tl.load(q_base + offs_d2, mask=d2mask, other=0.0).to(tl.float32)
+        k1 = tl.load(k_base + offs_d1, mask=d1mask, other=0.0)
+        k2 = tl.load(k_base + offs_d2, mask=d2mask, other=0.0)
+        v1 = tl.load(v_base + offs_d1, mask=d1mask, other=0.0)
+        v2 = tl.load(v_base + offs_d2, mask=d2mask, other=0.0)
         slot = tl.load(pos_ptr) - prefix_len  # this token's slot in the generated part
         kn_base = kn_ptr + b * skn + h * sknh
         vn_base = vn_ptr + b * svn + h * svnh
-        tl.store(kn_base + slot * sknl + offs_d, k_now.to(kn_ptr.dtype.element_ty), mask=dmask)
-        tl.store(vn_base + slot * svnl + offs_d, v_now.to(vn_ptr.dtype.element_ty), mask=dmask)
+        kind = kn_ptr.dtype.element_ty
+        tl.store(kn_base + slot * sknl + offs_d1, k1.to(kind), mask=d1mask)
+        tl.store(kn_base + slot * sknl + offs_d2, k2.to(kind), mask=d2mask)
+        tl.store(vn_base + slot * svnl + offs_d1, v1.to(kind), mask=d1mask)
+        tl.store(vn_base + slot * svnl + offs_d2, v2.to(kind), mask=d2mask)
         # the state starts from the new token itself (the softmax's max is then finite)
-        m_i = tl.sum(k_now.to(tl.float32) * q, axis=0)
-        s_i = m_i * 0.0 + 1.0
-        acc = v_now.to(tl.float32)
+        m_i = tl.sum(k1.to(tl.float32) * q1, axis=0) + tl.sum(k2.to(tl.float32) * q2, axis=0)
+        state = (m_i, m_i * 0.0 + 1.0, v1.to(tl.float32), v2.to(tl.float32))
         pb = b // rep
         kp_base = kp_ptr + pb * skp + h * skph
         vp_base = vp_ptr + pb * svp + h * svph
-        m_i, s_i, acc = _chunks(q, m_i, s_i, acc, kp_base, vp_base, skpl, svpl, prefix_len, offs_d, dmask, CHUNK)
-        m_i, s_i, acc = _chunks(q, m_i, s_i, acc, kn_base, vn_base, sknl, svnl, slot, offs_d, dmask, CHUNK)
-        tl.store(o_ptr + b * so + h * soh + offs_d, (acc / s_i).to(o_ptr.dtype.element_ty), mask=dmask)
+        state = _chunks(q1, q2, state, kp_base, vp_base, skpl, svpl, prefix_len, dim, CHUNK, D1, D2)
+        m_i, s_i, acc1, acc2 = _chunks(q1, q2, state, kn_base, vn_base, sknl, svnl, slot, dim, CHUNK, D1, D2)
+        o_base = o_ptr + b * so + h * soh
+        tl.store(o_base + offs_d1, (acc1 / s_i).to(o_ptr.dtype.element_ty), mask=d1mask)
+        tl.store(o_base + offs_d2, (acc2 / s_i).to(o_ptr.dtype.element_ty), mask=d2mask)
+
+
+def dim_parts(dim: int, split: bool) -> tuple[int, int]:
+    """The kernel's two widths for a head of ``dim``: split, the largest power of two in it and the
+    rest rounded up (80 -> 64 + 16); unsplit, one power of two covering it (80 -> 128). A second
+    part with nothing in it is 1 wide and masked off (Triton ranges are powers of two, at least 1)."""
+    first = 1 << (dim.bit_length() - 1)
+    if first == dim:
+        return dim, 1
+    if not split:
+        return first * 2, 1
+    return first, 1 << (dim - first - 1).bit_length()
 
 
 def available(device: torch.device) -> bool:
@@ -142,9 +178,8 @@ def decode_attention(  # noqa: PLR0913 (the two halves of the cache, their keys 
     args = [q, k, v, k_prompt, v_prompt, k_new, v_new, out, pos]
     strides = [t.stride(i) for t in (q, k, v, out) for i in (0, 1)]
     strides += [t.stride(i) for t in (k_prompt, v_prompt, k_new, v_new) for i in (0, 1, 2)]
-    _decode_kernel[(b, h)](
-        *args, *strides, rep, prefix_len, d, CHUNK=CHUNK, BLOCK_D=triton.next_power_of_2(d), num_warps=NUM_WARPS
-    )
+    d1, d2 = dim_parts(d, SPLIT_D)
+    _decode_kernel[(b, h)](*args, *strides, rep, prefix_len, d, CHUNK=CHUNK, D1=d1, D2=d2, num_warps=NUM_WARPS)
     return out
 
 
