@@ -223,7 +223,10 @@ def probe_sampling(model, processor, feats, images: int = 256, k: int = 5, token
     from captune.ops.sampling import SamplingSpec, choose, sample_captions
 
     tok = processor.tokenizer
+    from captune.model.lora_compute import use_16bit_compute
+
     peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="seed"))
+    use_16bit_compute(peft_model)  # as the SCST trainer does (lora.compute=auto)
     peft_model.eval()
     f = feats[torch.arange(images, device="cuda") % feats.size(0)]
     spec = SamplingSpec(k=k, max_new_tokens=tokens, min_new_tokens=tokens)

@@ -184,6 +184,9 @@ def test_prepare_data_from_a_dataset(tmp_path):
     assert data.manifest["source"].startswith("dataset:") and data.manifest["references"] == 40
     rows = data.split("train") + data.split("validation") + data.split("test")
     assert sorted(r["image_id"] for r in rows) == sorted(ds["id"])
+    assert list(data.rows("train")) == data.split("train")  # one at a time, the same rows
+    with pytest.raises(captune.UserError, match="use one of"):
+        data.rows("dev")  # at the call, not at the first row
     first = next(r for r in rows if r["image_id"] == "img3")
     assert first["captions"] == ["image 3 in colour 3", "picture number 3"]
     assert Image.open(io.BytesIO(first["image"])).getpixel((3, 0)) == (255, 255, 255)

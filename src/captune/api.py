@@ -12,7 +12,7 @@ import copy
 import html
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -397,12 +397,19 @@ class PreparedData:
         return list(self.manifest["skipped"])
 
     def split(self, name: str) -> list[dict]:
-        """One split's rows: image_id, image (encoded bytes), captions (every reference)."""
+        """One split's rows: image_id, image (encoded bytes), captions (every reference), all in
+        memory; for a large split, ``rows`` reads them one at a time."""
+        return list(self.rows(name))
+
+    def rows(self, name: str) -> Iterator[dict]:
+        """One split's rows as ``split`` gives them, read from the shards as they are asked for
+        (memory does not grow with the split)."""
         from captune.data.prepare import SPLITS, load_split
 
-        if name not in SPLITS:
+        if name not in SPLITS:  # here, not at the first row
             raise UserError(f"split '{name}': use one of {', '.join(SPLITS)}")
-        return [{"image_id": e.image_id, "image": e.image, "captions": e.captions} for e in load_split(self.root, name)]
+        examples = load_split(self.root, name)
+        return ({"image_id": e.image_id, "image": e.image, "captions": e.captions} for e in examples)
 
     def __repr__(self) -> str:
         return f"PreparedData(root={str(self.root)!r}, source={self.manifest['source']!r}, counts={self.counts})"
