@@ -25,7 +25,7 @@ try:  # Triton ships with CUDA builds of PyTorch
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
-CHUNK = 16  # keys per chunk of the online softmax
+CHUNK = 8  # keys per chunk of the online softmax
 NUM_WARPS = 1  # one warp per (sequence, head): the fastest at batch 2048 on an H200 (speed probe's sweep)
 SPLIT_D = True  # a head's dims in two power-of-two parts (80 = 64 + 16) rather than one padded (128)
 
