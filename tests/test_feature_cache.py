@@ -60,3 +60,19 @@ def test_fingerprint_tracks_model_and_preprocessing(tmp_path, tiny_model_dir):
 
     os.utime(copy / "model.safetensors", (1, 1))
     assert base != model_fingerprint(demo.model, demo.processor, str(copy))
+
+
+def test_map_key_streams_the_digests_and_matches_hashing_the_bytes(tmp_path):
+    """The feature map's key over a lazy image column (the cache's own digests, a batch at a time,
+    nothing kept) equals the key over the images' bytes hashed here."""
+    import hashlib
+
+    from captune.data.cache import ImageColumn
+
+    images = _images(4, n=300)  # more than one 256-image batch
+    column = ImageColumn([type("E", (), {"image": b, "digest": hashlib.sha256(b).hexdigest()})() for b in images])
+    it = column.iter_digests()
+    assert next(it) == hashlib.sha256(images[0]).digest() and list(it) == column.digests()[1:]
+    store = FeatureStore(tmp_path, "fp")
+    assert store.path_for(column) == store.path_for(images)
+    assert store.path_for(images, digests=[hashlib.sha256(b).digest() for b in images]) == store.path_for(images)

@@ -178,7 +178,9 @@ class Split(Sequence[Example]):
                         ids, captions = table.column("image_id"), table.column("captions")
                     else:
                         ids, captions = pa.chunked_array([], pa.string()), pa.chunked_array([], pa.list_(pa.string()))
-                    self._columns += [ids.combine_chunks(), captions.combine_chunks()]
+                    # kept in their shards' chunks: joining them would copy the split's captions
+                    # once more (at a million images, a second few hundred MB at the peak)
+                    self._columns += [ids, captions]
         return self._columns
 
     def digest_of(self, group: int, row: int) -> str | None:
@@ -228,23 +230,26 @@ class ImageColumn(Sequence[bytes]):
         return self.examples[i].image
 
     def digests(self) -> list[bytes]:
-        """Each image's SHA-256: the example's own where it has one (no read), else of its bytes, read
-        in order a batch at a time and hashed in threads (hashlib lets go of the GIL)."""
+        """Each image's SHA-256, all in a list (``iter_digests`` gives them one batch at a time)."""
+        return list(self.iter_digests())
+
+    def iter_digests(self) -> Iterator[bytes]:
+        """Each image's SHA-256 in order: the example's own where it has one (no read), else of its
+        bytes, read a batch at a time and hashed in threads (hashlib lets go of the GIL). Nothing is
+        kept: a million images' key costs one batch of digests, not a list of them."""
         from concurrent.futures import ThreadPoolExecutor
 
         from captune.ops.features import _workers
 
-        out: list[bytes] = []
         with ThreadPoolExecutor(_workers()) as pool:
             for start in range(0, len(self.examples), 256):
                 part = self.examples[start : start + 256]
                 known = [getattr(e, "digest", None) for e in part]
                 if all(isinstance(k, str) for k in known):
-                    out.extend(bytes.fromhex(k) for k in known)
+                    yield from (bytes.fromhex(k) for k in known)
                     continue
                 data = [None if isinstance(k, str) else e.image for e, k in zip(part, known, strict=True)]
-                out.extend(pool.map(_digest_of, known, data))
-        return out
+                yield from pool.map(_digest_of, known, data)
 
 
 def _digest_of(known: str | None, data: bytes | None) -> bytes:

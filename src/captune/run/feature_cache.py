@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -108,16 +108,15 @@ class FeatureStore:
         joined the background writes of the single-file cache)."""
 
 
-def _digests(images: Sequence[bytes]) -> list[bytes]:
-    """SHA-256 of each image: the sequence's own (``ImageColumn.digests``) when it has them, else
-    computed in threads (hashlib lets go of the GIL for large buffers), a batch of images at a time."""
-    if hasattr(images, "digests"):
-        return images.digests()
-    out: list[bytes] = []
+def _digests(images: Sequence[bytes]) -> Iterator[bytes]:
+    """SHA-256 of each image, in order, one batch at a time: the sequence's own
+    (``ImageColumn.iter_digests``) when it has them, else computed in threads (hashlib lets go of
+    the GIL for large buffers)."""
+    if hasattr(images, "iter_digests"):
+        yield from images.iter_digests()
+        return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(_workers()) as pool:
         for start in range(0, len(images), 256):
-            part = images[start : start + 256]
-            out.extend(pool.map(lambda data: hashlib.sha256(data).digest(), part))
-    return out
+            yield from pool.map(lambda data: hashlib.sha256(data).digest(), images[start : start + 256])
