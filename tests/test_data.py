@@ -479,3 +479,34 @@ def test_validation_sample_is_seeded_and_in_split_order():
     assert [e.image_id for e in a] == [e.image_id for e in b]
     assert [int(e.image_id) for e in a] == sorted(int(e.image_id) for e in a) and len(a) == 10
     assert sample_examples(examples, 0, 3) is examples and sample_examples(examples, 80, 3) is examples
+
+
+def test_a_large_split_reads_its_text_by_shard_with_the_same_rows(tmp_path, monkeypatch):
+    """Above WHOLE_TEXT_ROWS a split reads ids and captions a shard at a time (memory bounded by
+    TEXT_SHARDS shards): every row, view, caption count and digest equals the whole-split reading."""
+    import hashlib
+
+    from captune.data import cache, prepare
+    from captune.data.cache import ImageColumn
+    from captune.data.pairs import caption_counts, image_groups
+
+    monkeypatch.setattr(prepare, "SHARD_ROWS", 40)
+    _, root = _prep(tmp_path, source="demo:shapes-catalog", num_images=260)
+    whole = load_split(root, "train")
+    rows = [(e.image_id, e.captions, e.digest) for e in whole]
+    assert len(list(root.glob("train-*.parquet"))) == 6
+    monkeypatch.setattr(cache, "WHOLE_TEXT_ROWS", 0)
+    monkeypatch.setattr(cache, "TEXT_SHARDS", 2)
+    by_shard = load_split(root, "train")
+    assert [(e.image_id, e.captions, e.digest) for e in by_shard] == rows and not by_shard._columns
+    assert len(by_shard._text.items) <= 2
+    order = list(range(len(rows)))[::-1]
+    assert [by_shard[i].captions for i in order] == [rows[i][1] for i in order]  # random access
+    assert caption_counts(by_shard) == [len(r[1]) for r in rows] == caption_counts(list(whole))
+    assert image_groups(by_shard, order, 32) == image_groups(list(whole), order, 32)
+    view = by_shard[45:130]
+    assert [(e.image_id, e.captions) for e in view] == [r[:2] for r in rows[45:130]]
+    assert caption_counts(view) == [len(r[1]) for r in rows[45:130]]
+    digests = [hashlib.sha256(e.image).digest() for e in whole]
+    assert list(ImageColumn(view).iter_digests()) == digests[45:130]  # the digest column, sliced per shard
+    assert ImageColumn(by_shard).digests() == digests == ImageColumn(list(whole)).digests()

@@ -1,10 +1,13 @@
 """A prepared split read as a stream: examples whose image bytes stay in the parquet shards.
 
-``Split`` is a read-only sequence of ``Example``. Its ids and captions are read once, on first
-use, into two Arrow arrays (the text and its offsets: about 300 bytes an image with 5 captions,
-so training can look up any image's captions at once); digests and image bytes are read from
-the shards on demand, through a small cache of decoded row groups. Iterating a million images
-keeps at most ``ROW_GROUP_CACHE`` row groups of images in memory.
+``Split`` is a read-only sequence of ``Example``. Up to ``WHOLE_TEXT_ROWS`` images, its ids and
+captions are read once, on first use, into Arrow arrays (the text and its offsets: about 300
+bytes an image with 5 captions, so training can look up any image's captions at once); a larger
+split reads them a shard at a time as they are asked for, through a cache of ``TEXT_SHARDS``
+shards, so its memory does not grow with it (``caption_counts`` gives every image's number of
+captions, 4 bytes an image, for grouping). Digests and image bytes are read from the shards on
+demand, through a small cache of decoded row groups. Iterating a million images keeps at most
+``ROW_GROUP_CACHE`` row groups of images in memory.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from captune.data.files import chunks
 
 # Row groups kept decoded per split; a row group is at most prepare.ROW_GROUP_ROWS rows.
 ROW_GROUP_CACHE = 4
+WHOLE_TEXT_ROWS = 200_000  # above this, ids and captions are read by shard as asked (COCO's 113k: whole)
+TEXT_SHARDS = 64  # shards of ids and captions kept read when reading by shard
 
 
 class Example:
@@ -76,6 +81,17 @@ class Example:
         return f"Example({self.image_id!r}, captions={self.captions!r})"
 
 
+def _shard_starts(groups: list, shards: int) -> list[int]:
+    """The first row of each shard (and the total last), from the (shard, group, rows) list."""
+    rows = [0] * shards
+    for shard, _, n in groups:
+        rows[shard] += n
+    starts = [0]
+    for n in rows:
+        starts.append(starts[-1] + n)
+    return starts
+
+
 class _GroupCache:
     """A bounded LRU of decoded row groups, shared by the threads that read one split."""
 
@@ -116,6 +132,8 @@ class Split(Sequence[Example]):
         self._range = range(self._starts[-1]) if _range is None else _range
         self._meta = _GroupCache(ROW_GROUP_CACHE)
         self._columns: list = []  # [ids, captions] of the whole split, read on first use
+        self._text = _GroupCache(TEXT_SHARDS)  # (ids, captions) by shard, for a large split
+        self._shard_starts = _shard_starts(_groups, len(shards)) if _range is None else []  # a view: its split's
         self._images = _GroupCache(ROW_GROUP_CACHE)
         self._files = _GroupCache(ROW_GROUP_CACHE)
         self._read_lock = threading.Lock()  # one parquet read at a time (threads hash images)
@@ -135,6 +153,9 @@ class Split(Sequence[Example]):
             view = Split(self.shards, _groups=self._groups, _range=sub)
             view._meta, view._images, view._files = self._meta, self._images, self._files
             view._columns = self._columns  # shared: filled once for the split and its views
+            view._text, view._shard_starts = self._text, self._shard_starts
+            if hasattr(self, "_counts"):
+                view._counts = self._counts
             view._read_lock = self._read_lock
             return view
         return self._example(self._range[i])
@@ -162,8 +183,50 @@ class Split(Sequence[Example]):
 
     def _example(self, j: int) -> Example:
         group = bisect.bisect_right(self._starts, j) - 1
+        where = (self, group, j - self._starts[group])
+        if self._starts[-1] > WHOLE_TEXT_ROWS:
+            shard = bisect.bisect_right(self._shard_starts, j) - 1
+            ids, captions = self._text.get(shard, lambda: self._read_text(shard))
+            row = j - self._shard_starts[shard]
+            return Example(ids[row].as_py(), None, captions[row].as_py(), where=where)
         ids, captions = self._ids_and_captions()
-        return Example(ids[j].as_py(), None, captions[j].as_py(), where=(self, group, j - self._starts[group]))
+        return Example(ids[j].as_py(), None, captions[j].as_py(), where=where)
+
+    def _digest_bytes(self) -> Iterator[bytes]:
+        """The rows' digests (bytes) in order, read from the digest column a shard at a time."""
+        import pyarrow.parquet as pq
+
+        first, stop = self._range.start, self._range.stop
+        for shard in range(len(self.shards)):
+            lo, hi = self._shard_starts[shard], self._shard_starts[shard + 1]
+            if hi <= first or lo >= stop:
+                continue
+            with self._read_lock:
+                column = pq.read_table(self.shards[shard], columns=["digest"]).column("digest")
+            yield from (
+                bytes.fromhex(d) for d in column.slice(max(first - lo, 0), min(stop, hi) - max(first, lo)).to_pylist()
+            )
+
+    def _read_text(self, shard: int):
+        import pyarrow.parquet as pq
+
+        with self._read_lock:
+            table = pq.read_table(self.shards[shard], columns=["image_id", "captions"])
+        return table.column("image_id"), table.column("captions")
+
+    def caption_counts(self):
+        """Each image's number of captions (a numpy array in split order), read without the text."""
+        import numpy as np
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        if not hasattr(self, "_counts"):
+            parts = [
+                pc.list_value_length(pq.read_table(p, columns=["captions"]).column("captions")) for p in self.shards
+            ]
+            whole = np.concatenate([np.asarray(c.to_numpy(), dtype=np.int32) for c in parts]) if parts else []
+            self._counts = np.asarray(whole, dtype=np.int32)
+        return self._counts[self._range.start : self._range.stop]
 
     def _ids_and_captions(self):
         if not self._columns:
@@ -241,6 +304,9 @@ class ImageColumn(Sequence[bytes]):
 
         from captune.ops.features import _workers
 
+        if isinstance(self.examples, Split) and self.examples._has_digests():
+            yield from self.examples._digest_bytes()  # the digest column alone, a shard at a time
+            return
         with ThreadPoolExecutor(_workers()) as pool:
             for start in range(0, len(self.examples), 256):
                 part = self.examples[start : start + 256]

@@ -16,12 +16,20 @@ def training_pairs(examples: list[Example], mode: str, rng: random.Random) -> li
     return [(i, rng.choice(ex.captions)) for i, ex in enumerate(examples)]
 
 
+def caption_counts(examples) -> list[int]:
+    """Each example's number of captions: a split's own count (no text read), else counted."""
+    if hasattr(examples, "caption_counts"):
+        return examples.caption_counts().tolist()
+    return [len(e.captions) for e in examples]
+
+
 def image_groups(examples: list[Example], order: list[int], batch_pairs: int) -> list[list[int]]:
     """Consecutive images of ``order`` grouped so each group holds about ``batch_pairs`` captions."""
+    counts = caption_counts(examples)
     groups, current, pairs = [], [], 0
     for i in order:
         current.append(i)
-        pairs += len(examples[i].captions)
+        pairs += counts[i]
         if pairs >= batch_pairs:
             groups.append(current)
             current, pairs = [], 0

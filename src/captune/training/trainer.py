@@ -25,6 +25,7 @@ import torch
 from captune import launch
 from captune.config import Config
 from captune.data.cache import ImageColumn
+from captune.data.pairs import caption_counts
 from captune.data.prepare import Example
 from captune.distributed import all_agree, world
 from captune.model.family import can_pack, language_family
@@ -239,7 +240,7 @@ class Trainer(LoopParts):
         train_ex = self.inputs.train_examples
         self.plan = Plan.make(train_ex, self.cfg.train, self.cfg.data.train_captions, self.packed)
         if self.plan.packed:
-            self.say(f"  packing: each image's prefix shared by its {sum(len(e.captions) for e in train_ex)} captions")
+            self.say(f"  packing: each image's prefix shared by its {sum(caption_counts(train_ex))} captions")
         elif self.cfg.train.pack and self.cfg.data.train_captions == "all":
             family = language_family(self.blip)
             self.say(f"  packing: off, a {family} language model trains unpacked (shared-prefix packing is exact "
