@@ -57,24 +57,32 @@ def test_fast_captions_match_generate_on_gpu():
     assert agree >= 0.95, agree
 
 
-@needs_cuda
-def test_gpu_jpeg_decode_features_close_to_cpu_path():
+def _demo_jpegs(n: int, seed: int) -> list[bytes]:
+    """The demo world's scenes as 320x240 JPEGs (what nvJPEG decodes)."""
     import io
 
-    import torch.nn.functional as F
     from PIL import Image
 
-    from captune.config import ModelConfig
     from captune.demo import world
+
+    out = []
+    for it in world.make_items("plain", n, seed=seed):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(it["image"])).convert("RGB").resize((320, 240)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+@needs_cuda
+def test_gpu_jpeg_decode_features_close_to_cpu_path():
+    import torch.nn.functional as F
+
+    from captune.config import ModelConfig
     from captune.model.load import load_model
     from captune.ops import features as feat_mod
 
     loaded = load_model(ModelConfig(device="cuda", dtype="bf16"))
-    jpegs = []
-    for it in world.make_items("plain", 16, seed=6):
-        buf = io.BytesIO()
-        Image.open(io.BytesIO(it["image"])).convert("RGB").resize((320, 240)).save(buf, format="JPEG", quality=90)
-        jpegs.append(buf.getvalue())
+    jpegs = _demo_jpegs(16, seed=6)
     gpu = feat_mod.image_features(loaded.model, loaded.processor, jpegs, batch_size=16)
     with torch.no_grad():
         pv = feat_mod.pixel_values(loaded.processor, jpegs).to("cuda", torch.bfloat16)
@@ -87,21 +95,12 @@ def test_gpu_jpeg_decode_features_close_to_cpu_path():
 def test_side_stream_jpeg_decoding_gives_the_in_line_features():
     """Batches after the first are decoded on a side stream ahead of the model (_GpuDecoder); each
     must equal the same batch decoded in line (each 4-image call is one first batch)."""
-    import io
-
-    from PIL import Image
-
     from captune.config import ModelConfig
-    from captune.demo import world
     from captune.model.load import load_model
     from captune.ops import features as feat_mod
 
     loaded = load_model(ModelConfig(device="cuda", dtype="bf16"))
-    jpegs = []
-    for it in world.make_items("plain", 24, seed=7):
-        buf = io.BytesIO()
-        Image.open(io.BytesIO(it["image"])).convert("RGB").resize((320, 240)).save(buf, format="JPEG", quality=90)
-        jpegs.append(buf.getvalue())
+    jpegs = _demo_jpegs(24, seed=7)
     ahead = feat_mod.image_features(loaded.model, loaded.processor, jpegs, batch_size=4)
     in_line = [feat_mod.image_features(loaded.model, loaded.processor, jpegs[i : i + 4], batch_size=4)
                for i in range(0, 24, 4)]  # fmt: skip

@@ -133,6 +133,7 @@ class Split(Sequence[Example]):
         self._meta = _GroupCache(ROW_GROUP_CACHE)
         self._columns: list = []  # [ids, captions] of the whole split, read on first use
         self._text = _GroupCache(TEXT_SHARDS)  # (ids, captions) by shard, for a large split
+        self._counts: list = []  # [every row's caption count] of the whole split, read on first use
         self._shard_starts = _shard_starts(_groups, len(shards)) if _range is None else []  # a view: its split's
         self._images = _GroupCache(ROW_GROUP_CACHE)
         self._files = _GroupCache(ROW_GROUP_CACHE)
@@ -154,8 +155,7 @@ class Split(Sequence[Example]):
             view._meta, view._images, view._files = self._meta, self._images, self._files
             view._columns = self._columns  # shared: filled once for the split and its views
             view._text, view._shard_starts = self._text, self._shard_starts
-            if hasattr(self, "_counts"):
-                view._counts = self._counts
+            view._counts = self._counts  # shared like the columns
             view._read_lock = self._read_lock
             return view
         return self._example(self._range[i])
@@ -220,13 +220,13 @@ class Split(Sequence[Example]):
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        if not hasattr(self, "_counts"):
+        if not self._counts:
             parts = [
                 pc.list_value_length(pq.read_table(p, columns=["captions"]).column("captions")) for p in self.shards
             ]
             whole = np.concatenate([np.asarray(c.to_numpy(), dtype=np.int32) for c in parts]) if parts else []
-            self._counts = np.asarray(whole, dtype=np.int32)
-        return self._counts[self._range.start : self._range.stop]
+            self._counts.append(np.asarray(whole, dtype=np.int32))
+        return self._counts[0][self._range.start : self._range.stop]
 
     def _ids_and_captions(self):
         if not self._columns:

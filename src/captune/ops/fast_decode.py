@@ -41,7 +41,6 @@ class GreedyOPT:
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.pre_norm = cfg.do_layer_norm_before
         self.batch, self.prompt_len, self.max_new = batch, prompt_len, max_new
-        self.total = prompt_len + max_new
         p = next(lm.parameters())
         self.device, self.dtype = p.device, self.dec.layers[0].self_attn.v_proj.weight.dtype
         # the cache in two parts: the prompt's slots, one row per prompt (``prompt_rows``: sequences
