@@ -170,11 +170,29 @@ def run_phase(run: Path, argv: list[str], work: Path) -> dict:
     }
 
 
-def measure(n: int, work: Path, steps: int, eval_images: int, jobs: int = 1) -> dict:
-    source, run = work / "source", work / "run"
+def reuse_source(folder: Path, n: int) -> dict:
+    """A source folder an earlier run made and kept (``--keep``): checked to hold ``n`` images."""
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise SystemExit(f"--source {folder}: no metadata.jsonl (make one with --keep)")
+    with meta.open() as f:
+        lines = sum(1 for _ in f)
+    if lines != n:
+        raise SystemExit(f"--source {folder} holds {lines} images, not --images {n}")
+    total = sum(p.stat().st_size for p in (folder / "images").rglob("*.jpg"))
+    return {"images": n, "mean_jpeg_bytes": round(total / n), "reused": True}
+
+
+def measure(n: int, work: Path, steps: int, eval_images: int, jobs: int = 1, source: Path | None = None) -> dict:
+    run = work / "run"
     shutil.rmtree(work, ignore_errors=True)
-    source.mkdir(parents=True)
-    made = make_source(source, n, jobs=jobs)
+    work.mkdir(parents=True)
+    if source is None:
+        source = work / "source"
+        source.mkdir()
+        made = make_source(source, n, jobs=jobs)
+    else:
+        made = reuse_source(source, n)
     recipe = work / "scale.yaml"
     write_recipe(recipe, source, steps, eval_images)
     phases = {
@@ -239,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="processes making the source images (not timed)")
     ap.add_argument("--work", default=None, help="scratch folder (default $TMPDIR/captune-scale-N)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--source", default=None, help="an image folder kept from an earlier run (not timed either way)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
@@ -246,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work or Path(tempfile.gettempdir()) / f"captune-scale-{args.images}")
     started = datetime.datetime.now(datetime.timezone.utc)
-    result = measure(args.images, work, args.steps, args.eval_images, args.jobs)
+    source = Path(args.source).resolve() if args.source else None
+    if source is not None and work.resolve() in source.parents:
+        raise SystemExit(f"--source {source} is inside --work {work}, which is cleared first")
+    result = measure(args.images, work, args.steps, args.eval_images, args.jobs, source)
     doc = {
         "what": "N synthetic ~15 KB JPEGs x 5 captions through data, baseline eval, train (fixed steps), "
         "fine-tuned eval, compare, report; each phase in its own process, its peak RSS (ru_maxrss) "

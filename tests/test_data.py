@@ -269,17 +269,69 @@ def test_image_without_captions_is_skipped_and_malformed_coco_json(tmp_path):
         _prep(tmp_path / "x", source=f"coco:{root / 'bad.json'}", num_images=0)
 
 
+def _list_pairs(examples, mode, rng):
+    """The list-based pairs the compact ones replaced: the reference for their order."""
+    if mode == "all":
+        return [(i, c) for i, ex in enumerate(examples) for c in ex.captions]
+    if mode == "first":
+        return [(i, ex.captions[0]) for i, ex in enumerate(examples)]
+    return [(i, rng.choice(ex.captions)) for i, ex in enumerate(examples)]
+
+
+def _list_groups(counts, order, batch_pairs):
+    groups, current, pairs = [], [], 0
+    for i in order:
+        current.append(i)
+        pairs += counts[i]
+        if pairs >= batch_pairs:
+            groups.append(current)
+            current, pairs = [], 0
+    return groups + ([current] if current else [])
+
+
 def test_training_pair_modes():
     import random
 
-    from captune.data.pairs import training_pairs
+    from captune.data.pairs import caption_counts, pair_batches, pair_stride, training_pairs
     from captune.data.prepare import Example
 
     ex = [Example("a", b"", ["a1", "a2", "a3"]), Example("b", b"", ["b1"])]
-    assert training_pairs(ex, "all", random.Random(0)) == [(0, "a1"), (0, "a2"), (0, "a3"), (1, "b1")]
-    assert training_pairs(ex, "first", random.Random(0)) == [(0, "a1"), (1, "b1")]
-    picks = {training_pairs(ex, "random", random.Random(s))[0][1] for s in range(20)}
+    counts = caption_counts(ex)
+
+    def decoded(mode, rng):
+        codes = training_pairs(counts, mode, rng)
+        return [p for batch in pair_batches(ex, codes, 3, pair_stride(counts)) for p in batch]
+
+    assert decoded("all", random.Random(0)) == [(0, "a1"), (0, "a2"), (0, "a3"), (1, "b1")]
+    assert decoded("first", random.Random(0)) == [(0, "a1"), (1, "b1")]
+    picks = {decoded("random", random.Random(s))[0][1] for s in range(20)}
     assert picks == {"a1", "a2", "a3"}
+
+
+@pytest.mark.parametrize("packed,mode", [(True, "all"), (False, "all"), (False, "first"), (False, "random")])
+def test_compact_micro_batches_are_the_list_based_ones(packed, mode):
+    """Same seed, same micro-batches as shuffling Python lists gave (golden runs and resumes rely on it)."""
+    import random
+
+    from captune.config import TrainConfig
+    from captune.data.prepare import Example
+    from captune.training.plan import Plan
+
+    rng = random.Random(4)
+    ex = [Example(f"i{i}", b"", [f"c{i}-{j}" for j in range(rng.randint(1, 6))]) for i in range(203)]
+    plan = Plan.make(ex, TrainConfig(batch_size=16, epochs=1), mode, packed)
+    for seed in range(3):
+        got, rng = plan.micro_batches(ex, random.Random(seed)), random.Random(seed)
+        if packed:
+            order = list(range(len(ex)))
+            rng.shuffle(order)
+            want = _list_groups([len(e.captions) for e in ex], order, 16)
+        else:
+            pairs = _list_pairs(ex, mode, rng)
+            rng.shuffle(pairs)
+            want = [pairs[i : i + 16] for i in range(0, len(pairs), 16)]
+        assert list(got) == want and len(got) == len(want) == plan.steps_per_epoch
+        assert list(got[5:]) == want[5:] and got[-1] == want[-1] and list(got[len(want) :]) == []
 
 
 def test_split_is_read_lazily_in_order_with_digests(tmp_path):
@@ -502,11 +554,11 @@ def test_a_large_split_reads_its_text_by_shard_with_the_same_rows(tmp_path, monk
     assert len(by_shard._text.items) <= 2
     order = list(range(len(rows)))[::-1]
     assert [by_shard[i].captions for i in order] == [rows[i][1] for i in order]  # random access
-    assert caption_counts(by_shard) == [len(r[1]) for r in rows] == caption_counts(list(whole))
-    assert image_groups(by_shard, order, 32) == image_groups(list(whole), order, 32)
+    assert caption_counts(by_shard).tolist() == [len(r[1]) for r in rows] == caption_counts(list(whole)).tolist()
+    assert list(image_groups(caption_counts(by_shard), order, 32)) == _list_groups([len(r[1]) for r in rows], order, 32)
     view = by_shard[45:130]
     assert [(e.image_id, e.captions) for e in view] == [r[:2] for r in rows[45:130]]
-    assert caption_counts(view) == [len(r[1]) for r in rows[45:130]]
+    assert caption_counts(view).tolist() == [len(r[1]) for r in rows[45:130]]
     digests = [hashlib.sha256(e.image).digest() for e in whole]
     assert list(ImageColumn(view).iter_digests()) == digests[45:130]  # the digest column, sliced per shard
     assert ImageColumn(by_shard).digests() == digests == ImageColumn(list(whole)).digests()

@@ -52,9 +52,65 @@ def test_streamed_features_train_the_same_adapter_as_resident_ones(pack):
     kw = dict(pack=pack, validate_every=2, select="loss")
     whole, whole_state, said_gpu = _run(_cfg("gpu", **kw), train_ex, val_ex)
     streamed, state, said = _run(_cfg("stream", **kw), train_ex, val_ex)
-    assert "streamed from disk" in said and "on the device" in said_gpu
+    assert "(streamed from disk)" in said and "(on the device)" in said_gpu
     assert _losses(streamed) == _losses(whole) and len(_losses(whole)) > 4
     assert state.keys() == whole_state.keys() and all(torch.equal(state[k], whole_state[k]) for k in state)
+
+
+def test_streamed_validation_reads_its_features_from_the_map_and_scores_the_same():
+    train_ex, val_ex = _examples(8, 7), _examples(7, 8)  # 7 validation images: batches of 4 and 3
+    kw = dict(pack=True, validate_every=1, select="CIDEr")
+    seen = {"gpu": [], "stream": []}
+
+    def scorer(where):
+        def score(caps, refs):
+            seen[where].append((caps, refs))
+            return float(len(set(caps)))  # any function of the captions: they must be the same
+
+        return score
+
+    whole, whole_state, _ = _run(_cfg("gpu", **kw), train_ex, val_ex, score_fn=scorer("gpu"))
+    streamed, state, said = _run(_cfg("stream", **kw), train_ex, val_ex, score_fn=scorer("stream"))
+    assert "8 train, 7 validation images (streamed from disk)" in said
+    rows = [[(h["loss"], h["CIDEr"]) for h in r.history if h["type"] == "validation"] for r in (whole, streamed)]
+    assert rows[0] == rows[1] and len(rows[0]) == 2
+    assert seen["stream"] == seen["gpu"] and len(seen["gpu"][0][0]) == 7
+    assert all(torch.equal(state[k], whole_state[k]) for k in state)
+
+
+def _trainer(cfg, train_ex, val_ex):
+    from captune.training.trainer import Trainer, TrainInputs
+
+    loaded = load_model(cfg.model)
+    model = attach_lora(loaded.model, cfg.lora)
+    return Trainer(model, loaded.processor, cfg, TrainInputs(train_ex, val_ex), log=lambda _: None).setup()
+
+
+def test_validation_features_follow_the_training_splits_and_are_not_computed_unused():
+    from captune.ops.feature_map import DeviceRows
+
+    train_ex, val_ex = _examples(4, 9), _examples(3, 10)
+    streamed = _trainer(_cfg("stream", validate_every=1), train_ex, val_ex)
+    assert isinstance(streamed.val_feats, DeviceRows) and streamed.train_rows.streamed
+    whole = _trainer(_cfg("gpu", validate_every=1), train_ex, val_ex)
+    assert torch.equal(whole.val_feats, streamed.val_feats[:]) and not whole.train_rows.streamed
+    never = _trainer(_cfg("stream", validate_every=0), train_ex, val_ex)
+    assert never.val_feats is None and not never.validator.has_data
+    said = _run(_cfg("gpu", epochs=1, validate_every=0), train_ex, val_ex)[2]
+    assert "4 train, no validation images (on the device)" in said
+
+
+def test_device_rows_read_like_the_whole_tensor(tmp_path):
+    from captune.ops.feature_map import DeviceRows, FeatureMap
+
+    x = torch.randn(7, 2, 3)
+    w = ShardWriter(tmp_path, 7, 3)  # three shards: reads cross them
+    w.write_rows(0, x)
+    w.finish()
+    rows = DeviceRows(FeatureMap(tmp_path), "cpu")
+    assert len(rows) == 7 and rows.size(0) == 7 and rows.shape == x.shape and rows.dtype == x.dtype
+    assert torch.equal(rows[2:6], x[2:6]) and torch.equal(rows[[5, 0, 3]], x[[5, 0, 3]])
+    assert torch.equal(rows[-1], x[-1]) and torch.equal(rows[4:], x[4:])
 
 
 def test_streamed_vision_outputs_train_the_qformer_the_same():

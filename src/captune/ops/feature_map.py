@@ -273,6 +273,34 @@ class FeatureMap:
             _drop_pages(part.data_ptr(), part.numel() * part.element_size())
 
 
+class DeviceRows:
+    """A map's rows as a read-only, tensor-like sequence on ``device``: ``rows[a:b]`` and
+    ``rows[list]`` read those rows from the map and move them, ``len``, ``size(0)``, ``shape``,
+    ``device`` and ``dtype`` answer as the whole tensor's would. Validation and captioning, which
+    take their images' features a batch at a time, read them this way from a split whose features
+    are not held whole; what they compute is the same as from the whole tensor."""
+
+    def __init__(self, fmap: FeatureMap, device: torch.device | str):
+        self.fmap, self.device, self.dtype = fmap, torch.device(device), fmap.dtype
+
+    def __len__(self) -> int:
+        return len(self.fmap)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.fmap.shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def __getitem__(self, i) -> torch.Tensor:
+        if isinstance(i, slice):
+            i = torch.arange(*i.indices(len(self)))
+        elif isinstance(i, int):
+            return self[i : i + 1][0] if i >= 0 else self[len(self) + i]
+        return self.fmap.rows(torch.as_tensor(i, dtype=torch.long)).to(self.device)
+
+
 class _Ranges(Sequence):
     """Rows [lo, hi) of several ranges of ``images``, end to end, as one sequence (slices read only
     their own images)."""

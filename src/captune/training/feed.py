@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -73,15 +73,15 @@ class Streamed:
         self._queue: queue.Queue = queue.Queue()
         self._halt = threading.Event()
 
-    def plan(self, batches: Sequence[list[int]]) -> None:
-        """Start fetching ``batches`` (each a list of rows), in the order ``take`` will ask for them."""
+    def plan(self, batches: Iterable[list[int]]) -> None:
+        """Start fetching ``batches`` (each a list of rows), in the order ``take`` will ask for them;
+        the thread takes them from ``batches`` as it goes (a lazy sequence or iterator is never listed)."""
         self.stop()
         self._halt = threading.Event()
         self._queue = queue.Queue(maxsize=self.depth)
         self._thread = threading.Thread(
-            target=self._fetch, args=([list(b) for b in batches], self._queue, self._halt), daemon=True,
-            name="captune-feature-feed",
-        )  # fmt: skip
+            target=self._fetch, args=(batches, self._queue, self._halt), daemon=True, name="captune-feature-feed"
+        )
         self._thread.start()
 
     def _load(self, rows: list[int]):
@@ -96,7 +96,7 @@ class Streamed:
             done.record(self.side)
         return feats, done
 
-    def _fetch(self, batches: list[list[int]], out: queue.Queue, halt: threading.Event) -> None:
+    def _fetch(self, batches: Iterable[list[int]], out: queue.Queue, halt: threading.Event) -> None:
         if self.cuda:
             torch.cuda.set_device(self.device)  # a new thread starts on device 0; under DDP ours may be another
 
@@ -110,7 +110,8 @@ class Streamed:
             return False
 
         try:
-            for rows in batches:
+            for batch in batches:
+                rows = list(batch)
                 if not offer((rows, *self._load(rows))):
                     return
             offer(None)  # the plan is done: a take beyond it reads its rows itself

@@ -6,7 +6,10 @@ import math
 import random
 from dataclasses import dataclass
 
-from captune.data.pairs import image_groups, training_pairs
+import numpy as np
+
+from captune.data import pairs
+from captune.data.pairs import MicroBatches, caption_counts, image_groups
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,11 @@ class Plan:
     @classmethod
     def make(cls, examples: list, train_cfg, train_captions: str, packed: bool) -> Plan:
         t = train_cfg
+        counts = caption_counts(examples)
         if packed:
-            micro_per_epoch = len(image_groups(examples, list(range(len(examples))), t.batch_size))
+            micro_per_epoch = len(image_groups(counts, np.arange(len(counts)), t.batch_size))
         else:
-            pairs_per_epoch = len(training_pairs(examples, train_captions, random.Random(0)))
+            pairs_per_epoch = int(counts.sum()) if train_captions == "all" else len(counts)
             micro_per_epoch = math.ceil(pairs_per_epoch / t.batch_size)
         steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum)
         total_steps = steps_per_epoch * t.epochs
@@ -45,16 +49,14 @@ class Plan:
             validate_every=t.validate_every,
         )
 
-    def micro_batches(self, examples: list, rng: random.Random) -> list[list]:
+    def micro_batches(self, examples: list, rng: random.Random) -> MicroBatches:
         """One epoch's micro-batches in a shuffled order (a function of ``rng``'s state alone):
-        image groups when packed, else (image, caption) pairs."""
+        image groups when packed, else (image, caption) pairs; held compact (``MicroBatches``)."""
+        counts = caption_counts(examples)
         if self.packed:
-            order = list(range(len(examples)))
-            rng.shuffle(order)
-            return image_groups(examples, order, self.batch_size)
-        pairs = training_pairs(examples, self.train_captions, rng)
-        rng.shuffle(pairs)
-        return [pairs[i : i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
+            return image_groups(counts, pairs.shuffled(np.arange(len(counts)), rng), self.batch_size)
+        codes = pairs.shuffled(pairs.training_pairs(counts, self.train_captions, rng), rng)
+        return pairs.pair_batches(examples, codes, self.batch_size, pairs.pair_stride(counts))
 
     def is_boundary(self, micro: int, count: int) -> bool:
         """An optimizer step follows micro-batch ``micro`` of ``count`` (accumulation ends, or the epoch)."""

@@ -7,10 +7,12 @@ average is the mean over every labelled token of the micro-batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from captune.config import Config
-from captune.data.pairs import rank_share
+from captune.data.pairs import caption_counts, rank_share
 from captune.distributed import World
 from captune.model.family import is_encoder_decoder
 from captune.ops.batching import encode_seq2seq, encode_texts, label_tokens, training_text
@@ -122,6 +124,7 @@ class Steps:
         self.tokenizer, self.cfg, self.world, self.device = tokenizer, cfg, world, device
         self.packed, self.vision_trains = packed, vision_trains
         self.examples, self.rows = examples, rows
+        self.counts = caption_counts(examples) if packed else None
         self.counter = LabelCounter(tokenizer, unwrap(model), cfg)
 
     def _mine(self, chunk: list) -> list:
@@ -133,10 +136,11 @@ class Steps:
         mine = self._mine(chunk)
         return list(mine) if self.packed else self.needs_of(mine)
 
-    def plan(self, chunks: list[list]) -> None:
-        """The micro-batches to come, in order: a streamed feed starts fetching their rows."""
+    def plan(self, chunks: Sequence[list]) -> None:
+        """The micro-batches to come, in order: a streamed feed starts fetching their rows (each
+        micro-batch's made as the feed comes to it: an epoch's rows are never listed whole)."""
         if self.rows.streamed:
-            self.rows.plan([self.needs(c) for c in chunks])
+            self.rows.plan(map(self.needs, chunks))
 
     def forward(self, module: torch.nn.Module, chunk: list) -> tuple[torch.Tensor, object, int]:
         """(loss of this process's share, its token weight, pairs in the whole micro-batch)."""
@@ -144,7 +148,7 @@ class Steps:
         mine = self._mine(chunk)
         if self.packed:
             loss, own = self._packed(module, mine)
-            n_pairs = sum(len(self.examples[i].captions) for i in chunk)
+            n_pairs = int(self.counts[chunk].sum())  # every process's share, without reading its text
         else:
             loss, own = self._flat(module, mine), None  # counted below (the flat encoding is in the loss)
             n_pairs = len(chunk)

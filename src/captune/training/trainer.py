@@ -31,7 +31,7 @@ from captune.distributed import all_agree, world
 from captune.model.family import can_pack, language_family
 from captune.model.lora import adapter_touches_vision
 from captune.model.lora_compute import use_16bit_compute
-from captune.ops.feature_map import FeatureMap, write_map
+from captune.ops.feature_map import DeviceRows, FeatureMap, write_map
 from captune.ops.features import feature_row_bytes, image_features
 from captune.ops.lm import unwrap
 from captune.training.checkpoint import Checkpointer, Position
@@ -90,6 +90,7 @@ class LoopParts:
 
     what = ""  # how the loop's log lines name it ("SCST ")
     can_stream = True  # the training split's features may stream from disk (SCST's steps index a whole tensor)
+    validates = True  # the loop may validate (the validation split's features are needed)
 
     def _setup_lora_compute(self) -> None:
         """The adapter's products in 16 bits where ``lora.compute`` allows; not under FSDP or ZeRO-3,
@@ -104,7 +105,8 @@ class LoopParts:
         them every step: then the vision tower's output is what is computed once (not the disk-cached
         features), and the Q-Former runs in each step. The cross-entropy loop's training split stays whole
         on the device or streams from a memory map (``train.feature_residence``, ``train_rows``); SCST's
-        and the validation split's stay whole (``train_feats``, ``val_feats``)."""
+        stays whole (``train_feats``). The validation split's follow the training split's, read a batch at a
+        time when streamed (``val_feats``); they are not computed when the loop never validates."""
         self.model.eval()
         stage = "vision" if self.vision_trains else "projected"
         train_ex, val_ex = self.inputs.train_examples, self.inputs.val_examples
@@ -120,11 +122,14 @@ class LoopParts:
             self.train_rows = Streamed(train, self.device) if stream else Resident(train, self.device)
         else:
             self.train_feats = train
-        self.val_feats = feature_fn(ImageColumn(val_ex)) if val_ex else None
+        self.val_feats = None
+        if val_ex and self.validates:  # they follow the training split's: a large split's stream too
+            val = feature_fn(ImageColumn(val_ex), stream=stream)
+            self.val_feats = DeviceRows(val, self.device) if stream else val
         where = f" ({'streamed from disk' if stream else 'on the device'})" if self.can_stream else ""
+        val = f"{len(val_ex)} validation" if self.val_feats is not None else "no validation"
         self.say(
-            f"  image features: {len(train_ex)} train{where}, "
-            f"{len(val_ex)} validation images in {time.perf_counter() - self.started:.1f}s"
+            f"  image features: {len(train_ex)} train, {val} images{where} in {time.perf_counter() - self.started:.1f}s"
         )
 
     def _features_here(self, stage: str) -> Callable:
@@ -138,8 +143,9 @@ class LoopParts:
                                       stage=stage)  # fmt: skip
             import tempfile
 
-            self._scratch = tempfile.TemporaryDirectory(prefix="captune-features-")
-            root = Path(self._scratch.name)
+            scratch = tempfile.TemporaryDirectory(prefix="captune-features-")
+            self._scratch.append(scratch)  # each map (training, validation) lives as long as the trainer
+            root = Path(scratch.name)
             write_map(self.model, self.processor, images, root, rows_per_shard=bs * max(1, 1024 // bs),
                       batch_size=bs, device=self.device, stage=stage)  # fmt: skip
             return FeatureMap(root)
@@ -189,7 +195,12 @@ class Trainer(LoopParts):
         self.device = next(self.blip.parameters()).device
         self.world = world()
         self.say = log if self.world.is_main else _quiet
-        self._scratch = None  # a temporary feature map's folder, when there is no run folder
+        self._scratch: list = []  # temporary feature maps' folders, when there is no run folder
+
+    @property
+    def validates(self) -> bool:
+        """Validation runs only every ``train.validate_every`` epochs: never when it is 0."""
+        return bool(self.cfg.train.validate_every)
 
     # ------------------------------------------------------------------ setup
 
@@ -240,7 +251,7 @@ class Trainer(LoopParts):
         train_ex = self.inputs.train_examples
         self.plan = Plan.make(train_ex, self.cfg.train, self.cfg.data.train_captions, self.packed)
         if self.plan.packed:
-            self.say(f"  packing: each image's prefix shared by its {sum(caption_counts(train_ex))} captions")
+            self.say(f"  packing: each image's prefix shared by its {int(caption_counts(train_ex).sum())} captions")
         elif self.cfg.train.pack and self.cfg.data.train_captions == "all":
             family = language_family(self.blip)
             self.say(f"  packing: off, a {family} language model trains unpacked (shared-prefix packing is exact "
@@ -262,8 +273,8 @@ class Trainer(LoopParts):
             self.train_rows.stop()
             self.validator.close()
             self.log.close()
-            if self._scratch is not None:
-                self._scratch.cleanup()
+            for scratch in self._scratch:
+                scratch.cleanup()
         return self.finish()
 
     def _train_epoch(self, epoch: int) -> None:

@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
+import numpy as np
 import torch
 
 from captune.config import Config
-from captune.data.pairs import image_groups
+from captune.data.pairs import caption_counts, image_groups
 from captune.distributed import world
 from captune.evaluation.background import submit
 from captune.model.family import can_pack
@@ -35,7 +36,8 @@ def validation_loss(model, tokenizer, feats, examples, cfg: Config) -> float:
     device = feats.device
     if cfg.train.pack and can_pack(blip.language_model):
         total, count = 0.0, 0
-        for group in image_groups(examples, list(range(len(examples))), cfg.eval.batch_size):
+        counts = caption_counts(examples)
+        for group in image_groups(counts, np.arange(len(counts)), cfg.eval.batch_size):
             batch = pack_captions(
                 tokenizer,
                 [examples[i].captions for i in group],
