@@ -150,6 +150,15 @@ report:
     )
 
 
+def public(text: str, folders: dict[str, Path | None]) -> str:
+    """``text`` with this machine's folders named by their role (``$WORK``, ``$SOURCE``): a committed
+    result holds no local path."""
+    for name, folder in folders.items():
+        if folder is not None:
+            text = text.replace(str(folder), f"${name}")
+    return text
+
+
 def run_phase(run: Path, argv: list[str], work: Path) -> dict:
     """One ``captune`` command in its own process: wall seconds and peak RSS."""
     out = work / "peak.json"
@@ -162,11 +171,11 @@ def run_phase(run: Path, argv: list[str], work: Path) -> dict:
         raise SystemExit(f"captune {' '.join(argv)} failed with exit {done.returncode}")
     peak = json.loads(out.read_text())
     return {
-        "command": "captune " + " ".join(argv),
+        "command": public("captune " + " ".join(argv), {"WORK": work}),
         "seconds": round(seconds, 2),
         "peak_rss_mb": round(peak["self_kb"] / 1024, 1),
         "children_peak_rss_mb": round(peak["children_kb"] / 1024, 1),
-        "log_tail": done.stdout.strip().splitlines()[-3:],
+        "log_tail": [public(line, {"WORK": work}) for line in done.stdout.strip().splitlines()[-3:]],
     }
 
 
@@ -277,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": _cpu(),
         "load_average_1min_after": round(os.getloadavg()[0], 2),
         "versions": _versions(),
-        "command": "python bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": public(
+            "python bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            {"WORK": work, "SOURCE": source, "OUT": Path(args.out).resolve().parent},
+        ),
         "settings": {"steps": args.steps, "eval_images": args.eval_images, "ratios": [0.9, 0.05, 0.05]},
         **result,
     }

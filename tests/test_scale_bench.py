@@ -32,10 +32,14 @@ def test_source_is_unique_jpegs_with_five_captions(tmp_path):
 
 @pytest.mark.slow
 def test_every_phase_runs_and_reports_its_peak(tmp_path):
-    out = tmp_path / "scale.json"
-    assert _bench().main(["--images", "120", "--eval-images", "6", "--steps", "2", "--work", str(tmp_path / "w"),
-                          "--out", str(out)]) == 0  # fmt: skip
-    doc = json.loads(out.read_text())
+    bench, out = _bench(), tmp_path / "scale.json"
+    bench.make_source(tmp_path / "src", 120)  # a source kept from an earlier run, reused (--source)
+    assert bench.main(["--images", "120", "--eval-images", "6", "--steps", "2", "--work", str(tmp_path / "w"),
+                       "--source", str(tmp_path / "src"), "--out", str(out)]) == 0  # fmt: skip
+    text = out.read_text()
+    assert str(tmp_path) not in text and "$WORK/run" in text and "--source $SOURCE" in text  # no local path
+    doc = json.loads(text)
+    assert doc["source"]["reused"] and 8_000 < doc["source"]["mean_jpeg_bytes"] < 25_000
     assert list(doc["phases"]) == ["data", "baseline", "train", "finetuned", "compare", "report"]
     assert all(p["peak_rss_mb"] > 50 and p["seconds"] > 0 for p in doc["phases"].values())
     assert doc["counts"] == {"train": 108, "validation": 6, "test": 6} and doc["references"] == 600
@@ -48,3 +52,14 @@ def test_source_in_parallel_blocks_is_the_same_kind(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert [r["file_name"] for r in rows] == [f"images/{i // 1000:04d}/{i:07d}.jpg" for i in range(2100)]
     assert made["jobs"] == 2 and 8_000 < made["mean_jpeg_bytes"] < 25_000
+
+
+def test_a_reused_source_is_checked(tmp_path):
+    bench = _bench()
+    bench.make_source(tmp_path / "src", 5)
+    with pytest.raises(SystemExit, match="holds 5 images, not --images 6"):
+        bench.reuse_source(tmp_path / "src", 6)
+    with pytest.raises(SystemExit, match="no metadata.jsonl"):
+        bench.reuse_source(tmp_path, 5)
+    with pytest.raises(SystemExit, match="is inside --work"):
+        bench.main(["--images", "5", "--work", str(tmp_path), "--source", str(tmp_path / "src"), "--out", "x.json"])
