@@ -63,3 +63,12 @@ def test_a_reused_source_is_checked(tmp_path):
         bench.reuse_source(tmp_path, 5)
     with pytest.raises(SystemExit, match="is inside --work"):
         bench.main(["--images", "5", "--work", str(tmp_path), "--source", str(tmp_path / "src"), "--out", "x.json"])
+
+
+def test_a_phase_peak_is_its_own_not_the_forking_bench_process(tmp_path):
+    """ru_maxrss of a forked and exec'd child keeps the parent's RSS at the fork: a small phase
+    read as this process's size (the 1M bench's compare and report read 459 MB)."""
+    held = bytearray(400 << 20)
+    held[::4096] = b"\x01" * len(held[::4096])  # resident, not just reserved
+    phase = _bench().run_phase(tmp_path, ["recipes"], tmp_path)
+    assert 20 < phase["peak_rss_mb"] < 300 and len(held)
