@@ -144,3 +144,38 @@ def test_clipscore_rows_get_intervals_and_p_values():
     assert row["metric"] == "CLIPScore" and row["interval_of"] == "corpus score"
     assert row["change_ci"][0] <= row["change"] <= row["change_ci"][1] and row["p_at_floor"]
     assert "| CLIPScore |" in markdown_table(compare(doc(b), doc(t), samples=100, seed=0))
+
+
+class _CountedImages:
+    """A sequence of encoded images that counts the ones read."""
+
+    def __init__(self, images):
+        import io
+
+        self.data, self.read = [], 0
+        for im in images:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            self.data.append(buf.getvalue())
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        got = self.data[i]
+        self.read += len(got) if isinstance(i, slice) else 1
+        return got
+
+
+def test_unavailable_clip_reads_no_image_and_images_are_read_a_batch_at_a_time(tiny_clip_dir, tmp_path):
+    """The run's scoring once decoded every test image before finding CLIP absent (1-2 s of a job's
+    scoring for 500 images, and a whole split in memory)."""
+    from captune.evaluation.clipscore import add_clip_scores, clip_score
+    from captune.evaluation.metrics import Scores
+
+    images = _CountedImages(_images(5))
+    scores = Scores(corpus={}, per_image={}, unavailable={}, image_ids=[], bleu_stats=[], meteor_stats=[])
+    note = add_clip_scores(scores, images, ["a dog"] * 5, [["a cat"]] * 5, str(tmp_path / "no_such_clip"))
+    assert note.startswith("CLIPScore unavailable") and images.read == 0
+    got = clip_score(images, ["a dog"] * 5, None, str(tiny_clip_dir), device="cpu", batch=2)
+    assert len(got.per_image["CLIPScore"]) == 5 and images.read == 5

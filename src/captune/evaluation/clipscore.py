@@ -65,14 +65,26 @@ def _features(model, processor, images, texts, device: str, batch: int):
 
     img, txt = [], []
     with torch.inference_mode():
-        for i in range(0, len(images), batch):
-            pix = processor(images=images[i : i + batch], return_tensors="pt")["pixel_values"].to(device)
+        for i in range(0, len(images), batch):  # encoded images are decoded a batch at a time
+            part = [_decoded(im) for im in images[i : i + batch]]
+            pix = processor(images=part, return_tensors="pt")["pixel_values"].to(device)
             img.append(norm(_tensor(model.get_image_features(pixel_values=pix)).float()).cpu())
         for i in range(0, len(texts), batch):
             tok = processor(text=texts[i : i + batch], return_tensors="pt", padding=True, truncation=True)
             tok = {k: v.to(device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
             txt.append(norm(_tensor(model.get_text_features(**tok)).float()).cpu())
     return torch.cat(img) if img else None, torch.cat(txt) if txt else None
+
+
+def _decoded(image):
+    """A PIL image from a PIL image, encoded bytes or an image file's path."""
+    from pathlib import Path
+
+    from captune.data.images import load_rgb
+
+    if isinstance(image, (str, Path)):
+        return load_rgb(Path(image).read_bytes())
+    return load_rgb(image) if isinstance(image, (bytes, bytearray)) else image
 
 
 def _tensor(out):
@@ -106,7 +118,10 @@ def clip_score(
     device: str | None = None,
     batch: int = 64,
 ) -> ClipScores:
-    """CLIPScore (and RefCLIPScore when references are given) of PIL images and their captions."""
+    """CLIPScore (and RefCLIPScore when references are given) of images and their captions.
+
+    ``images``: a sequence of PIL images, encoded image bytes or image files' paths, sliced a
+    batch at a time; none is read when CLIP is off or cannot be loaded."""
     import torch
 
     result = ClipScores(model=model_name)
@@ -136,15 +151,13 @@ def clip_score(
 def add_clip_scores(scores, images: list, captions: list[str], references: list[list[str]], model_name: str) -> str:
     """Add CLIPScore/RefCLIPScore to a ``metrics.Scores`` (corpus, per-image, unavailable).
 
-    ``images`` are PIL images or encoded image bytes, in the order of ``scores.image_ids``.
+    ``images`` are PIL images, encoded image bytes or paths, in the order of ``scores.image_ids``
+    (decoded a batch at a time, and not at all when CLIP is unavailable).
     Returns a one-line note when CLIP is unavailable ("" when it ran or is off).
     """
     if str(model_name).strip().lower() in OFF:
         return ""
-    from captune.data.images import load_rgb
-
-    pil = [load_rgb(im) if isinstance(im, (bytes, bytearray)) else im for im in images]
-    got = clip_score(pil, captions, references, model_name)
+    got = clip_score(images, captions, references, model_name)
     scores.corpus.update(got.corpus)
     scores.per_image.update(got.per_image)
     scores.unavailable.update(got.unavailable)
