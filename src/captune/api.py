@@ -325,6 +325,7 @@ def run_recipe(
     data: Any = None,
     quiet: bool = False,
     log: Log | None = None,
+    startup: bool = False,
 ) -> RunResult:
     """Run a recipe (or a Config) into a run folder and return what it holds.
 
@@ -333,7 +334,9 @@ def run_recipe(
     finetuned, compare, report (default all; "eval" means baseline and finetuned);
     complete phases are skipped unless ``force``. ``data``: an in-memory
     ``datasets.Dataset`` used instead of ``data.source`` (its columns named by the
-    recipe's ``data.image_column`` / ``data.caption_column``).
+    recipe's ``data.image_column`` / ``data.caption_column``). ``startup``: record the
+    process's age when the first phase starts as the run's "start-up" time (the CLI does;
+    a notebook's process is older than its run).
     """
     from captune import __version__
 
@@ -347,16 +350,35 @@ def run_recipe(
     pl.preflight(cfg)  # before the run folder is made: an impossible recipe leaves nothing behind
     session = pl.Run.open(root, cfg, force=force, log=say)
     from captune.distributed import world
+    from captune.evaluation import background
     from captune.evaluation.metrics import prewarm
 
-    if world().is_main and {"baseline", "finetuned"} & set(wanted):
+    scores_apart = world().is_main and {"baseline", "train"} <= set(wanted)
+    if scores_apart:  # scoring in its own process while the GPU trains (METEOR's JVM starts there now)
+        background.start_process()
+    elif world().is_main and {"baseline", "finetuned"} & set(wanted):
         prewarm()  # METEOR's JVM loads while the model does
     say(f"captune {__version__}: recipe '{cfg.name}' -> {root}")
     if data is not None and "data" in wanted:  # the data phase reads the dataset given here, not a source
         wanted = tuple(p for p in wanted if p != "data")
         _dataset_phase(session, data, force, say)
-    pl.run_phases(session, wanted, force=force)
+    if startup:
+        _record_startup(session, say)
+    try:
+        pl.run_phases(session, wanted, force=force)
+    finally:
+        if scores_apart:
+            background.stop()
     return RunResult.from_folder(root)
+
+
+def _record_startup(session: Any, say: Log) -> None:
+    from captune.console import process_seconds
+
+    seconds = process_seconds()
+    if seconds is not None:
+        session.note_time("start-up", seconds)
+        say(f"  start-up: {seconds:.1f}s (interpreter, imports, config and checks)")
 
 
 def _dataset_phase(session: Any, data: Any, force: bool, say: Log) -> None:

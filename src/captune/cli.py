@@ -71,7 +71,7 @@ def cmd_run(args) -> int:
             ran.add(message[1 : message.index("]")])
         _log(message)
 
-    result = run_recipe(args.recipe, args.overrides, out=args.out, force=args.force, log=log)
+    result = run_recipe(args.recipe, args.overrides, out=args.out, force=args.force, log=log, startup=True)
     table = result.root / "comparison.md"
     if table.is_file() and "compare" not in ran:  # the phase printed it when it ran
         _log(f"\nBefore / after on {result.config.eval.split} ({result.root}/comparison.md):\n")
@@ -145,8 +145,7 @@ def cmd_score(args) -> int:
         files = image_files(found, coco_files, args.images, Path(args.predictions).parent)
     scores = score_captions(preds, refs, spice=True)
     if files is not None:
-        images = [f.read_bytes() for f in files]
-        note = add_clip_scores(scores, images, list(preds.values()), [refs[i] for i in preds], args.clip_model)
+        note = add_clip_scores(scores, files, list(preds.values()), [refs[i] for i in preds], args.clip_model)
         if note and not args.json:
             print(note)
     seed = seed_compatible(preds, refs)

@@ -26,3 +26,18 @@ def around_bar(log: Callable[[str], None]) -> Callable[[str], None]:
 
     write.around_bar = True  # type: ignore[attr-defined]
     return write
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux: from /proc), or None where that cannot be read.
+
+    The run records it as its start-up (interpreter, imports, checks) when the first phase begins."""
+    import os
+    from pathlib import Path
+
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None

@@ -14,6 +14,7 @@ from captune.data.prepare import load_split
 from captune.demo import attributes
 from captune.distributed import gather_strided_objects, world
 from captune.errors import UserError
+from captune.evaluation import background
 from captune.run.folder import Run
 
 # Images captioned per call; predictions are written after each. A split of up to this many is
@@ -36,8 +37,9 @@ def evaluate(run: Run, model, processor, out_name: str) -> None:
 
     Predictions go to a temporary file as they are made (``CAPTION_CHUNK`` images at a time);
     scoring reads that file. Scoring runs on the CPU (and in Java). When ``run.overlap`` is
-    set, the baseline's scoring goes on in a background thread while the GPU trains;
-    ``run.join()`` waits for it before anything reads its metrics.
+    set, the baseline's scoring goes on in the background while the GPU trains (in the run's
+    scoring process, ``evaluation.background``); ``run.join()`` waits for it before anything reads
+    its metrics. With a scoring process, the other splits are scored there too (one METEOR JVM).
     """
     from captune.model.lora import adapter_touches_vision
     from captune.ops.features import image_features
@@ -69,12 +71,25 @@ def evaluate(run: Run, model, processor, out_name: str) -> None:
         _write_predictions(predictions, parts)
     gen_s = time.perf_counter() - t0
     run.log(f"  {out_name}: {len(examples)} images captioned in {gen_s:.1f}s")
+    job = (score_split, run.root, run.cfg, out_name, predictions, gen_s)
     if run.overlap and out_name == "baseline":
-        run.in_background(f"{out_name} scoring (overlapped with training)", _score_and_write, run, examples,
-                          predictions, out_name, gen_s)  # fmt: skip
+        run.in_background(f"{out_name} scoring (overlapped with training)", *job)
         run.log(f"  {out_name}: scoring in the background")
         return
+    if background.separate():  # the run's scoring process (and its METEOR) scores this split too
+        _, lines = background.submit(*job).result()
+        for line in lines:
+            run.log(line)
+        return
     _score_and_write(run, examples, predictions, out_name, gen_s)
+
+
+def score_split(root: Path, cfg, out_name: str, predictions: Path, gen_s: float) -> tuple[float, list[str]]:
+    """``_score_and_write`` for the run folder ``root`` (what the scoring process is sent): the
+    seconds it took and the lines it would have logged."""
+    lines: list[str] = []
+    run = Run(root, cfg, log=lines.append)
+    return _score_and_write(run, eval_examples(run), predictions, out_name, gen_s), lines
 
 
 def _write_predictions(path: Path, parts) -> None:
@@ -136,13 +151,15 @@ def _score_and_write(run: Run, examples, predictions: Path, out_name: str, gen_s
 
 
 def cider_scorer():
+    """Corpus CIDEr-D of captions against their references: ``(captions, refs) -> float``, a plain
+    function, so that the scoring process can run it."""
+    return cider_score
+
+
+def cider_score(captions: list[str], refs: list[list[str]]) -> float:
     from captune.evaluation.metrics import score_captions
 
-    def score(captions: list[str], refs: list[list[str]]) -> float:
-        ids = [str(i) for i in range(len(captions))]
-        scores = score_captions(
-            dict(zip(ids, captions, strict=True)), dict(zip(ids, refs, strict=True)), metrics=("CIDEr",)
-        )
-        return scores.corpus["CIDEr"]
-
-    return score
+    ids = [str(i) for i in range(len(captions))]
+    gts, res = dict(zip(ids, refs, strict=True)), dict(zip(ids, captions, strict=True))
+    scores = score_captions(res, gts, metrics=("CIDEr",))
+    return scores.corpus["CIDEr"]

@@ -43,6 +43,7 @@ class Run:
         self._store = None
         self.overlap = False  # score the baseline in the background while training
         self._pending: list = []
+        self._unwritten: dict[str, float] = {}
 
     # -- config ---------------------------------------------------------------
     @classmethod
@@ -100,11 +101,19 @@ class Run:
             "report": self.path("report", "index.html"),
         }[phase].is_file()
 
+    def note_time(self, what: str, seconds: float) -> None:
+        """A time written to timings.json with the next phase's (the run's start-up: a folder whose
+        first phase failed holds no timings, so it stays free for a corrected config)."""
+        self._unwritten[what] = seconds
+
     def record_time(self, phase: str, seconds: float) -> None:
         if not world().is_main:
             return
         path = self.path("timings.json")
         doc = json.loads(path.read_text()) if path.is_file() else {"phases": {}}
+        for what, value in self._unwritten.items():
+            doc["phases"][what] = round(value, 3)
+        self._unwritten.clear()
         doc["phases"][phase] = round(seconds, 3)
         doc["device"] = describe_device()
         write_atomic(path, json.dumps(doc, indent=2))
@@ -116,13 +125,21 @@ class Run:
             self._store.flush()
         while self._pending:
             name, future = self._pending.pop(0)
-            self.record_time(name, future.result())
+            self.record_time(name, future.result()[0])
 
     def in_background(self, name: str, fn, *args) -> None:
-        """``fn(*args)`` (returning its seconds) on the background scorer; ``join`` records its time."""
+        """``fn(*args)`` on the background scorer, returning ``(seconds, lines)``: the lines are logged
+        when it is done, and ``join`` records its time."""
         from captune.evaluation.background import submit
 
-        self._pending.append((name, submit(fn, *args)))
+        future = submit(fn, *args)
+        future.add_done_callback(self._said)
+        self._pending.append((name, future))
+
+    def _said(self, future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            for line in future.result()[1]:
+                self.log(line)
 
     def features(self, images, *, digests=None, stream: bool = False):
         """Frozen image features from RUN/features (computed once per model and image set, in shards):
@@ -159,7 +176,9 @@ class Run:
     def base(self):
         if self._loaded is None:
             from captune.model.load import load_model
+            from captune.ops.decode_attention import warm_in_background
 
+            warm_in_background()  # the decoder's Triton key, while the weights load
             gc.collect()  # a model dropped earlier (FSDP shards after training) gives its memory back
             if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
                 sys.modules["torch"].cuda.empty_cache()

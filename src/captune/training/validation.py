@@ -19,7 +19,7 @@ import torch
 from captune.config import Config
 from captune.data.pairs import caption_counts, image_groups
 from captune.distributed import world
-from captune.evaluation.background import submit
+from captune.evaluation.background import submit, timed
 from captune.model.family import can_pack
 from captune.model.lora import adapter_touches_vision
 from captune.ops.features import project_queries
@@ -93,11 +93,6 @@ class Selection:
         return self.select != "last" and self.best_value is not None
 
 
-def _timed_call(fn: Callable, *args) -> tuple:
-    t0 = time.perf_counter()
-    return fn(*args), time.perf_counter() - t0
-
-
 class Validator:
     """Runs validations and settles their scores into the log and the selection."""
 
@@ -136,7 +131,7 @@ class Validator:
             caps = caption_features(model, self.tokenizer, self.feats, cfg.eval, cfg.model.prompt)
             times["captions"] = time.perf_counter() - t0
             refs = [e.captions for e in self.examples]
-            self.pending.append((row, times, submit(_timed_call, self.score_fn, caps, refs), state))
+            self.pending.append((row, times, submit(timed, self.score_fn, caps, refs), state))
             if self.settle_now:
                 self.settle()
             else:  # said now, so the steps logged meanwhile do not seem to come before it
