@@ -158,7 +158,7 @@ def test_feed_fetches_planned_rows_and_reads_unplanned_ones(tmp_path):
     feed.plan([[1]] * 50)  # a long plan stopped early: the thread ends
     feed.take([1])
     feed.stop()
-    assert feed._thread is None
+    assert not feed.ahead.running
     assert torch.equal(Resident(x, torch.device("cpu")).take([2, 2]), x[[2, 2]])
 
 

@@ -44,11 +44,16 @@ class PackedBatch:
             self.keep = (target != IGNORE).flatten().nonzero().squeeze(1)
             self.targets = target.flatten()[self.keep]
 
+    def pinned(self) -> PackedBatch:
+        """The batch in pinned host memory (made ahead of the step, by the thread that makes it)."""
+        return PackedBatch(*(t.pin_memory() for t in (self.ids, self.mask, self.labels)), self.pairs,
+                           self.keep.pin_memory(), self.targets.pin_memory())  # fmt: skip
+
     def to(self, device) -> PackedBatch:
         device = torch.device(device)
 
         def move(t: torch.Tensor) -> torch.Tensor:
-            if device.type == "cuda" and t.device.type == "cpu":
+            if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
                 t = t.pin_memory()  # an asynchronous copy: the CPU prepares the next batch meanwhile
             return t.to(device, non_blocking=True)
 

@@ -10,14 +10,13 @@ hand the step the same rows in the same order: losses and adapters are bit-ident
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterable, Sequence
 
 import torch
 
 from captune.distributed import all_agree
 from captune.ops.feature_map import FeatureMap
+from captune.training.ahead import Ahead
 
 CPU_RESIDENT_BYTES = 256 << 20  # on a CPU the map is as fast as RAM; keep small splits whole anyway
 DEVICE_SHARE = 0.25  # of the free device memory, when the split's features may stay whole
@@ -69,20 +68,14 @@ class Streamed:
             device = torch.device("cuda", torch.cuda.current_device())
         self.fmap, self.device, self.depth = fmap, device, depth
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue = queue.Queue()
-        self._halt = threading.Event()
+        # a new thread starts on device 0; under DDP ours may be another
+        setup = (lambda: torch.cuda.set_device(self.device)) if self.cuda else None
+        self.ahead = Ahead(self._load, depth=depth, name="captune-feature-feed", setup=setup)
 
     def plan(self, batches: Iterable[list[int]]) -> None:
         """Start fetching ``batches`` (each a list of rows), in the order ``take`` will ask for them;
         the thread takes them from ``batches`` as it goes (a lazy sequence or iterator is never listed)."""
-        self.stop()
-        self._halt = threading.Event()
-        self._queue = queue.Queue(maxsize=self.depth)
-        self._thread = threading.Thread(
-            target=self._fetch, args=(batches, self._queue, self._halt), daemon=True, name="captune-feature-feed"
-        )
-        self._thread.start()
+        self.ahead.plan(map(list, batches))
 
     def _load(self, rows: list[int]):
         """Rows on the device, and the event after which they are there (None on a CPU)."""
@@ -96,40 +89,10 @@ class Streamed:
             done.record(self.side)
         return feats, done
 
-    def _fetch(self, batches: Iterable[list[int]], out: queue.Queue, halt: threading.Event) -> None:
-        if self.cuda:
-            torch.cuda.set_device(self.device)  # a new thread starts on device 0; under DDP ours may be another
-
-        def offer(item) -> bool:
-            while not halt.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        try:
-            for batch in batches:
-                rows = list(batch)
-                if not offer((rows, *self._load(rows))):
-                    return
-            offer(None)  # the plan is done: a take beyond it reads its rows itself
-        except BaseException as exc:  # raised by take() in the training thread
-            offer(exc)
-
     def take(self, rows: list[int]) -> torch.Tensor:
         """Rows ``rows`` (in that order) on the device: the next fetched micro-batch, or read now if
         it is not the one planned."""
-        item = self._queue.get() if self._thread is not None else None
-        if isinstance(item, BaseException):
-            self.stop()
-            raise item
-        if item is None or item[0] != list(rows):
-            self.stop()  # past or off the plan (never in the loop): read it here
-            feats, done = self._load(list(rows))
-        else:
-            _, feats, done = item
+        feats, done = self.ahead.take(list(rows))
         if done is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(done)
@@ -138,7 +101,4 @@ class Streamed:
 
     def stop(self) -> None:
         """Stop fetching (the epoch ended or training stopped early)."""
-        if self._thread is not None:
-            self._halt.set()
-            self._thread.join()
-            self._thread = None
+        self.ahead.stop()

@@ -18,7 +18,8 @@ from captune.model.family import is_encoder_decoder
 from captune.ops.batching import encode_seq2seq, encode_texts, label_tokens, training_text
 from captune.ops.features import project_queries
 from captune.ops.lm import lm_loss, unwrap
-from captune.ops.packing import pack_captions, packed_loss
+from captune.ops.packing import PackedBatch, pack_captions, packed_loss
+from captune.training.ahead import Ahead
 
 
 def encode_pairs(tokenizer, blip, captions: list[str], cfg: Config):
@@ -126,6 +127,10 @@ class Steps:
         self.examples, self.rows = examples, rows
         self.counts = caption_counts(examples) if packed else None
         self.counter = LabelCounter(tokenizer, unwrap(model), cfg)
+        # packed captions are tokenized ahead by a thread, with its own copy of the tokenizer (a fast
+        # tokenizer's padding settings are shared state); the feature rows of a streamed split likewise
+        self.texts = Ahead(self._pack, depth=3, name="captune-text-feed", setup=self._own_tokenizer) if packed else None
+        self._text_tokenizer = tokenizer
 
     def _mine(self, chunk: list) -> list:
         w = self.world
@@ -141,6 +146,13 @@ class Steps:
         micro-batch's made as the feed comes to it: an epoch's rows are never listed whole)."""
         if self.rows.streamed:
             self.rows.plan(map(self.needs, chunks))
+        if self.texts is not None:
+            self.texts.plan(list(self._mine(c)) for c in chunks)
+
+    def stop(self) -> None:
+        """Stop making the planned micro-batches' text (the epoch ended, or training stopped)."""
+        if self.texts is not None:
+            self.texts.stop()
 
     def forward(self, module: torch.nn.Module, chunk: list) -> tuple[torch.Tensor, object, int]:
         """(loss of this process's share, its token weight, pairs in the whole micro-batch)."""
@@ -160,13 +172,24 @@ class Steps:
             weight = token_weight(own, w, self.device)
         return loss, weight, n_pairs
 
-    def _packed(self, module, mine: list[int]) -> tuple[torch.Tensor, int]:
+    def _own_tokenizer(self) -> None:
+        import copy
+
+        if self._text_tokenizer is self.tokenizer:  # once: the same tokenizer every epoch
+            self._text_tokenizer = copy.deepcopy(self.tokenizer)
+
+    def _pack(self, mine: list[int]) -> PackedBatch:
+        """This share's captions tokenized and packed on the CPU (pinned for the copy when on a GPU)."""
         batch = pack_captions(
-            self.tokenizer,
+            self._text_tokenizer,
             [self.examples[i].captions for i in mine],
             prompt=self.cfg.model.prompt,
             max_text_tokens=self.cfg.train.max_text_tokens,
-        ).to(self.device)
+        )
+        return batch.pinned() if self.device.type == "cuda" else batch
+
+    def _packed(self, module, mine: list[int]) -> tuple[torch.Tensor, int]:
+        batch = self.texts.take(list(mine)).to(self.device)
         loss = module(self.rows.take(list(mine)), batch)
         return loss, int(batch.keep.numel())
 

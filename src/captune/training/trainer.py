@@ -270,6 +270,7 @@ class Trainer(LoopParts):
                     break
             self.validator.settle()
         finally:
+            self.steps.stop()
             self.train_rows.stop()
             self.validator.close()
             self.log.close()
@@ -309,6 +310,7 @@ class Trainer(LoopParts):
                     self._deferred_checkpoint(epoch, i + 1, epoch_rng)
             if plan.checkpoint_due(pos.step, i, len(chunks)):
                 self.checkpoint(epoch, i + 1, epoch_rng)
+        self.steps.stop()  # (after a last step mid-epoch the text made ahead is not needed)
 
     def _end_epoch(self, epoch: int) -> bool:
         """Validation, the epoch-end checkpoint (deferred while its score is under way), and whether
