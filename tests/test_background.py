@@ -80,3 +80,27 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+def test_a_users_script_without_a_main_guard_is_not_run_again(tmp_path):
+    """Spawning re-imports the caller's __main__: a train.py calling run_recipe at its top level would
+    have run again (whole) inside the scoring process. And its own functions are scored here."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os\n"
+        "print('top level', flush=True)\n"
+        "from captune.evaluation import background\n"
+        "background.start_process()\n"
+        "def mine():\n"
+        "    return os.getpid()\n"
+        "apart = background.submit(os.getpid).result(timeout=300) != os.getpid()\n"
+        "here = background.submit(mine).result(timeout=300) == os.getpid()\n"
+        "background.stop()\n"
+        "print(apart, here, flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["top level", "True True"]

@@ -12,6 +12,7 @@ import copy
 import html
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,8 +368,11 @@ def run_recipe(
     try:
         pl.run_phases(session, wanted, force=force)
     finally:
+        t0 = time.perf_counter()
         if scores_apart:
             background.stop()
+    if startup:  # with the start-up: what the CLI's process spends outside the phases, but its exit
+        session.record_time("after the phases (the scoring process's end)", time.perf_counter() - t0)
     return RunResult.from_folder(root)
 
 

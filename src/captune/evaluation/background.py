@@ -15,21 +15,24 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 _THREAD: ThreadPoolExecutor | None = None
 _PROCESS: ProcessPoolExecutor | None = None
+_CHILD: Future | None = None  # the scoring process's pid
 _LOCK = threading.Lock()
 
 
 def start_process() -> None:
     """Start the scoring process (once) and METEOR's JVM in it. Spawned, not forked: the parent may
     hold CUDA and threads by now. Only the scoring modules are imported there (no torch)."""
-    global _PROCESS
+    global _PROCESS, _CHILD
     import multiprocessing
 
     with _LOCK:
@@ -38,7 +41,16 @@ def start_process() -> None:
             bound = threading.current_thread() is threading.main_thread()
             _PROCESS = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                            initializer=_die_with_parent, initargs=(os.getpid(), bound))  # fmt: skip
-            _PROCESS.submit(_prewarm)
+            # The first submit spawns the process, which would run the caller's script again (a user's
+            # train.py calling run_recipe at its top level) as multiprocessing re-imports __main__:
+            # it is given an empty one to import instead (no task is ever a function of __main__).
+            main = sys.modules["__main__"]
+            sys.modules["__main__"] = types.ModuleType("__main__")
+            try:
+                _PROCESS.submit(_prewarm)
+            finally:
+                sys.modules["__main__"] = main
+            _CHILD = _PROCESS.submit(os.getpid)
 
 
 def separate() -> bool:
@@ -47,12 +59,21 @@ def separate() -> bool:
 
 
 def stop() -> None:
-    """End the scoring process, once what was asked of it is done (the run's end)."""
-    global _PROCESS
+    """End the scoring process (the run's end, once the run has joined what it asked of it). Idle by
+    then, it is killed rather than left to wind down (its interpreter's and its JVM's exit were
+    waited for, about a second of the coco5k job); anything still under way is waited for first."""
+    global _PROCESS, _CHILD
     with _LOCK:
         pool, _PROCESS = _PROCESS, None
-    if pool is not None:
-        pool.shutdown(wait=True)
+        child, _CHILD = _CHILD, None
+    if pool is None:
+        return
+    with contextlib.suppress(Exception):
+        pid = child.result(timeout=0) if child is not None and child.done() else None
+        pool.submit(int).result()  # (the queue is in order: everything asked before is done)
+        if pid is not None:
+            os.kill(pid, 9)
+    pool.shutdown(wait=True)
 
 
 def submit(fn: Callable, *args) -> Future:
@@ -77,9 +98,14 @@ def timed(fn: Callable, *args) -> tuple:
 
 
 def _picklable(fn: Callable) -> bool:
+    """Whether the scoring process can be sent ``fn`` (not a closure or a lambda, nor a function of
+    the caller's script, which that process does not import)."""
+    inner = getattr(fn, "func", fn)  # a functools.partial's function
+    if "__main__" in (getattr(fn, "__module__", None), getattr(inner, "__module__", None)):
+        return False
     try:
         pickle.dumps(fn)
-    except Exception:  # a closure or a lambda: scored in this process
+    except Exception:
         return False
     return True
 
