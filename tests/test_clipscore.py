@@ -179,3 +179,21 @@ def test_unavailable_clip_reads_no_image_and_images_are_read_a_batch_at_a_time(t
     assert note.startswith("CLIPScore unavailable") and images.read == 0
     got = clip_score(images, ["a dog"] * 5, None, str(tiny_clip_dir), device="cpu", batch=2)
     assert len(got.per_image["CLIPScore"]) == 5 and images.read == 5
+
+
+def test_auto_without_cached_weights_imports_no_torch(tmp_path):
+    """The run's scoring process imports no torch: with CLIP off disk, "auto" said so only after
+    importing transformers (and torch: ~0.5 GB and seconds in that process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"))
+    code = (
+        "import sys\n"
+        "from captune.evaluation.clipscore import clip_score\n"
+        "got = clip_score(['not read'], ['a dog'], None, 'auto')\n"
+        "print('torch' in sys.modules, 'not on disk' in got.unavailable['CLIPScore'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.split() == ["False", "True"], done.stderr[-1500:]

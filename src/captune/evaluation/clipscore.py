@@ -37,9 +37,11 @@ class ClipScores:
 @functools.lru_cache(maxsize=1)
 def load_clip(name: str):
     """(model, processor) of a CLIP, or a one-line reason why not (str); kept for the next split."""
+    auto = name == "auto"
+    if auto and not _paper_clip_on_disk():  # said without importing torch (the scoring process has none)
+        return _NOT_ON_DISK
     from transformers import CLIPModel, CLIPProcessor
 
-    auto = name == "auto"
     target = PAPER_CLIP if auto else name
     local_only = auto or os.environ.get("HF_HUB_OFFLINE") == "1" or os.path.isdir(target)
     try:
@@ -47,13 +49,25 @@ def load_clip(name: str):
         processor = CLIPProcessor.from_pretrained(target, local_files_only=local_only)
     except Exception as exc:  # missing weights, offline, not a CLIP: one line, the rest goes on
         if auto:
-            return (
-                f"{PAPER_CLIP} is not on disk (offline default); set eval.clip_model={PAPER_CLIP} "
-                "(or --clip-model) to download it, or a local CLIP folder"
-            )
+            return _NOT_ON_DISK
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         return f"cannot load CLIP '{target}' ({type(exc).__name__}: {first})"
     return model.eval(), processor
+
+
+_NOT_ON_DISK = (
+    f"{PAPER_CLIP} is not on disk (offline default); set eval.clip_model={PAPER_CLIP} "
+    "(or --clip-model) to download it, or a local CLIP folder"
+)
+
+
+def _paper_clip_on_disk() -> bool:
+    """Whether the Hub cache holds ViT-B/32's config (the cache as the environment names it now)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
+    return isinstance(try_to_load_from_cache(PAPER_CLIP, "config.json", cache_dir=cache), str)
 
 
 def _features(model, processor, images, texts, device: str, batch: int):
@@ -122,8 +136,6 @@ def clip_score(
 
     ``images``: a sequence of PIL images, encoded image bytes or image files' paths, sliced a
     batch at a time; none is read when CLIP is off or cannot be loaded."""
-    import torch
-
     result = ClipScores(model=model_name)
     if str(model_name).strip().lower() in OFF:
         return result
@@ -131,6 +143,8 @@ def clip_score(
     if isinstance(loaded, str):
         result.unavailable["CLIPScore"] = loaded
         return result
+    import torch
+
     model, processor = loaded
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
