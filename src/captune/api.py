@@ -371,7 +371,7 @@ def run_recipe(
         t0 = time.perf_counter()
         if scores_apart:
             background.stop()
-    if startup:  # with the start-up: what the CLI's process spends outside the phases, but its exit
+    if startup and scores_apart:  # with the start-up: what the CLI's process spends outside the phases, but its exit
         session.record_time("after the phases (the scoring process's end)", time.perf_counter() - t0)
     return RunResult.from_folder(root)
 

@@ -25,27 +25,6 @@ try:  # Triton ships with CUDA builds of PyTorch
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
-def warm_in_background() -> None:
-    """Compute Triton's cache key of its own install in a thread (while the model loads): a hash of its
-    sources and its half-gigabyte library, paid once per process before the first kernel launch (about
-    0.7 s of the first captioning's time in a profile of the coco5k job on an H200)."""
-    if triton is None or not torch.cuda.is_available():
-        return
-    import threading
-
-    def key() -> None:
-        try:
-            try:
-                from triton.runtime.cache import triton_key
-            except ImportError:
-                from triton.compiler.compiler import triton_key
-            triton_key()
-        except Exception:  # a Triton without it: the first launch computes what it needs
-            pass
-
-    threading.Thread(target=key, daemon=True, name="captune-triton-key").start()
-
-
 CHUNK = 8  # keys per chunk of the online softmax
 NUM_WARPS = 1  # one warp per (sequence, head): the fastest at batch 2048 on an H200 (speed probe's sweep)
 SPLIT_D = True  # a head's dims in two power-of-two parts (80 = 64 + 16) rather than one padded (128)

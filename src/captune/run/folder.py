@@ -176,9 +176,6 @@ class Run:
     def base(self):
         if self._loaded is None:
             from captune.model.load import load_model
-            from captune.ops.decode_attention import warm_in_background
-
-            warm_in_background()  # the decoder's Triton key, while the weights load
             gc.collect()  # a model dropped earlier (FSDP shards after training) gives its memory back
             if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
                 sys.modules["torch"].cuda.empty_cache()

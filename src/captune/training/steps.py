@@ -7,6 +7,7 @@ average is the mean over every labelled token of the micro-batch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -129,8 +130,8 @@ class Steps:
         self.counter = LabelCounter(tokenizer, unwrap(model), cfg)
         # packed captions are tokenized ahead by a thread, with its own copy of the tokenizer (a fast
         # tokenizer's padding settings are shared state); the feature rows of a streamed split likewise
-        self.texts = Ahead(self._pack, depth=3, name="captune-text-feed", setup=self._own_tokenizer) if packed else None
-        self._text_tokenizer = tokenizer
+        self.texts = Ahead(self._pack, depth=3, name="captune-text-feed") if packed else None
+        self._text_tokenizer = copy.deepcopy(tokenizer) if packed else tokenizer
 
     def _mine(self, chunk: list) -> list:
         w = self.world
@@ -171,12 +172,6 @@ class Steps:
                 own = 0  # no real share: one item repeated at weight 0
             weight = token_weight(own, w, self.device)
         return loss, weight, n_pairs
-
-    def _own_tokenizer(self) -> None:
-        import copy
-
-        if self._text_tokenizer is self.tokenizer:  # once: the same tokenizer every epoch
-            self._text_tokenizer = copy.deepcopy(self.tokenizer)
 
     def _pack(self, mine: list[int]) -> PackedBatch:
         """This share's captions tokenized and packed on the CPU (pinned for the copy when on a GPU)."""
