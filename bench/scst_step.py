@@ -40,6 +40,17 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--corpus", type=int, default=10000)
     ap.add_argument("--skip-ce", action="store_true")
     ap.add_argument("--no-pack", action="store_true", help="the unpacked log-prob forward (K copies of the prefix)")
+    ap.add_argument(
+        "--reward-inline",
+        action="store_true",
+        help="reward before the policy forward is queued (the order before)",
+    )
+    ap.add_argument(
+        "--per-row-attention",
+        action="store_true",
+        help="the sampler's decode attention one program per sequence (the kernel before the shared one)",
+    )
+    ap.add_argument("--profile", action="store_true", help="the GPU kernels of two more steps per size")
     ap.add_argument("--tiny", action="store_true", help="CPU, the built-in demo model, small sizes: a smoke test")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -79,20 +90,29 @@ class Stepper:
         self.b, self.device = images, device
         prompt = generation_prompt(tok, images, num_query_tokens=cfg.num_query_tokens,
                                    image_token_id=cfg.image_token_index)  # fmt: skip
-        self.ids, self.attn = prompt.input_ids.to(device), prompt.attention_mask.to(device)
+        self.ids, self.attn = prompt.input_ids, prompt.attention_mask  # on the CPU, as the trainer
         self.spec = SamplingSpec(k=args.k, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
         self.decoders: dict = {}
         self.gen = torch.Generator(device=device).manual_seed(1)
         params = [p for p in peft.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-        self.times: dict[str, list[float]] = {"sample": [], "reward": [], "backward": [], "step": []}
+        self.times: dict[str, list[float]] = {
+            "sample": [],
+            "reward": [],
+            "after_sampling": [],
+            "step": [],
+        }
         self.stats: dict = {}
+        from captune.training.rewards import Rewards
+
+        self.rewards = Rewards(scorer, tok, peft, "")
 
     def step(self, i: int) -> None:
         import numpy as np
 
-        from captune.ops.sampling import sample_captions
-        from captune.ops.scst import advantages, baseline, policy_loss, sequence_logprobs, statistics
+        from captune.ops.sampling import sample_tokens
+        from captune.ops.scst import policy_loss, sequence_logprobs, statistics
+        from captune.training.rewards import Advantages, Drawn
 
         b, k, dev = self.b, self.args.k, self.device
         images = (torch.arange(b) + i * b) % self.args.corpus
@@ -100,21 +120,24 @@ class Stepper:
         _sync(dev)
         t0 = time.perf_counter()
         self.peft.eval()  # sampling and the gradient forward both in eval mode, as the trainer
-        samples = sample_captions(self.peft, self.tok, feats, self.spec, generator=self.gen, decoders=self.decoders)
-        t1 = time.perf_counter()  # decoding the captions waited for the GPU
-        r = self.scorer.score(samples.captions, np.repeat(images.numpy(), k))
-        rewards = torch.tensor(r, dtype=torch.float32).view(b, k).to(dev)
-        t2 = time.perf_counter()
-        base = baseline(rewards)
-        lp = sequence_logprobs(self.peft, feats, self.ids, self.attn, samples.tokens, samples.mask,
-                               pack=not self.args.no_pack)  # fmt: skip
-        policy_loss(lp, samples.mask, advantages(rewards, base)).backward()
+        tokens, mask = sample_tokens(self.peft, self.tok, feats, self.spec, generator=self.gen, decoders=self.decoders)
+        drawn = Drawn(tokens, mask)  # the samples on the CPU: the step's one wait
+        t1 = time.perf_counter()
+        pending = self.rewards.later(drawn, np.repeat(images.numpy(), k))
+        if self.args.reward_inline:  # the order before: the rewards, then the policy forward queued
+            pending.result()
+        adv = Advantages(pending, None, (b, k), "mean_others", dev)
+        lp = sequence_logprobs(self.peft, feats, self.ids, self.attn, tokens, mask, pack=not self.args.no_pack,
+                               positions=drawn.positions)  # fmt: skip
+        loss = policy_loss(lp, mask, adv())
+        loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.stats = {n: round(float(v), 4) for n, v in statistics(rewards, base, samples.mask).items()}
+        self.stats = {n: round(float(v), 4) for n, v in statistics(adv.rewards, adv.base, mask).items()}
         _sync(dev)
-        t3 = time.perf_counter()
-        for name, d in (("sample", t1 - t0), ("reward", t2 - t1), ("backward", t3 - t2), ("step", t3 - t0)):
+        t2 = time.perf_counter()
+        parts = {"sample": t1 - t0, "reward": self.rewards.last_score_s, "after_sampling": t2 - t1, "step": t2 - t0}
+        for name, d in parts.items():
             self.times[name].append(d)
 
     def measure(self) -> dict:
@@ -130,8 +153,11 @@ class Stepper:
             self.step(i)
         med = {n: statistics.median(v) for n, v in self.times.items()}
         b, k = self.b, self.args.k
+        profile = self._profile() if self.args.profile and self.device.type == "cuda" else None
         return {
+            "kernel_profile": profile,
             "images_per_step": b,
+            "reward": "before the policy forward" if self.args.reward_inline else "while the policy forward runs",
             "logprob_path": "packed" if not self.args.no_pack and packs_samples(self.peft, self.attn) else "unpacked",
             "scst_images_per_s": round(b / med["step"], 1),
             "scst_captions_per_s": round(b * k / med["step"], 1),
@@ -139,6 +165,20 @@ class Stepper:
             "reward_captions_per_s": round(b * k / max(med["reward"], 1e-9)),
             "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if self.device.type == "cuda" else None,
             "stats_last_step": self.stats,
+        }
+
+    def _profile(self) -> dict:
+        """The GPU kernels of two more steps, the costliest first (ms per step, calls per step)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(2):
+                self.step(100 + i)
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+        return {
+            "kernel_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / 2 / 1e3, 2),
+            "top": [(e.key[:80], round(e.self_device_time_total / 2 / 1e3, 2), e.count // 2) for e in top],
         }
 
 
@@ -170,6 +210,9 @@ def main() -> None:
     from captune.model.lora import attach_lora
 
     args = _args()
+    from captune.ops import decode_attention
+
+    decode_attention.SHARED = not args.per_row_attention
     model, processor, cfg, device = _model(args)
     tok = processor.tokenizer
     hidden = cfg.text_config.hidden_size
@@ -200,6 +243,7 @@ def main() -> None:
             "architecture": ("builtin:demo (CPU smoke test, fp32)" if args.tiny else
                              "blip2-opt-2.7b (random weights, built from config), bf16") + ", LoRA r 8 q/k",
             "command": "python " + " ".join(sys.argv),
+            "decode_attention": "one program per sequence" if args.per_row_attention else "shared prompt rows",
             "k": args.k,
             "tokens_per_caption": args.tokens,
             "reward_corpus_images": args.corpus,

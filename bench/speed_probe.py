@@ -157,6 +157,38 @@ def _sweep_decode_attention(batch: int, cfg, prompt: int = 33, new: int = 20) ->
     return out
 
 
+def _sweep_shared_attention(rows: int, cfg, k: int = 5, prompt: int = 33, new: int = 20) -> dict:
+    """One layer's decode attention for ``rows`` sequences, K sharing each prompt row (SCST's sampler):
+    one program per sequence for all of it, against the prompt part by ``_prompt_kernel`` at each (keys
+    per chunk, warps), early and late in the caption; ``best``: the fastest (early + late)."""
+    from captune.ops import decode_attention as da
+
+    heads, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    q = torch.randn(rows, heads, 1, d, device="cuda", dtype=torch.bfloat16)
+    kp = torch.randn(rows // k, heads, prompt, d, device="cuda", dtype=torch.bfloat16)
+    kn = torch.randn(rows, heads, new, d, device="cuda", dtype=torch.bfloat16)
+    chosen = (da.SHARED, da.SHARED_CHUNK, da.SHARED_WARPS)
+    configs = [(c, w) for c in (16, 32, 64) for w in (1, 2, 4, 8)]
+    out: dict = {"rows": rows, "k": k}
+
+    def ms(slot: int) -> float:
+        pos = torch.tensor(prompt + slot, device="cuda")
+        return round(1e3 * timed(lambda: da.decode_attention(q, q, q, kp, kp, kn, kn, pos), 20), 4)
+
+    da.SHARED = False
+    out["per_sequence_ms"] = {f"slot{s}": ms(s) for s in (3, 19)}
+    da.SHARED = True
+    for c, w in configs:
+        da.SHARED_CHUNK, da.SHARED_WARPS = c, w
+        out[f"prompt_kernel_chunk{c}_warps{w}_ms"] = {f"slot{s}": ms(s) for s in (3, 19)}
+    da.SHARED, da.SHARED_CHUNK, da.SHARED_WARPS = chosen
+    best = min(configs, key=lambda c: sum(out[f"prompt_kernel_chunk{c[0]}_warps{c[1]}_ms"].values()))
+    out["best"] = {"chunk": best[0], "warps": best[1],
+                   "early_plus_late_ms": round(sum(out[f"prompt_kernel_chunk{best[0]}_warps{best[1]}_ms"].values()), 4),
+                   "per_sequence_early_plus_late_ms": round(sum(out["per_sequence_ms"].values()), 4)}  # fmt: skip
+    return out
+
+
 def _profile_decode_step(lm, embeds) -> dict:
     """GPU time per kernel of one eager decode step (no graph, so the kernels are visible)."""
     from torch.profiler import ProfilerActivity, profile
@@ -256,6 +288,8 @@ def probe_sampling(model, processor, feats, images: int = 256, k: int = 5, token
     eager.sample(embeds, lambda lg, n: choose(lg, n, spec, tok.eos_token_id, gen), eos_token_id=-5, pad_token_id=1)
     out["eager_step_profile"] = _profile_steps(eager._step)
     del eager
+    cfg = unwrap(peft_model).language_model.config
+    out["shared_attention_sweep"] = [_sweep_shared_attention(rows, cfg, k) for rows in (images * k, 384 * k)]
     decoders.clear()
     peft_model.unload()
     torch.cuda.empty_cache()
@@ -353,7 +387,13 @@ def main() -> None:
     jpegs = bench.synthetic_jpegs(256)
     model, cfg = bench.build_model("blip2-opt-2.7b", torch.bfloat16)
     processor = bench.build_processor(cfg)
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import datetime
+
+    import transformers
+
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python " + " ".join(sys.argv)}  # fmt: skip
     only = args.only.split(",")
     if "features" in only:
         result["features"] = probe_features(model, processor, jpegs)

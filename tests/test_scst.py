@@ -265,7 +265,7 @@ def _values_and_grads(model, feats, ids, tokens, mask, **kw):
 
 
 @pytest.mark.parametrize("spec", [None, SamplingSpec(k=K, temperature=0.7, top_k=40)])
-def test_packed_logprobs_and_lora_gradients_equal_the_unpacked(tiny_model_dir, spec):
+def test_packed_logprobs_and_lora_gradients_equal_the_unpacked(tiny_model_dir, spec, monkeypatch):
     """Each image's prefix (image tokens + prompt) once with its K samples packed after it: the same
     log-probs, entropies and LoRA gradients as K copies of the prefix, also when the vocabulary
     projection is taken 1 or 4 rows at a time."""
@@ -277,8 +277,13 @@ def test_packed_logprobs_and_lora_gradients_equal_the_unpacked(tiny_model_dir, s
     ref, ref_grads = _values_and_grads(model, feats, ids, tokens, mask, spec=spec, pack=False)
     assert all(float(g.abs().sum()) > 0 for g in ref_grads)
     assert (~mask).any() and mask.sum(1).min() == 1  # padded rows, and a row that is EOS alone
+    from captune.ops import scst as ops
+
+    vocab = unwrap(model).language_model.config.vocab_size
     for chunk in (None, 1, 4):
-        got, grads = _values_and_grads(model, feats, ids, tokens, mask, spec=spec, pack=True, chunk_rows=chunk)
+        if chunk:
+            monkeypatch.setattr(ops, "LOGIT_CHUNK_ELEMENTS", chunk * vocab)
+        got, grads = _values_and_grads(model, feats, ids, tokens, mask, spec=spec, pack=True)
         finite = torch.isfinite(ref.logprobs)
         assert torch.equal(finite, torch.isfinite(got.logprobs)) and (got.logprobs[~mask] == 0).all()
         torch.testing.assert_close(got.logprobs[finite], ref.logprobs[finite], atol=1e-12, rtol=1e-12)
@@ -306,11 +311,14 @@ def test_models_that_cannot_pack_take_the_unpacked_path(tiny_model_dir, tiny_t5_
 
 
 @pytest.mark.parametrize("pack", [True, False])
-def test_no_vocabulary_sized_tensor_is_kept_for_the_backward(tiny_model_dir, pack):
+def test_no_vocabulary_sized_tensor_is_kept_for_the_backward(tiny_model_dir, pack, monkeypatch):
     """The logits of the sampled positions are recomputed chunk by chunk in the backward: nothing as
     wide as the vocabulary is saved by the forward (it was rows x vocab in float32, several times)."""
     model, feats, ids, tokens, mask = _lora_setup(tiny_model_dir)
     vocab = unwrap(model).language_model.config.vocab_size
+    from captune.ops import scst as ops
+
+    monkeypatch.setattr(ops, "LOGIT_CHUNK_ELEMENTS", 3 * vocab)
     saved = []
 
     def pack_hook(t):
@@ -319,7 +327,7 @@ def test_no_vocabulary_sized_tensor_is_kept_for_the_backward(tiny_model_dir, pac
 
     with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
         out = sequence_logprobs(model, feats, ids.input_ids, ids.attention_mask, tokens, mask, entropy=True,
-                                pack=pack, chunk_rows=3)  # fmt: skip
+                                pack=pack)  # fmt: skip
     assert saved and not [s for s in saved if vocab in s]
     out.logprobs.sum().backward()  # and the recomputation gives gradients
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -346,5 +354,104 @@ def test_the_scst_step_benchmark_runs_tiny_on_the_cpu(tmp_path, flag, path):
     assert [r["images_per_step"] for r in result["runs"]] == [2, 4]
     for run in result["runs"]:
         assert run["logprob_path"] == path and run["scst_images_per_s"] > 0
-        assert set(run["median_s"]) == {"sample", "reward", "backward", "step"}
+        assert set(run["median_s"]) == {"sample", "reward", "after_sampling", "step"}
+        assert run["reward"] == "while the policy forward runs"
     assert result["scst_images_per_s"] == max(r["scst_images_per_s"] for r in result["runs"])
+
+
+def test_advantages_make_the_rewards_only_when_asked(tiny_model_dir):
+    """``training.rewards``: the sampled rows are copied to the CPU when drawn, but decoded and scored
+    only when the loss asks for the advantages; then the rewards, the mean-of-others baseline and the
+    advantages are those of the plain functions, made once."""
+    import numpy as np
+
+    from captune.demo import world
+    from captune.evaluation.cider import CiderD
+    from captune.ops.sampling import decode_samples
+    from captune.training.rewards import Advantages, Drawn, Rewards
+
+    model, blip, feats, prompt, tokens, mask = _setup(tiny_model_dir)
+    tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")).processor.tokenizer
+    scorer = CiderD([it["captions"] for it in world.make_items("plain", B, seed=1)])
+    calls = []
+    score = scorer.score
+    scorer.score = lambda c, i: calls.append(1) or score(c, i)
+    drawn = Drawn(tokens, mask)
+    assert torch.equal(drawn.positions, mask.flatten().nonzero().squeeze(1))
+    images = np.repeat(np.arange(B), K)
+    adv = Advantages(Rewards(scorer, tok, blip, "").later(drawn, images), None, (B, K), "mean_others", "cpu")
+    assert not calls  # nothing scored yet
+    values = adv()
+    rewards = torch.tensor(score(decode_samples(tok, tokens, "", blip), images), dtype=torch.float32).view(B, K)
+    assert torch.equal(adv.rewards, rewards)
+    assert torch.equal(values, advantages(rewards, baseline(rewards)))
+    assert adv() is values and len(calls) == 1  # asked again: nothing recomputed
+
+
+def test_the_policy_forward_is_queued_before_the_rewards_are_made(tiny_model_dir, monkeypatch):
+    """The SCST loss module runs the teacher-forced forward first and only then asks for the advantages
+    (whose rewards are made then, on the CPU, while the GPU computes); the given sampled positions give
+    the same loss as finding them."""
+    from captune.config import Config
+    from captune.training import scst as trainer
+
+    model, blip, feats, prompt, tokens, mask = _setup(tiny_model_dir)
+    order = []
+    real = trainer.sequence_logprobs
+
+    def logprobs(*args, **kwargs):
+        order.append("forward")
+        return real(*args, **kwargs)
+
+    def adv():
+        order.append("advantages")
+        return torch.linspace(-1, 1, B * K, dtype=torch.float64)
+
+    monkeypatch.setattr(trainer, "sequence_logprobs", logprobs)
+    rl = Config().rl
+    positions = mask.flatten().nonzero().squeeze(1)
+    loss = trainer.PolicyLoss(model, rl, pack=True)(feats, prompt.input_ids, prompt.attention_mask, tokens, mask, adv,
+                                                    None, positions)  # fmt: skip
+    assert order == ["forward", "advantages"]
+    expected = policy_loss(real(model, feats, prompt.input_ids, prompt.attention_mask, tokens, mask,
+                                spec=trainer.sampler_spec(rl)), mask, adv())  # fmt: skip
+    assert torch.equal(loss, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_packed_policy_forward_never_waits_on_the_gpu():
+    """Given the sampled positions and the prompt on the CPU, the packed ``sequence_logprobs`` (SCST's
+    on OPT) makes no synchronising call (sync debug mode "error" raises on any), so the CPU makes the
+    rewards while the GPU runs it; its log-probs equal those of the path that finds the positions
+    itself. (The unpacked path runs HF's forward, whose mask preparation waits.)"""
+    from captune.training.rewards import Drawn
+
+    loaded = load_model(ModelConfig(device="cuda", dtype="fp32"))
+    model, tok = loaded.model, loaded.processor.tokenizer
+    model.eval()
+    blip = unwrap(model)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    feats = torch.randn(3, blip.config.num_query_tokens, blip.language_model.config.hidden_size, device="cuda",
+                        generator=g)  # fmt: skip
+    prompt = generation_prompt(tok, 3, num_query_tokens=blip.config.num_query_tokens,
+                               image_token_id=blip.config.image_token_index)  # fmt: skip
+    tokens = torch.randint(4, len(tok), (3 * K, T), device="cuda", generator=g)
+    tokens[1, 2] = tok.eos_token_id
+    done = torch.cumsum((tokens == tok.eos_token_id).long(), 1) - (tokens == tok.eos_token_id).long()
+    mask = done == 0
+    tokens = tokens.masked_fill(~mask, tok.pad_token_id)
+    drawn = Drawn(tokens, mask)
+
+    def run(**kw):
+        return sequence_logprobs(model, feats, prompt.input_ids, prompt.attention_mask, tokens, mask, **kw)
+
+    run(positions=drawn.positions)  # warm-up (lazy initialisation may synchronise)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run(positions=drawn.positions)
+        out.logprobs.sum()  # queued: no wait either
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.allclose(out.logprobs, run().logprobs)

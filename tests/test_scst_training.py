@@ -90,6 +90,28 @@ def test_scst_steps_train_lora_and_log_their_rows(tmp_path):
     assert val and val[-1]["step"] == 6
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_scst_steps_on_a_gpu(tmp_path):
+    """The trainer on a GPU: the samples copied out once drawn, the policy forward queued with the sampled
+    positions, the rewards made meanwhile; each step logged, only LoRA weights changed."""
+    train_ex = _examples(8, 1)
+    cfg = _cfg(lr=1e-3, batch_size=4, epochs=1, validate_every=0, select="last")
+    cfg.model.device = "cuda"
+    loaded = load_model(cfg.model)
+    torch.manual_seed(0)
+    model = attach_lora(loaded.model, cfg.lora)
+    start = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    log = tmp_path / "scst.jsonl"
+    result = train_scst(model, loaded.processor, train_ex, train_ex, cfg, log=lambda m: None, score_fn=_cider,
+                        log_path=log)  # fmt: skip
+    steps = [json.loads(x) for x in log.read_text().splitlines() if '"scst"' in x]
+    assert [r["step"] for r in steps] == [1, 2] and result.steps == 2
+    assert all(r["baseline"] == pytest.approx(r["reward"], abs=1e-5) and r["reward"] >= 0 for r in steps)
+    changed = [k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(v, start[k])]
+    assert changed and all("lora_" in k for k in changed)
+
+
 class Interrupt(Exception):
     pass
 

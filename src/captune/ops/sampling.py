@@ -111,6 +111,25 @@ def sample_captions(
     Pass the same ``decoders`` dict on every call of a training run: it holds one
     static-cache decoder (and CUDA graph) per batch shape, reused across steps.
     """
+    tokens, mask = sample_tokens(model, tokenizer, features, spec, prompt=prompt, generator=generator,
+                                 decoders=decoders, fast=fast)  # fmt: skip
+    return Samples(tokens=tokens, mask=mask, captions=decode_samples(tokenizer, tokens, prompt, unwrap(model)))
+
+
+@torch.no_grad()
+def sample_tokens(
+    model,
+    tokenizer,
+    features: torch.Tensor,
+    spec: SamplingSpec,
+    *,
+    prompt: str = "",
+    generator: torch.Generator | None = None,
+    decoders: dict | None = None,
+    fast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_captions``' (tokens, mask), on the device and not decoded: nothing here waits for the
+    GPU, so the caller can queue the next work (SCST's policy forward) while the samples are drawn."""
     blip = unwrap(model)
     seq2seq = is_encoder_decoder(blip)
     n = features.size(0)
@@ -140,10 +159,14 @@ def sample_captions(
     else:
         tokens = _generate_samples(model, features, input_ids, attention, spec, tokenizer, generator, seq2seq)
     mask = sequence_mask(tokens, eos)
-    tokens = tokens.masked_fill(~mask, pad)
-    texts = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
-    captions = [tidy_generated(t, "" if seq2seq else prompt) for t in texts]
-    return Samples(tokens=tokens, mask=mask, captions=captions)
+    return tokens.masked_fill(~mask, pad), mask
+
+
+def decode_samples(tokenizer, tokens: torch.Tensor | list, prompt: str, blip) -> list[str]:
+    """Sampled token rows (pad after EOS) as captions: special tokens and the prompt removed."""
+    rows = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return [tidy_generated(t, "" if is_encoder_decoder(blip) else prompt) for t in texts]
 
 
 def _generate_samples(model, features, input_ids, attention, spec, tokenizer, generator, seq2seq) -> torch.Tensor:

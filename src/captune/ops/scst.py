@@ -63,7 +63,7 @@ def sequence_logprobs(
     entropy: bool = False,
     spec: SamplingSpec | None = None,
     pack: bool = True,
-    chunk_rows: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> TokenLogprobs:
     """Teacher-forced log-probs of sampled ``tokens`` (images*K, T) given each image's features.
 
@@ -75,32 +75,54 @@ def sequence_logprobs(
     prompt) runs once with its K continuations packed after it (``packing.packed_hidden``),
     about half the tokens of running each sample with its own copy of the prefix; the values
     and their gradients equal the unpacked path's (tests/test_scst.py). The vocabulary
-    projection runs only at the sampled positions, ``chunk_rows`` of them at a time
-    (``LOGIT_CHUNK_ELEMENTS``), each chunk's logits recomputed in the backward instead of kept.
+    projection runs only at the sampled positions, ``LOGIT_CHUNK_ELEMENTS`` / vocabulary of them
+    at a time, each chunk's logits recomputed in the backward instead of kept.
 
     With ``spec``, the log-probs (and entropy) are those of the distribution the sampler drew
     from (its temperature, top-k and top-p applied to the logits, ``sampling.warp``; its
     ``min_new_tokens`` is not), so that REINFORCE is on-policy for that distribution; greedy
     decoding of it is greedy decoding of the model. Without, they are the model's own.
+
+    ``positions``: the flat indices of ``mask``'s True entries (``sampled_positions``), found by the
+    caller from a copy on the CPU; then nothing here waits for the GPU (the prompt given on the CPU
+    too), and the caller can do CPU work (SCST's rewards) while the forward runs. Without, they are
+    found here, one wait.
     """
     blip = unwrap(model)
+    if positions is None:
+        positions = sampled_positions(mask)
+    pack = pack and packs_samples(blip, attention_mask)  # read where it is: no wait for a mask on the CPU
+    dev = features.device  # (from the CPU: staged at once, no wait for the queued work)
+    input_ids, attention_mask = input_ids.to(dev, non_blocking=True), attention_mask.to(dev, non_blocking=True)
     k = tokens.size(0) // features.size(0)
     if k * features.size(0) != tokens.size(0):
         raise ValueError("tokens must hold the same number of samples for every image")
     lm = blip.language_model
-    if pack and packs_samples(blip, attention_mask):
-        rows, head = _packed_rows(model, blip, features, input_ids, tokens, mask, k), _opt_head(lm)
+    if pack:
+        rows, head = _packed_rows(model, blip, features, input_ids, tokens, mask, k, positions), _opt_head(lm)
     else:
-        rows, head = _unpacked_rows(blip, features, input_ids, attention_mask, tokens, mask, k)
-    chunk = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // lm.config.get_text_config().vocab_size)
-    lp, ent = _token_values(head, rows, tokens[mask], spec, entropy, chunk)
-    out = lp.new_zeros(tokens.shape)
-    out[mask] = lp
-    ent_out = None
-    if entropy:
-        ent_out = lp.new_zeros(tokens.shape)
-        ent_out[mask] = ent
-    return TokenLogprobs(out, ent_out)
+        rows, head = _unpacked_rows(blip, features, input_ids, attention_mask, tokens, mask, k, positions)
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // lm.config.get_text_config().vocab_size)
+    lp, ent = _token_values(head, rows, tokens.flatten().index_select(0, positions), spec, entropy, chunk)
+    return TokenLogprobs(
+        _scatter(lp, positions, tokens.shape), _scatter(ent, positions, tokens.shape) if entropy else None
+    )
+
+
+def sampled_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of ``mask``'s True entries (on ``mask``'s device; a wait when that is a GPU)."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
+def _scatter(values: torch.Tensor, positions: torch.Tensor, shape) -> torch.Tensor:
+    """``values`` at flat ``positions`` of a zero tensor of ``shape`` (differentiable; no wait)."""
+    return values.new_zeros(shape.numel()).index_put((positions,), values).view(shape)
+
+
+def _select(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Entries (N, T, ...) at flat (N*T) ``positions`` (no copy of the rest, no wait)."""
+    t = rows.size(1)
+    return rows[positions // t, positions % t]
 
 
 def packs_samples(blip, attention_mask: torch.Tensor) -> bool:
@@ -112,7 +134,7 @@ def packs_samples(blip, attention_mask: torch.Tensor) -> bool:
     return bool(attention_mask.all())
 
 
-def _packed_rows(model, blip, features, input_ids, tokens, mask, k: int) -> torch.Tensor:
+def _packed_rows(model, blip, features, input_ids, tokens, mask, k: int, positions) -> torch.Tensor:
     """Hidden states (sampled tokens, H) predicting each sampled token, from the packed forward."""
     prefix = embed_with_features(blip, input_ids, features)  # (images, P, H)
     g, p = prefix.shape[:2]
@@ -122,7 +144,7 @@ def _packed_rows(model, blip, features, input_ids, tokens, mask, k: int) -> torc
     hidden = packed_hidden(model, prefix, slots, slot_mask)
     first = hidden[:, p - 1 : p].unsqueeze(1).expand(g, k, 1, hidden.size(-1))  # the prefix predicts token 0
     rest = hidden[:, p:].reshape(g, k, s, -1)[:, :, : t - 1]
-    return torch.cat([first, rest], dim=2).reshape(g * k, t, -1)[mask]
+    return _select(torch.cat([first, rest], dim=2).reshape(g * k, t, -1), positions)
 
 
 def _opt_head(lm):
@@ -130,7 +152,7 @@ def _opt_head(lm):
     return lambda h: lm.lm_head(decoder_output(dec, h))
 
 
-def _unpacked_rows(blip, features, input_ids, attention_mask, tokens, mask, k: int):
+def _unpacked_rows(blip, features, input_ids, attention_mask, tokens, mask, k: int, positions):
     """Each sample run with its own copy of the prefix: (rows, head) with ``head`` mapping rows to
     logits (the encoder-decoder and other models' rows are logits already)."""
     feats = features.repeat_interleave(k, 0)
@@ -140,8 +162,8 @@ def _unpacked_rows(blip, features, input_ids, attention_mask, tokens, mask, k: i
     if is_encoder_decoder(blip):
         labels = tokens.masked_fill(~mask, IGNORE)
         dec_ids = lm.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits = lm(inputs_embeds=prompt, attention_mask=attn, decoder_input_ids=dec_ids).logits[mask]
-        return logits, _identity
+        logits = lm(inputs_embeds=prompt, attention_mask=attn, decoder_input_ids=dec_ids).logits
+        return _select(logits, positions), _identity
     # sampled tokens are embedded on their own: one that happens to be the image token stays a token
     embeds = torch.cat([prompt, blip.get_input_embeddings()(tokens)], dim=1)
     full_attn = torch.cat([attn, mask.to(attn.dtype)], dim=1)
@@ -149,8 +171,10 @@ def _unpacked_rows(blip, features, input_ids, attention_mask, tokens, mask, k: i
     body = getattr(lm, "model", None)
     if body is not None and hasattr(lm, "lm_head") and hasattr(body, "decoder"):
         hidden = body(inputs_embeds=embeds, attention_mask=full_attn).last_hidden_state
-        return hidden[:, p - 1 : p - 1 + t][mask], lm.lm_head
-    return lm(inputs_embeds=embeds, attention_mask=full_attn).logits[:, p - 1 : p - 1 + t][mask], _identity
+        return _select(hidden[:, p - 1 : p - 1 + t], positions), lm.lm_head
+    return _select(
+        lm(inputs_embeds=embeds, attention_mask=full_attn).logits[:, p - 1 : p - 1 + t], positions
+    ), _identity
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

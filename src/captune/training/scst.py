@@ -43,10 +43,11 @@ from captune.model.family import can_pack, is_encoder_decoder
 from captune.model.lora import adapter_touches_vision
 from captune.ops.batching import generation_prompt
 from captune.ops.lm import unwrap
-from captune.ops.sampling import SamplingSpec, sample_captions
-from captune.ops.scst import advantages, baseline, kl_to_start, policy_loss, sequence_logprobs
+from captune.ops.sampling import SamplingSpec, sample_tokens
+from captune.ops.scst import kl_to_start, policy_loss, sequence_logprobs
 from captune.training.engines import make_engine
 from captune.training.progress import TrainLog, _quiet, eta
+from captune.training.rewards import Advantages, Drawn, Rewards
 from captune.training.steps import token_weight
 from captune.training.trainer import LoopParts, TrainInputs
 from captune.training.validation import Selection, Validator
@@ -71,11 +72,14 @@ class PolicyLoss(torch.nn.Module):
         super().__init__()
         self.model, self.rl, self.pack = model, rl, pack
 
-    def forward(self, feats, ids, attn, tokens, mask, adv, start_logprobs=None):
+    def forward(self, feats, ids, attn, tokens, mask, adv, start_logprobs=None, positions=None):
+        """``adv``: the advantages, or a callable giving them (called once the forward is queued);
+        ``positions``: the sampled positions (``sequence_logprobs``)."""
         rl = self.rl
         token = sequence_logprobs(self.model, feats, ids, attn, tokens, mask, entropy=rl.entropy_coef > 0,
-                                  spec=sampler_spec(rl), pack=self.pack)  # fmt: skip
+                                  spec=sampler_spec(rl), pack=self.pack, positions=positions)  # fmt: skip
         kl = kl_to_start(token.logprobs, start_logprobs, mask) if start_logprobs is not None else None
+        adv = adv() if callable(adv) else adv
         return policy_loss(token, mask, adv, normalize=rl.normalize, entropy_coef=rl.entropy_coef,
                            kl=kl, kl_coef=rl.kl_coef)  # fmt: skip
 
@@ -151,6 +155,7 @@ class ScstTrainer(LoopParts):
                             main=self.world.is_main)  # fmt: skip
         self.module = self.engine.wrap(loss_module, packed=self.pack)
         self.scorer = CiderD([e.captions for e in self.inputs.train_examples])
+        self.rewards = Rewards(self.scorer, self.tokenizer, self.blip, cfg.model.prompt)
         # the validator reads train.select: SCST's selection is rl.select
         vcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select=rl.select))
         self.validator = Validator(self.model, self.tokenizer, vcfg, self.inputs.val_examples, self.val_feats,
@@ -212,57 +217,57 @@ class ScstTrainer(LoopParts):
 
     def step(self, chunk: list[int], step: int) -> dict:
         """Sample, reward, baseline and backward for this process's share of ``chunk`` (the
-        optimizer step is the caller's). Returns this share's statistics as floats."""
+        optimizer step is the caller's). Returns this share's statistics as floats.
+
+        The samples' rewards are made once the policy's forward is queued, while the GPU runs it
+        (``training.rewards``); the loss waits for them."""
         w, rl = self.world, self.rl
         mine = rank_share(chunk, w.rank, w.size) if w.distributed else chunk
         real = not (w.distributed and w.rank >= len(chunk))  # else one image repeated at weight 0
         self.model.eval()
         feats = self.train_feats[mine]
         self.generator.manual_seed(random.Random(f"{rl.seed}:{step}:{w.rank}").getrandbits(63))
-        prompt = self.cfg.model.prompt
-        fast = self.cfg.eval.fast
-        samples = sample_captions(self.model, self.tokenizer, feats, self.spec, prompt=prompt,
-                                  generator=self.generator, decoders=self.decoders, fast=fast)  # fmt: skip
+        prompt, fast = self.cfg.model.prompt, self.cfg.eval.fast
+        tokens, mask = sample_tokens(self.model, self.tokenizer, feats, self.spec, prompt=prompt,
+                                     generator=self.generator, decoders=self.decoders, fast=fast)  # fmt: skip
         n, k = len(mine), rl.samples
-        rewards = self.scorer.score(samples.captions, np.repeat(np.asarray(mine), k))
-        rewards = torch.tensor(rewards, dtype=torch.float32, device=self.device).view(n, k)
         greedy = None
         if rl.baseline == "greedy":
-            g = sample_captions(self.model, self.tokenizer, feats, self.greedy_spec, prompt=prompt,
-                                decoders=self.decoders, fast=fast)  # fmt: skip
-            greedy = torch.tensor(self.scorer.score(g.captions, np.asarray(mine)), dtype=torch.float32,
-                                  device=self.device)  # fmt: skip
-        base = baseline(rewards, rl.baseline, greedy)
-        adv = advantages(rewards, base)
+            g = Drawn(*sample_tokens(self.model, self.tokenizer, feats, self.greedy_spec, prompt=prompt,
+                                     decoders=self.decoders, fast=fast))  # fmt: skip
+            greedy = self.rewards.later(g, np.asarray(mine))
+        drawn = Drawn(tokens, mask)  # the step's one wait: the samples are drawn
+        adv = Advantages(self.rewards.later(drawn, np.repeat(np.asarray(mine), k)), greedy, (n, k), rl.baseline,
+                         self.device)  # fmt: skip
+        # the prompt stays on the CPU: sequence_logprobs reads its mask there, without a wait
         ids = generation_prompt(self.tokenizer, n, num_query_tokens=self.blip.config.num_query_tokens,
                                 image_token_id=self.blip.config.image_token_index, prompt=prompt,
                                 seq2seq=is_encoder_decoder(self.blip))  # fmt: skip
-        ids, attn = ids.input_ids.to(self.device), ids.attention_mask.to(self.device)
-        start = self._start_logprobs(feats, ids, attn, samples) if rl.kl_coef else None
-        loss = self.module(feats, ids, attn, samples.tokens, samples.mask, adv, start)
+        ids, attn = ids.input_ids, ids.attention_mask
+        start = self._start_logprobs(feats, ids, attn, tokens, mask, drawn) if rl.kl_coef else None
+        loss = self.module(feats, ids, attn, tokens, mask, adv, start, drawn.positions)
         # DDP averages the processes' gradients: weight each by its share of the batch's rows
         # (normalize=sequence) or sampled tokens (normalize=token), so the step is the global mean
-        own = (n * k if rl.normalize == "sequence" else int(samples.mask.sum())) if real else 0
+        own = (n * k if rl.normalize == "sequence" else int(drawn.mask.sum())) if real else 0
         weight = token_weight(own, w, self.device)
         self.engine.backward(loss * weight)
-        lengths = samples.mask.sum(1).float()
         return {
             "loss": float(loss.detach()),
-            "reward": float(rewards.mean()),
-            "baseline": float(base.mean()),
-            "advantage_std": float(adv.std(unbiased=False)),
-            "caption_length": float(lengths.mean()),
+            "reward": float(adv.rewards.mean()),
+            "baseline": float(adv.base.mean()),
+            "advantage_std": float(adv.values.std(unbiased=False)),
+            "caption_length": float(drawn.mask.sum(1).float().mean()),
         }
 
     @torch.no_grad()
-    def _start_logprobs(self, feats, ids, attn, samples) -> torch.Tensor:
+    def _start_logprobs(self, feats, ids, attn, tokens, mask, drawn) -> torch.Tensor:
         """The sampled tokens' log-probs under the starting (cross-entropy) adapter: its weights
         are swapped in for one forward and the current ones put back."""
         current = self.engine.snapshot()
         self.engine.load_trainable(self.start_state)
         try:
-            return sequence_logprobs(self.model, feats, ids, attn, samples.tokens, samples.mask,
-                                     spec=self.spec, pack=self.pack).logprobs  # fmt: skip
+            return sequence_logprobs(self.model, feats, ids, attn, tokens, mask, spec=self.spec, pack=self.pack,
+                                     positions=drawn.positions).logprobs  # fmt: skip
         finally:
             self.engine.load_trainable(current)
 
