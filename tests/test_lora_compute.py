@@ -2,19 +2,26 @@
 
 import torch
 
-from captune.model.lora_compute import LoraDelta, applies, use_16bit_compute
+from captune.model.lora_compute import LoraLinear, applies, use_16bit_compute
 
 
-def test_lora_delta_gradients_are_exact_in_float64():
+def test_lora_linear_gradients_are_exact_in_float64():
+    """The whole LoRA layer as one function (base product with the adapter's added in its epilogue, the
+    scalings on the rank-r tensors, the input gradients summed in place): gradcheck with and without
+    dropout, and its value is the base layer's plus peft's adapter term."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, 12, dtype=torch.float64, generator=g)  # frozen, as the base layer's
+    bias = torch.randn(7, dtype=torch.float64, generator=g)
     a = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
     keep = torch.rand(2, 5, 12, generator=g) > 0.3
     for mask, p in ((None, 0.0), (keep, 0.3)):
-        assert torch.autograd.gradcheck(lambda x, a, b, m=mask, p=p: LoraDelta.apply(x, a, b, 2.0, p, m), (x, a, b))
-    want = 2.0 * ((x * keep / 0.7) @ a.t()) @ b.t()
-    assert torch.allclose(LoraDelta.apply(x, a, b, 2.0, 0.3, keep), want)
+        fn = lambda x, a, b, m=mask, p=p: LoraLinear.apply(x, w, bias, a, b, 2.0, p, m)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, a, b))
+    want = x @ w.t() + bias + 2.0 * ((x * keep / 0.7) @ a.t()) @ b.t()
+    assert torch.allclose(LoraLinear.apply(x, w, bias, a, b, 2.0, 0.3, keep), want)
+    assert torch.allclose(LoraLinear.apply(x, w, None, a, b, 2.0, 0.0, None), x @ w.t() + 2.0 * (x @ a.t()) @ b.t())
 
 
 def _peft_opt(tiny_model_dir, dropout):

@@ -9,11 +9,15 @@ time (bench/results/2026-12-01-h200-speed-probe.json). Mixed-precision training
 fp32 gradients; this module does the same for the adapter alone, so the rest of the
 model's arithmetic is untouched.
 
-``LoraDelta`` is the adapter's contribution ``s * B(A(dropout(x)))`` as one autograd
-function: A and B are rounded to the input's dtype for the products, the products
-accumulate in fp32 (tensor cores do), the dropout mask is drawn once and kept as
-booleans, and the weight gradients come back in fp32. Only plain ``nn.Linear`` bases of
-16-bit weights on a GPU get it (``use_16bit_compute``); everything else keeps
+``LoraLinear`` is a LoRA layer's whole output ``base(x) + s * B(A(dropout(x)))`` as one
+autograd function: A and B are rounded to the input's dtype for the products, which
+accumulate in fp32 (tensor cores do); the adapter's product is added in the base
+product's epilogue (``addmm_``) and the scalings are applied to the rank-r tensors, so
+beside the two matrix products only the dropout touches a full-size tensor; in the
+backward the adapter's input gradient is added into the base's in place (no separate
+sum by autograd); the dropout mask is drawn once and kept as booleans, and the weight
+gradients come back in fp32. Only plain ``nn.Linear`` bases of frozen 16-bit weights on
+a GPU with one active adapter get it (``use_16bit_compute``); everything else keeps
 peft's own forward, so CPU runs and the golden values are unchanged.
 """
 
@@ -24,54 +28,61 @@ import types
 import torch
 
 
-class LoraDelta(torch.autograd.Function):
-    """``scaling * (dropout(x) @ A.T) @ B.T`` in ``x``'s dtype; A (r, in), B (out, r) fp32 leaves."""
+class LoraLinear(torch.autograd.Function):
+    """``x @ W.T + bias + scaling * (dropout(x) @ A.T) @ B.T`` in ``x``'s dtype: W, bias the frozen base
+    layer's; A (r, in), B (out, r) fp32 leaves."""
 
     @staticmethod
-    def forward(ctx, x, a, b, scaling: float, p: float, keep: torch.Tensor | None):  # noqa: PLR0913 (autograd)
+    def forward(ctx, x, weight, bias, a, b, scaling: float, p: float, keep):  # noqa: PLR0913 (autograd)
         """``keep``: the dropout mask (True = kept, x's shape) or None; kept values scale by 1/(1-p)."""
         a16, b16 = a.to(x.dtype), b.to(x.dtype)
+        x2 = x.reshape(-1, x.size(-1))
+        xd = x2 * keep.reshape(x2.shape) if keep is not None else x2
+        h = xd @ a16.t()
         if keep is not None:
-            x = x * keep / (1 - p)
-        h = x @ a16.t()
-        ctx.save_for_backward(x, h, a16, b16, keep)
+            h = h * (1.0 / (1.0 - p))
+        y = torch.nn.functional.linear(x2, weight, bias)
+        y.addmm_(h, b16.t(), alpha=scaling)
+        ctx.save_for_backward(xd, h, a16, b16, keep, weight)
         ctx.scaling, ctx.p = scaling, p
-        return (h @ b16.t()) * scaling
+        return y.view(*x.shape[:-1], y.size(-1))
 
     @staticmethod
     def backward(ctx, grad):
-        x, h, a16, b16, keep = ctx.saved_tensors
-        g = grad * ctx.scaling
-        g2, h2, x2 = g.reshape(-1, g.size(-1)), h.reshape(-1, h.size(-1)), x.reshape(-1, x.size(-1))
-        grad_b = (g2.t() @ h2).float()
-        gh = g @ b16
-        grad_a = (gh.reshape(-1, gh.size(-1)).t() @ x2).float()
+        xd, h, a16, b16, keep, weight = ctx.saved_tensors
+        s, inv = ctx.scaling, (1.0 / (1.0 - ctx.p) if keep is not None else 1.0)
+        g = grad.reshape(-1, grad.size(-1))
+        grad_b = (g.t() @ h).float() * s
+        gh = (g @ b16) * s
+        grad_a = (gh.t() @ xd).float() * inv
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gh @ a16
-            if keep is not None:
-                grad_x = grad_x * keep / (1 - ctx.p)
-        return grad_x, grad_a, grad_b, None, None, None
+            grad_x = g @ weight
+            if keep is None:
+                grad_x.addmm_(gh, a16)
+            else:
+                grad_x.add_(((gh * inv) @ a16).mul_(keep.reshape(grad_x.shape)))
+            grad_x = grad_x.view(*grad.shape[:-1], grad_x.size(-1))
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's ``Linear.forward`` for the plain case, with the adapter through ``LoraDelta``."""
-    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or self.lora_variant:
+    """peft's ``Linear.forward`` for the plain case (one active adapter), through ``LoraLinear``."""
+    names = [n for n in self.active_adapters if n in self.lora_A]
+    plain = not (self.disable_adapters or self.merged or self.lora_variant or args or kwargs)
+    if not plain or len(names) != 1:
         return self._captune_peft_forward(x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
-    for name in self.active_adapters:
-        if name not in self.lora_A:
-            continue
-        drop = self.lora_dropout[name]
-        p = drop.p if isinstance(drop, torch.nn.Dropout) and self.training else 0.0
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
-        result = result + LoraDelta.apply(x, a, b, float(self.scaling[name]), p, keep)
-    return result
+    name = names[0]
+    drop = self.lora_dropout[name]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and self.training else 0.0
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
+    base = self.base_layer
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    return LoraLinear.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]), p, keep)
 
 
 def applies(module) -> bool:
-    """A peft LoRA ``Linear`` over a plain 16-bit ``nn.Linear`` on a GPU, with fp32 adapter weights."""
+    """A peft LoRA ``Linear`` over a plain frozen 16-bit ``nn.Linear`` on a GPU, with fp32 adapter weights."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
@@ -81,6 +92,7 @@ def applies(module) -> bool:
     return (
         weight.is_cuda
         and weight.dtype in (torch.bfloat16, torch.float16)
+        and not weight.requires_grad
         and bool(names)
         and all(module.lora_A[n].weight.dtype == torch.float32 for n in names)
     )
@@ -88,7 +100,7 @@ def applies(module) -> bool:
 
 def use_16bit_compute(model, *, force: bool = False) -> int:
     """Route every LoRA layer that ``applies`` (or, with ``force``, every plain peft LoRA
-    ``Linear``: for tests on the CPU) through ``LoraDelta``; the number of layers changed."""
+    ``Linear``: for tests on the CPU) through ``LoraLinear``; the number of layers changed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     changed = 0
