@@ -44,6 +44,18 @@ def _scst(cfg, train_ex, val_ex, **kw):
     return result, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
+def _scst_on_itself(cfg, train_ex, tmp_path):
+    """SCST on ``train_ex`` validated on themselves: (model, its LoRA weights before, result, log path)."""
+    loaded = load_model(cfg.model)
+    torch.manual_seed(0)
+    model = attach_lora(loaded.model, cfg.lora)
+    start = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    log = tmp_path / "scst.jsonl"
+    result = train_scst(model, loaded.processor, train_ex, train_ex, cfg, log=lambda m: None, score_fn=_cider,
+                        log_path=log)  # fmt: skip
+    return model, start, result, log
+
+
 def test_rl_config_is_off_by_default_and_checked():
     assert Config().rl.enabled is False
     assert load_config("demo-scst").rl.enabled is True
@@ -69,13 +81,7 @@ def test_scst_steps_train_lora_and_log_their_rows(tmp_path):
     last step is validated."""
     train_ex = _examples(8, 1)
     cfg = _cfg(lr=1e-3, batch_size=8, epochs=6, validate_every=0, select="last")
-    loaded = load_model(cfg.model)
-    torch.manual_seed(0)
-    model = attach_lora(loaded.model, cfg.lora)
-    start = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    log = tmp_path / "scst.jsonl"
-    result = train_scst(model, loaded.processor, train_ex, train_ex, cfg, log=lambda m: None, score_fn=_cider,
-                        log_path=log)  # fmt: skip
+    model, start, result, log = _scst_on_itself(cfg, train_ex, tmp_path)
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     steps = [r for r in rows if r["type"] == "scst"]
     assert [r["step"] for r in steps] == list(range(1, 7)) and result.steps == 6
@@ -98,13 +104,7 @@ def test_scst_steps_on_a_gpu(tmp_path):
     train_ex = _examples(8, 1)
     cfg = _cfg(lr=1e-3, batch_size=4, epochs=1, validate_every=0, select="last")
     cfg.model.device = "cuda"
-    loaded = load_model(cfg.model)
-    torch.manual_seed(0)
-    model = attach_lora(loaded.model, cfg.lora)
-    start = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    log = tmp_path / "scst.jsonl"
-    result = train_scst(model, loaded.processor, train_ex, train_ex, cfg, log=lambda m: None, score_fn=_cider,
-                        log_path=log)  # fmt: skip
+    model, start, result, log = _scst_on_itself(cfg, train_ex, tmp_path)
     steps = [json.loads(x) for x in log.read_text().splitlines() if '"scst"' in x]
     assert [r["step"] for r in steps] == [1, 2] and result.steps == 2
     assert all(r["baseline"] == pytest.approx(r["reward"], abs=1e-5) and r["reward"] >= 0 for r in steps)
