@@ -262,7 +262,9 @@ def measure_captune_training(model, processor, feats, *, images_per_step: int, t
     for _ in range(3):
         step(True)
     out["train_packed_peft_fp32_lora_samples_per_s"] = round(g * k / _timed(lambda: step(True), 10), 1)
-    out["train_lora_compute"] = f"16-bit products in {sixteen} LoRA layers" if sixteen else "fp32 (peft)"
+    out["train_lora_compute"] = (
+        f"{sixteen} LoRA layers as one function each (LoraLinear), 16-bit products" if sixteen else "fp32 (peft)"
+    )
     out["train_batch_pairs"] = g * k
     out["train_text_tokens"] = text_tokens
     peft_model.unload()  # restore the plain model for the next measurements

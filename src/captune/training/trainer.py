@@ -98,7 +98,9 @@ class LoopParts:
         sharded = self.world.distributed and launch.engine(self.cfg.train.distributed) in ("fsdp", "zero3")
         if self.cfg.lora.compute == "auto" and not sharded:
             if use_16bit_compute(self.model):
-                self.say("  LoRA products in the model's dtype (fp32 weights and gradients)")
+                self.say(
+                    "  LoRA layers as one function each, products in the model's dtype (fp32 weights and gradients)"
+                )
 
     def _setup_features(self) -> None:
         """Image features computed once (no dropout). A trainable Q-Former (lora preset qformer) changes
