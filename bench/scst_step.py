@@ -123,7 +123,7 @@ class Stepper:
         tokens, mask = sample_tokens(self.peft, self.tok, feats, self.spec, generator=self.gen, decoders=self.decoders)
         drawn = Drawn(tokens, mask)  # the samples on the CPU: the step's one wait
         t1 = time.perf_counter()
-        pending = self.rewards.later(drawn, np.repeat(images.numpy(), k))
+        pending = self.rewards.later(drawn.tokens, np.repeat(images.numpy(), k))
         if self.args.reward_inline:  # the order before: the rewards, then the policy forward queued
             pending.result()
         adv = Advantages(pending, None, (b, k), "mean_others", dev)

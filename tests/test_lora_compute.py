@@ -1,5 +1,6 @@
 """LoRA's products in 16 bits (model.lora_compute): the same function and gradients as peft's."""
 
+import pytest
 import torch
 
 from captune.model.lora_compute import LoraLinear, applies, use_16bit_compute
@@ -24,7 +25,7 @@ def test_lora_linear_gradients_are_exact_in_float64():
     assert torch.allclose(LoraLinear.apply(x, w, None, a, b, 2.0, 0.0, None), x @ w.t() + 2.0 * (x @ a.t()) @ b.t())
 
 
-def _peft_opt(tiny_model_dir, dropout):
+def _peft_opt(tiny_model_dir, dropout, bias="none"):
     from transformers import Blip2ForConditionalGeneration
 
     from captune.config import LoraConfig
@@ -32,29 +33,35 @@ def _peft_opt(tiny_model_dir, dropout):
 
     torch.manual_seed(0)
     model = Blip2ForConditionalGeneration.from_pretrained(tiny_model_dir)
-    model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout))
+    model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, bias=bias))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero; a non-zero B makes every gradient visible
             torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
     return model
 
 
-def test_patched_layers_give_peft_outputs_and_gradients(tiny_model_dir):
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_patched_layers_give_peft_outputs_and_gradients(tiny_model_dir, bias):
     """Forced onto the CPU fp32 model (where it is never used on its own), the patched forward
-    computes what peft's does: outputs and every LoRA gradient equal to float rounding."""
+    computes what peft's does: outputs and every trained gradient equal to float rounding, the
+    base layers' biases too when ``lora.bias`` trains them."""
     ids = torch.randint(4, 40, (3, 9), generator=torch.Generator().manual_seed(1))
     grads, outs = [], []
     for patch in (False, True):
-        model = _peft_opt(tiny_model_dir, dropout=0.0)
+        model = _peft_opt(tiny_model_dir, dropout=0.0, bias=bias)
         if patch:
             assert use_16bit_compute(model, force=True) > 0
         lm = model.base_model.model.language_model
         out = lm(input_ids=ids).logits
         out.float().pow(2).mean().backward()
         outs.append(out.detach())
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        # (with bias=all the vision tower's biases train too, and this forward does not reach them)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     assert grads[0].keys() == grads[1].keys() and grads[0]
+    trained_bias = [n for n in grads[1] if "q_proj.base_layer.bias" in n]
+    assert bool(trained_bias) == (bias == "all")
+    assert all(grads[1][n].abs().sum() > 0 for n in trained_bias)
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
 

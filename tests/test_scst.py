@@ -379,7 +379,7 @@ def test_advantages_make_the_rewards_only_when_asked(tiny_model_dir):
     drawn = Drawn(tokens, mask)
     assert torch.equal(drawn.positions, mask.flatten().nonzero().squeeze(1))
     images = np.repeat(np.arange(B), K)
-    adv = Advantages(Rewards(scorer, tok, blip, "").later(drawn, images), None, (B, K), "mean_others", "cpu")
+    adv = Advantages(Rewards(scorer, tok, blip, "").later(drawn.tokens, images), None, (B, K), "mean_others", "cpu")
     assert not calls  # nothing scored yet
     values = adv()
     rewards = torch.tensor(score(decode_samples(tok, tokens, "", blip), images), dtype=torch.float32).view(B, K)

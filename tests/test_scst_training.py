@@ -112,6 +112,32 @@ def test_scst_steps_on_a_gpu(tmp_path):
     assert changed and all("lora_" in k for k in changed)
 
 
+def test_the_greedy_baseline_is_the_greedy_captions_reward(tmp_path):
+    """rl.baseline=greedy: each image's baseline is the CIDEr-D of its greedy caption under the policy that
+    sampled (on the first step, the starting adapter), against its references in the training corpus."""
+    import numpy as np
+
+    from captune.ops.features import image_features
+    from captune.ops.sampling import SamplingSpec, sample_captions
+
+    train_ex = _examples(6, 2)
+    cfg = _cfg(lr=1e-3, batch_size=6, max_steps=1, epochs=0, validate_every=0, select="last", baseline="greedy",
+               samples=2)  # fmt: skip
+    loaded = load_model(cfg.model)
+    torch.manual_seed(0)
+    model = attach_lora(loaded.model, cfg.lora)
+    model.eval()
+    feats = image_features(model, loaded.processor, [e.image for e in train_ex])
+    spec = SamplingSpec(k=1, max_new_tokens=cfg.rl.max_new_tokens, temperature=0)
+    greedy = sample_captions(model, loaded.processor.tokenizer, feats, spec, prompt=cfg.model.prompt)
+    want = CiderD([e.captions for e in train_ex]).score(greedy.captions, np.arange(6)).mean()
+    log = tmp_path / "scst.jsonl"
+    train_scst(model, loaded.processor, train_ex, [], cfg, log=lambda m: None, score_fn=_cider, log_path=log)
+    (row,) = [json.loads(x) for x in log.read_text().splitlines() if '"scst"' in x]
+    assert want > 0 and row["baseline"] == pytest.approx(want, rel=1e-5)
+    assert row["reward"] != pytest.approx(want, rel=1e-3)  # the samples score otherwise: a real check
+
+
 class Interrupt(Exception):
     pass
 

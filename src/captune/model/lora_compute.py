@@ -29,8 +29,8 @@ import torch
 
 
 class LoraLinear(torch.autograd.Function):
-    """``x @ W.T + bias + scaling * (dropout(x) @ A.T) @ B.T`` in ``x``'s dtype: W, bias the frozen base
-    layer's; A (r, in), B (out, r) fp32 leaves."""
+    """``x @ W.T + bias + scaling * (dropout(x) @ A.T) @ B.T`` in ``x``'s dtype: W the frozen base layer's
+    weight, ``bias`` its bias (trained with ``lora.bias`` all or lora_only); A (r, in), B (out, r) fp32."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling: float, p: float, keep):  # noqa: PLR0913 (autograd)
@@ -55,7 +55,9 @@ class LoraLinear(torch.autograd.Function):
         grad_b = (g.t() @ h).float() * s
         gh = (g @ b16) * s
         grad_a = (gh.t() @ xd).float() * inv
-        grad_x = None
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[2]:  # lora.bias all / lora_only: the base layer's bias trains
+            grad_bias = g.sum(0, dtype=torch.float32).to(g.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
             if keep is None:
@@ -63,14 +65,14 @@ class LoraLinear(torch.autograd.Function):
             else:
                 grad_x.add_(((gh * inv) @ a16).mul_(keep.reshape(grad_x.shape)))
             grad_x = grad_x.view(*grad.shape[:-1], grad_x.size(-1))
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft's ``Linear.forward`` for the plain case (one active adapter), through ``LoraLinear``."""
     names = [n for n in self.active_adapters if n in self.lora_A]
     plain = not (self.disable_adapters or self.merged or self.lora_variant or args or kwargs)
-    if not plain or len(names) != 1:
+    if not plain or len(names) != 1 or self.base_layer.weight.requires_grad:  # a trained base weight: peft's
         return self._captune_peft_forward(x, *args, **kwargs)
     name = names[0]
     drop = self.lora_dropout[name]

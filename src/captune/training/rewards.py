@@ -34,15 +34,16 @@ class Drawn:
 
 
 class Rewards:
-    """``later(drawn, images)``: a ``Pending`` reward of each drawn row, row i against the references
-    of corpus image ``images[i]``, decoded and scored when first asked for."""
+    """``later(tokens, images)``: a ``Pending`` reward of each row of ``tokens`` (on the CPU; pad after
+    EOS), row i against the references of corpus image ``images[i]``, decoded and scored when first
+    asked for."""
 
     def __init__(self, scorer, tokenizer, blip, prompt: str):
         self.scorer, self.tokenizer, self.blip, self.prompt = scorer, tokenizer, blip, prompt
         self.last_score_s = 0.0  # the last reward's decoding and scoring, seconds
 
-    def later(self, drawn: Drawn, images: np.ndarray) -> Pending:
-        return Pending(self, drawn.tokens, images)
+    def later(self, tokens: torch.Tensor, images: np.ndarray) -> Pending:
+        return Pending(self, tokens, images)
 
     def score(self, tokens: torch.Tensor, images: np.ndarray) -> tuple[list[str], np.ndarray]:
         t0 = time.perf_counter()

@@ -232,13 +232,13 @@ class ScstTrainer(LoopParts):
                                      generator=self.generator, decoders=self.decoders, fast=fast)  # fmt: skip
         n, k = len(mine), rl.samples
         greedy = None
-        if rl.baseline == "greedy":
-            g = Drawn(*sample_tokens(self.model, self.tokenizer, feats, self.greedy_spec, prompt=prompt,
-                                     decoders=self.decoders, fast=fast))  # fmt: skip
-            greedy = self.rewards.later(g, np.asarray(mine))
-        drawn = Drawn(tokens, mask)  # the step's one wait: the samples are drawn
-        adv = Advantages(self.rewards.later(drawn, np.repeat(np.asarray(mine), k)), greedy, (n, k), rl.baseline,
-                         self.device)  # fmt: skip
+        if rl.baseline == "greedy":  # its captions queued after the samples, copied out with them below
+            g, _ = sample_tokens(self.model, self.tokenizer, feats, self.greedy_spec, prompt=prompt,
+                                 decoders=self.decoders, fast=fast)  # fmt: skip
+            greedy = self.rewards.later(g.cpu(), np.asarray(mine))
+        drawn = Drawn(tokens, mask)  # the step's one wait: the samples are drawn (with the greedy baseline, earlier)
+        adv = Advantages(self.rewards.later(drawn.tokens, np.repeat(np.asarray(mine), k)), greedy, (n, k),
+                         rl.baseline, self.device)  # fmt: skip
         # the prompt stays on the CPU: sequence_logprobs reads its mask there, without a wait
         ids = generation_prompt(self.tokenizer, n, num_query_tokens=self.blip.config.num_query_tokens,
                                 image_token_id=self.blip.config.image_token_index, prompt=prompt,
