@@ -95,25 +95,16 @@ def sequence_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_captions(
-    model,
-    tokenizer,
-    features: torch.Tensor,
-    spec: SamplingSpec,
-    *,
-    prompt: str = "",
-    generator: torch.Generator | None = None,
-    decoders: dict | None = None,
-    fast: bool = True,
-) -> Samples:
-    """``spec.k`` sampled captions for each image of ``features`` (images, query tokens, hidden).
+def sample_captions(model, tokenizer, features: torch.Tensor, spec: SamplingSpec, **options) -> Samples:
+    """``spec.k`` sampled captions for each image of ``features`` (images, query tokens, hidden):
+    ``sample_tokens`` (``options`` are its keywords: prompt, generator, decoders, fast), decoded.
 
     Pass the same ``decoders`` dict on every call of a training run: it holds one
     static-cache decoder (and CUDA graph) per batch shape, reused across steps.
     """
-    tokens, mask = sample_tokens(model, tokenizer, features, spec, prompt=prompt, generator=generator,
-                                 decoders=decoders, fast=fast)  # fmt: skip
-    return Samples(tokens=tokens, mask=mask, captions=decode_samples(tokenizer, tokens, prompt, unwrap(model)))
+    tokens, mask = sample_tokens(model, tokenizer, features, spec, **options)
+    captions = decode_samples(tokenizer, tokens, options.get("prompt", ""), unwrap(model))
+    return Samples(tokens=tokens, mask=mask, captions=captions)
 
 
 @torch.no_grad()
@@ -128,8 +119,9 @@ def sample_tokens(
     decoders: dict | None = None,
     fast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample_captions``' (tokens, mask), on the device and not decoded: nothing here waits for the
-    GPU, so the caller can queue the next work (SCST's policy forward) while the samples are drawn."""
+    """``spec.k`` sampled token rows per image (row ``i*K + j`` sample j of image i), pad after EOS, and
+    their mask, on the device and not decoded: nothing here waits for the GPU, so the caller can queue
+    the next work (SCST's policy forward) while the samples are drawn."""
     blip = unwrap(model)
     seq2seq = is_encoder_decoder(blip)
     n = features.size(0)
