@@ -161,3 +161,30 @@ def test_16bit_lora_products_follow_peft_gradients_on_gpu(tiny_model_dir):
     for name, ref in grads[0].items():
         cos = torch.nn.functional.cosine_similarity(ref.flatten(), grads[1][name].flatten(), dim=0)
         assert cos > 0.999, (name, float(cos))
+
+
+@needs_cuda
+def test_fused_feed_forward_equals_the_module_calls_on_gpu(monkeypatch):
+    """blip2-opt-2.7b's feed-forward size in bf16: ReLU in fc1's epilogue gives the module calls' values (to one
+    bf16 rounding of a differently ordered sum) and their input and bias gradients."""
+    from captune.ops import mlp
+
+    torch.manual_seed(0)
+    layer = torch.nn.Module()
+    layer.fc1 = torch.nn.Linear(2560, 10240, device="cuda", dtype=torch.bfloat16)
+    layer.fc2 = torch.nn.Linear(10240, 2560, device="cuda", dtype=torch.bfloat16)
+    layer.activation_fn = torch.nn.ReLU()
+    for prm in (layer.fc1.weight, layer.fc2.weight, layer.fc2.bias):
+        prm.requires_grad_(False)
+    h = torch.randn(3, 700, 2560, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(mlp, "FUSED", fused)
+        assert mlp.fuses(layer, h) == fused
+        x = h.clone().requires_grad_()
+        layer.fc1.bias.grad = None
+        out = mlp.feed_forward(layer, x)
+        out.float().pow(2).mean().backward()
+        results.append((out.float(), x.grad.float(), layer.fc1.bias.grad.float()))
+    for got, want in zip(*results, strict=True):
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max(), float((got - want).abs().max())

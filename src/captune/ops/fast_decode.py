@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from captune.ops.decode_attention import decode_attention
+from captune.ops.mlp import feed_forward
 
 
 class GreedyOPT:
@@ -87,7 +88,7 @@ class GreedyOPT:
                 hidden = layer.self_attn_layer_norm(hidden)
             residual = hidden
             h = layer.final_layer_norm(hidden) if self.pre_norm else hidden
-            h = layer.fc2(layer.activation_fn(layer.fc1(h)))
+            h = feed_forward(layer, h)
             hidden = residual + h
             if not self.pre_norm:
                 hidden = layer.final_layer_norm(hidden)

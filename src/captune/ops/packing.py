@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from captune.model.family import opt_decoder
 from captune.ops.batching import IGNORE, encode_texts, training_text
 from captune.ops.lm import unwrap
+from captune.ops.mlp import feed_forward
 
 
 @dataclass
@@ -213,7 +214,7 @@ def _layers(dec, hidden: torch.Tensor, mask: torch.Tensor, config, training: boo
             hidden = layer.self_attn_layer_norm(hidden)
         residual = hidden
         h = layer.final_layer_norm(hidden) if pre_norm else hidden
-        h = layer.fc2(layer.activation_fn(layer.fc1(h)))
+        h = feed_forward(layer, h)
         hidden = residual + F.dropout(h, p=layer.dropout, training=training)
         if not pre_norm:
             hidden = layer.final_layer_norm(hidden)
