@@ -87,39 +87,24 @@ def _qformer(model, emb):
 
 @torch.no_grad()
 def probe_captioning(model, feats) -> dict:
-    from captune.ops.batching import generation_prompt
-    from captune.ops.fast_decode import GreedyOPT
+    from captune.bench_targets import caption_parts
     from captune.ops.lm import embed_with_features
 
     out = {}
     lm = model.language_model
     for batch in (1024, 2048):
-        f = feats[torch.arange(batch, device="cuda") % feats.size(0)]
-        ids = torch.full((batch, f.size(1) + 1), model.config.image_token_index, device="cuda")
-        ids[:, -1] = 2
-        embeds = embed_with_features(model, ids, f)
-        dec = GreedyOPT(lm, batch, embeds.size(1), 20)
-        dec.generate(embeds, eos_token_id=-5, pad_token_id=1)
-        t_all = timed(lambda d=dec, e=embeds: d.generate(e, eos_token_id=-5, pad_token_id=1), 3)
-
-        def prefill(d=dec, e=embeds):
-            hidden = d._embed(e, torch.arange(e.size(1), device="cuda"))
-            return d._forward(hidden, None)
-
-        t_pre = timed(prefill, 3)
-        d_step = timed(lambda d=dec: d._replay(), 10)
-        out[f"b{batch}"] = {
-            "images_per_s_decoder_only": round(batch / t_all, 1),
-            "prefill_s": round(t_pre, 4),
-            "decode_step_s": round(d_step, 5),
-            "whole_s": round(t_all, 4),
+        parts = caption_parts(model, feats, batch, 20)
+        out[f"b{batch}"] = {"images_per_s_decoder_only": round(batch / parts["whole_s"], 1)} | {
+            k: parts[k] for k in ("prefill_s", "decode_step_s", "whole_s")
         }
         if batch == 2048:
+            f = feats[torch.arange(batch, device="cuda") % feats.size(0)]
+            ids = torch.full((batch, f.size(1) + 1), model.config.image_token_index, device="cuda")
+            ids[:, -1] = 2
+            embeds = embed_with_features(model, ids, f)
             out["decode_step_profile_b2048"] = _profile_decode_step(lm, embeds)
             out["decode_attention_sweep_b2048"] = _sweep_decode_attention(batch, lm.config)
-        del dec
         torch.cuda.empty_cache()
-    _ = generation_prompt
     return out
 
 
