@@ -33,17 +33,52 @@ def test_linear_relu_refuses_a_trained_weight():
         mlp.LinearReLU.apply(torch.randn(3, 6, dtype=torch.float64), layer.fc1.weight, layer.fc1.bias)
 
 
-def test_only_a_frozen_plain_linear_and_relu_on_a_gpu_fuse():
+def test_only_a_frozen_plain_linear_with_a_bias_and_no_hooks_then_relu_is_fusable():
     layer = _Layer()
+    assert mlp.fusable(layer)
     h = torch.randn(3, 6, dtype=torch.float64)
     assert not mlp.fuses(layer, h)  # the CPU keeps the module calls (and the golden values)
     assert torch.equal(mlp.feed_forward(layer, h), layer.fc2(torch.relu(layer.fc1(h))))
-    if not torch.cuda.is_available():
-        return
-    layer = layer.cuda()
-    assert mlp.fuses(layer, h.cuda())
     layer.activation_fn = torch.nn.GELU()
-    assert not mlp.fuses(layer, h.cuda())
-    layer.activation_fn = torch.nn.ReLU()
+    assert not mlp.fusable(layer)
+    layer.activation_fn = type("MyReLU", (torch.nn.ReLU,), {})()  # a subclass may do something else
+    assert not mlp.fusable(layer)
+    layer = _Layer()
     layer.fc1.weight.requires_grad_(True)
-    assert not mlp.fuses(layer, h.cuda())
+    assert not mlp.fusable(layer)
+    layer = _Layer()
+    layer.fc1.bias = None
+    assert not mlp.fusable(layer)
+
+
+def test_an_fc1_whose_forward_does_more_is_not_fused():
+    """ZeRO-3 gathers a partitioned weight in the module's forward pre-hook (the fused product never calls
+    the module, so it would read the empty shard), and marks its parameters with ``ds_id``."""
+    layer = _Layer()
+    handle = layer.fc1.register_forward_pre_hook(lambda mod, args: None)
+    assert not mlp.fusable(layer)
+    handle.remove()
+    assert mlp.fusable(layer)
+    layer.fc1.register_forward_hook(lambda mod, args, out: None)
+    assert not mlp.fusable(layer)
+    layer = _Layer()
+    layer.fc1.weight.ds_id = 7
+    assert not mlp.fusable(layer)
+
+
+def test_a_lora_wrapped_fc1_keeps_peft_forward():
+    from peft import LoraConfig, get_peft_model
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = _Layer(dtype=torch.float32)
+
+    model = get_peft_model(Wrap(), LoraConfig(r=2, target_modules=["fc1"]))
+    assert not mlp.fusable(model.base_model.model.layer)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_plain_layer_fuses_on_a_gpu():
+    layer = _Layer().cuda()
+    assert mlp.fuses(layer, torch.randn(3, 6, dtype=torch.float64, device="cuda"))

@@ -37,21 +37,30 @@ class LinearReLU(torch.autograd.Function):
         y, weight = ctx.saved_tensors
         g = torch.ops.aten.threshold_backward(grad.reshape(y.shape), y, 0)
         grad_x = (g @ weight).view(*grad.shape[:-1], weight.size(1)) if ctx.needs_input_grad[0] else None
-        grad_b = g.sum(0, dtype=torch.float32).to(g.dtype) if ctx.needs_input_grad[2] else None
+        wide = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
+        grad_b = g.sum(0, dtype=wide).to(g.dtype) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_b
 
 
-def fuses(layer, h: torch.Tensor) -> bool:
-    """Whether ``feed_forward`` fuses this layer's fc1 and ReLU for rows ``h``."""
+def fusable(layer) -> bool:
+    """Whether this layer's fc1 and activation can be one product (on any device): a plain frozen
+    ``nn.Linear`` with a bias, then exactly ``nn.ReLU``. Not where fc1's forward does more than its
+    product: a module with hooks (DeepSpeed ZeRO-3 gathers its partitioned weight in one, accelerate's
+    offload moves it) or a ZeRO-3 parameter, which the fused call would read empty."""
     fc1 = layer.fc1
     return (
-        FUSED
-        and h.is_cuda
-        and type(fc1) is torch.nn.Linear
+        type(fc1) is torch.nn.Linear
         and fc1.bias is not None
         and not fc1.weight.requires_grad
-        and isinstance(layer.activation_fn, torch.nn.ReLU)
+        and not hasattr(fc1.weight, "ds_id")
+        and not (fc1._forward_pre_hooks or fc1._forward_hooks)
+        and type(layer.activation_fn) is torch.nn.ReLU
     )
+
+
+def fuses(layer, h: torch.Tensor) -> bool:
+    """Whether ``feed_forward`` fuses this layer's fc1 and ReLU for rows ``h``: ``fusable``, on a CUDA GPU."""
+    return FUSED and h.is_cuda and fusable(layer)
 
 
 def feed_forward(layer, h: torch.Tensor) -> torch.Tensor:
