@@ -145,7 +145,7 @@ class Stepper:
         for name, d in parts.items():
             self.times[name].append(d)
 
-    def measure(self) -> dict:
+    def measure(self, profile: bool = False) -> dict:
         from captune.ops.scst import packs_samples
 
         for i in range(2):  # graph capture, allocator warm-up
@@ -158,10 +158,7 @@ class Stepper:
             self.step(i)
         med = {n: statistics.median(v) for n, v in self.times.items()}
         b, k = self.b, self.args.k
-        # the last size only: once the profiler has run, CUPTI slows the process's later kernel launches
-        # (pytorch/pytorch#144455), so a size timed after a profile would be timed slow
-        last = self.b == self.args.images_per_step[-1]
-        profile = self._profile() if self.args.profile and last and self.device.type == "cuda" else None
+        profile = self._profile() if profile and self.device.type == "cuda" else None
         return {
             "kernel_profile": profile,
             "images_per_step": b,
@@ -176,27 +173,20 @@ class Stepper:
         }
 
     def _profile(self) -> dict:
-        """The GPU kernels of two more steps, the costliest first (ms per step, calls per step)."""
-        from torch.profiler import ProfilerActivity, profile
+        """The GPU kernels of two more steps (``bench_targets.kernel_profile``: by class, the costliest 25)."""
+        from captune.bench_targets import kernel_profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for i in range(2):
-                self.step(100 + i)
-        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
-        return {
-            "kernel_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / 2 / 1e3, 2),
-            "top": [(e.key[:80], round(e.self_device_time_total / 2 / 1e3, 2), e.count // 2) for e in top],
-        }
+        index = iter(range(100, 200))
+        return kernel_profile(lambda: self.step(next(index)), calls=2, top=25)
 
 
-def _measure_size(peft, tok, cfg, pool, scorer, args, images: int, device) -> dict:
+def _measure_size(peft, tok, cfg, pool, scorer, args, images: int, device, profile: bool) -> dict:
     """One size's figures, or a record that it ran out of memory (the next size still runs)."""
     from captune.errors import is_out_of_memory
 
     stepper = Stepper(peft, tok, cfg, pool, scorer, args, images, device)
     try:
-        return stepper.measure()
+        return stepper.measure(profile)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
             raise
@@ -240,7 +230,11 @@ def main() -> None:
     from captune.model.lora_compute import use_16bit_compute
 
     result["lora_16bit_layers"] = use_16bit_compute(peft)  # as the trainers do (lora.compute=auto)
-    runs = [_measure_size(peft, tok, cfg, pool, scorer, args, b, device) for b in args.images_per_step]
+    # profiled: the last size only, since once the profiler has run CUPTI slows the process's later kernel
+    # launches (pytorch/pytorch#144455) and a size timed after a profile would be timed slow
+    sizes = args.images_per_step
+    runs = [_measure_size(peft, tok, cfg, pool, scorer, args, b, device, args.profile and i == len(sizes) - 1)
+            for i, b in enumerate(sizes)]  # fmt: skip
     done = [r for r in runs if not r.get("out_of_memory")]
     best = max(done, key=lambda r: r["scst_images_per_s"]) if done else {}
     result.update(

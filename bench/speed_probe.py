@@ -282,22 +282,10 @@ def probe_sampling(model, processor, feats, images: int = 256, k: int = 5, token
 
 
 def _profile_steps(step) -> dict:
-    from torch.profiler import ProfilerActivity, profile
+    from captune.bench_targets import kernel_profile
 
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]
-    return {
-        "kernel_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / 5 / 1e3, 3),
-        "kernels_per_step": sum(e.count for e in kernels) // 5,
-        "top": [(e.key[:70], round(e.self_device_time_total / 5 / 1e3, 3), e.count // 5) for e in top],
-    }
+    step()
+    return kernel_profile(step, calls=5, top=14)
 
 
 def probe_training(model, processor, feats, compile_modes) -> dict:

@@ -10,11 +10,13 @@ def _result():
     return {
         "train_packed_samples_per_s": 2000.0, "train_batch_pairs": 260, "train_packed_profile": profile,
         "caption_images_per_s": 2100.0, "lm_parameters": 2_650_000_000,
-        "caption_parts": {"batch": 2048, "prefill_s": 0.5, "decode_step_s": 0.03, "whole_s": 0.975, "prompt_rows": 33},
+        "caption_parts": {"batch": 2048, "prefill_s": 0.5, "decode_step_s": 0.03, "whole_s": 0.975, "prompt_len": 33},
         "features_from_jpeg_images_per_s": 800.0,
         "caption_cli_images_per_s": 500.0,
         "e2e_job_s": 48.0, "e2e_phases_s": {"start-up": 6.0, "train": 30.0, "baseline scoring (overlapped)": 9.0},
         "e2e_train_samples_per_s": 1600.0, "e2e_train_steps": 150, "e2e_train_batch_pairs": 256, "e2e_images": 5000,
+        "train_4bit_share_of_bf16": 0.48, "train_4bit_packed_samples_per_s": 960.0,
+        "train_4bit_lora_compute": "fp32 (peft)", "train_lora_compute": "64 LoRA layers as one function each",
     }  # fmt: skip
 
 
@@ -24,6 +26,7 @@ def test_each_measured_target_gets_its_share_and_why():
     assert train["share_of_goal"] == round(2000 / 3000, 3) and not train["met"]
     # 260 pairs at 2,000/s: a 130 ms step; 70 ms of products alone would give 260/0.070 = 3714/s
     assert "130.0 ms" in train["why"] and "3714 samples/s" in train["why"] and "at most 16.7 ms" in train["why"]
+    assert "(now 60.0, 50.0 of it kernels)" in train["why"]  # wall beside the products, and kernels beside them
     cap = rows["captioning from cached features"]
     assert cap["met"] and "caps the rate at 4096" in cap["why"]
     job = rows["whole coco5k job, fresh process"]
@@ -31,8 +34,20 @@ def test_each_measured_target_gets_its_share_and_why():
     assert "overlapped" not in job["why"] and "6.2 s" in job["why"] and "24.0 s" in job["why"]
     cli = rows["`captune caption` from JPEG files, after the model load"]
     assert "579 images/s" in cli["why"]  # 1 / (1/800 + 1/2100)
+    quant = rows["4-bit NF4 packed training, share of bf16's at the same micro-batch"]
+    assert not quant["met"] and quant["share_of_goal"] == 0.96 and "960.0 against 2000.0 samples/s" in quant["why"]
     table = bench_targets.targets_table(list(rows.values()))
     assert "| packed training | 2000.0 samples/s | 3000 | 67% | no |" in table
+
+
+def test_a_profile_without_matrix_products_still_gives_a_row():
+    """A profile with no kernel events (no CUPTI) or none recognised: the row says so, no division by zero."""
+    result = _result()
+    result["train_packed_profile"] = {"wall_ms_profiled": 1.0, "kernel_ms": 0.0, "kernels": 0, "by_class_ms": {}}
+    del result["lm_parameters"]
+    rows = {r["target"]: r for r in bench_targets.targets(result)}
+    assert rows["packed training"]["why"] == "a step of 260 pairs takes 130.0 ms (no profile of its kernels)"
+    assert "TFLOP/s" not in rows["captioning from cached features"]["why"]
 
 
 def test_a_target_the_run_did_not_measure_has_no_row():
@@ -57,3 +72,12 @@ def test_the_caption_commands_closing_line_is_read(tmp_path, tiny_model_dir, ima
     found = bench.parse_caption_report(capsys.readouterr().err)
     assert found is not None and found["images"] == 6 and found["images_per_s"] > 0
     assert bench.parse_caption_report("captune: nothing") is None
+
+
+def test_4bit_without_bitsandbytes_says_so_before_loading_anything(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
+    got = bench.measure_4bit(tmp_path / "no-model-here", [], 2000.0)
+    assert got == {"train_4bit_error": "bitsandbytes is not installed (pip install 'captune[quant]')"}

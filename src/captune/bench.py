@@ -218,11 +218,12 @@ def synthetic_packed_batch(feats: torch.Tensor, images: int, k: int, text_tokens
     return packed, feats[torch.arange(images, device=dev) % feats.size(0)]
 
 
-def measure_captune_training(
-    model, processor, feats, *, images_per_step: int, text_tokens: int, profile: bool = False
+def measure_captune_training(  # noqa: PLR0913
+    model, processor, feats, *, images_per_step: int, text_tokens: int, profile: bool = False, packed_only=False
 ) -> dict:
     """captune's training step, packed and unpacked, and packed with peft's fp32 adapter products; with
-    ``profile``, only the packed step's kernels (``bench_targets.kernel_profile``)."""
+    ``profile``, only the packed step's kernels (``bench_targets.kernel_profile``); with ``packed_only``,
+    only the packed step's rate and peak."""
     from captune.config import LoraConfig
     from captune.model.lora import attach_lora
     from captune.model.lora_compute import applies, use_16bit_compute
@@ -263,11 +264,11 @@ def measure_captune_training(
 
     if profile:
         out = {"train_packed_profile": kernel_profile(lambda: step(True))}
-        peft_model.unload()
+        peft_model.unload().eval()
         return out
     out = {}
     losses = []
-    for name, mode in (("packed", True), ("flat", False)):
+    for name, mode in (("packed", True), ("flat", False))[: 1 if packed_only else 2]:
         for _ in range(3):
             step(mode)
         torch.cuda.reset_peak_memory_stats()
@@ -277,20 +278,30 @@ def measure_captune_training(
         out[f"train_{name}_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         # forward 2 FLOPs per parameter per token, backward to the inputs the same again
         out[f"train_{name}_tflops"] = round(4 * n_params * tokens / t / 1e12, 1)
-    for m, forward in peft_layers.items():  # the same packed step with peft's fp32 adapter products
-        m.forward = forward
-    for _ in range(3):
-        step(True)
-    out["train_packed_peft_fp32_lora_samples_per_s"] = round(g * k / _timed(lambda: step(True), 10), 1)
     out["train_lora_compute"] = (
         f"{sixteen} LoRA layers as one function each (LoraLinear), 16-bit products" if sixteen else "fp32 (peft)"
     )
+    if packed_only:
+        peft_model.unload().eval()
+        return out
+    out["train_packed_peft_fp32_lora_samples_per_s"] = _peft_fp32_rate(peft_layers, step, g * k)
     out["train_feed_forward"] = feed_forward_path(peft_model, f)
     out["train_batch_pairs"] = g * k
     out["train_text_tokens"] = text_tokens
     out["lm_parameters"] = n_params
-    peft_model.unload()  # restore the plain model for the next measurements
+    # the plain model back for the next measurements, in eval mode: step() set train mode, and HF generate
+    # (and the features) would otherwise run with dropout on
+    peft_model.unload().eval()
     return out
+
+
+def _peft_fp32_rate(peft_layers: dict, step, pairs: int) -> float:
+    """The same packed step with peft's fp32 adapter products (its layers' own forwards put back)."""
+    for m, forward in peft_layers.items():
+        m.forward = forward
+    for _ in range(3):
+        step(True)
+    return round(pairs / _timed(lambda: step(True), 10), 1)
 
 
 def measure_captune_captioning(model, processor, feats, batches: tuple[int, ...], new_tokens: int) -> dict:
@@ -554,7 +565,6 @@ def run_bench(
 
         raise UserError("captune bench needs a CUDA GPU; run it on a GPU machine")
     result = _environment(arch)
-    name = result["gpu"]
     t0 = time.perf_counter()
     jpegs = synthetic_jpegs(images)
     caps = synthetic_captions(images)
@@ -565,6 +575,7 @@ def run_bench(
 
     if e2e_only:
         result.update(run_e2e(model, cfg, processor, jpegs, caps, Path(work or "/tmp/captune-bench"), log))
+        result["targets"] = targets(result)
         return result
     log("  features ...")
     result.update(measure_features(model, processor, jpegs[:2048], batch=128))
@@ -574,6 +585,7 @@ def run_bench(
     result["features_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     if captioning_only:
         result.update(measure_captune_captioning(model, processor, feats, batches=(1024, 2048), new_tokens=20))
+        result["targets"] = targets(result)
         return result
     log("  captune training ...")
     result.update(measure_captune_training(model, processor, feats, images_per_step=52, text_tokens=12))
@@ -587,24 +599,58 @@ def run_bench(
     if e2e:
         log("  end-to-end coco5k job ...")
         work = Path(work or Path(os.environ.get("TMPDIR", "/tmp")) / "captune-bench")
-        try:
-            result.update(run_e2e(model, cfg, processor, jpegs, caps, work, log))
-        except Exception as exc:  # keep the other measurements; say what failed
-            result["e2e_error"] = f"{type(exc).__name__}: {exc}"[-3000:]
-            log(f"  e2e failed: {result['e2e_error'][-500:]}")
+        _guarded(result, "e2e", log, lambda: run_e2e(model, cfg, processor, jpegs, caps, work, log))
     model.to("cpu")  # the seed recipe builds its own model; this one comes back for the profiles
     torch.cuda.empty_cache()
     log("  seed recipe ...")
-    try:
-        result.update(measure_seed(arch, processor, jpegs, seed_steps, captions=16))
-        result.update(_ratios(result, peak_tflops(name)))
-    except Exception as exc:
-        result["seed_error"] = f"{type(exc).__name__}: {exc}"[-3000:]
-        log(f"  seed recipe failed: {result['seed_error'][-500:]}")
+    _guarded(result, "seed", log, lambda: measure_seed(arch, processor, jpegs, seed_steps, captions=16))
+    if "seed_error" not in result:
+        _guarded(result, "ratios", log, lambda: _ratios(result, peak_tflops(result["gpu"])))
+    if e2e and "e2e_error" not in result:
+        log("  4-bit training ...")
+        bf16 = result.get("train_packed_samples_per_s")
+        _guarded(result, "train_4bit", log, lambda: measure_4bit(work / "model", jpegs, bf16))
     log("  kernel profiles ...")
-    result.update(_profiles(model.to("cuda"), processor, jpegs))
-    result["targets"] = targets(result)
+    _guarded(result, "profile", log, lambda: _profiles(model.to("cuda"), processor, jpegs))
+    _guarded(result, "targets", log, lambda: {"targets": targets(result)})
     return result
+
+
+def _guarded(result: dict, what: str, log, fn) -> None:
+    """``result.update(fn())``; a failure is recorded as ``WHAT_error`` and logged, and the run goes on."""
+    try:
+        result.update(fn())
+    except Exception as exc:  # keep the other measurements; say what failed
+        result[f"{what}_error"] = f"{type(exc).__name__}: {exc}"[-3000:]
+        log(f"  {what} failed: {result[f'{what}_error'][-500:]}")
+
+
+def measure_4bit(model_dir: Path, jpegs: list[bytes], bf16_rate: float | None) -> dict:
+    """Issue 24's 4-bit bar: the packed step at the bf16 one's micro-batch on the checkpoint the job loaded,
+    its language model in NF4 (``model.quantization=4bit``, bitsandbytes), as a share of bf16's rate."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"train_4bit_error": "bitsandbytes is not installed (pip install 'captune[quant]')"}
+    from captune.config import ModelConfig
+    from captune.model.load import load_model
+    from captune.ops.features import image_features
+
+    loaded = load_model(ModelConfig(name_or_path=str(model_dir), device="cuda", quantization="4bit"))
+    feats = image_features(loaded.model, loaded.processor, jpegs[:256], batch_size=128)
+    got = measure_captune_training(
+        loaded.model, loaded.processor, feats, images_per_step=52, text_tokens=12, packed_only=True
+    )
+    out = {
+        "train_4bit_packed_samples_per_s": got["train_packed_samples_per_s"],
+        "train_4bit_peak_gb": got["train_packed_peak_gb"],
+        "train_4bit_lora_compute": got["train_lora_compute"],
+    }
+    if bf16_rate:
+        out["train_4bit_share_of_bf16"] = round(got["train_packed_samples_per_s"] / bf16_rate, 3)
+    del loaded, feats
+    torch.cuda.empty_cache()
+    return out
 
 
 def _profiles(model, processor, jpegs: list[bytes]) -> dict:
@@ -613,6 +659,7 @@ def _profiles(model, processor, jpegs: list[bytes]) -> dict:
     (pytorch/pytorch#144455; a packed step timed after one profile ran at 1653 samples/s instead of ~2300)."""
     from captune.ops.features import image_features
 
+    model.eval()
     out = measure_features(model, processor, jpegs, batch=128, profile=True)
     feats = image_features(model, processor, jpegs[:256], batch_size=128)
     out |= measure_captune_training(model, processor, feats, images_per_step=52, text_tokens=12, profile=True)

@@ -26,9 +26,9 @@ def kernel_class(name: str) -> str:
     return next((cls for cls, words in CLASSES if any(w in low for w in words)), "other")
 
 
-def kernel_profile(fn, calls: int = 3) -> dict:
+def kernel_profile(fn, calls: int = 3, top: int = 8) -> dict:
     """The GPU kernels of ``calls`` calls of ``fn`` (after one unprofiled), per call: their time by class,
-    in all, their number, the wall time under the profiler, and the costliest eight."""
+    in all, their number, the wall time under the profiler, and the ``top`` costliest."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -43,13 +43,13 @@ def kernel_profile(fn, calls: int = 3) -> dict:
     by = defaultdict(float)
     for e in kernels:
         by[kernel_class(e.key)] += e.self_device_time_total / calls / 1e3
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+    costliest = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
     return {
         "wall_ms_profiled": round(wall * 1e3, 2),
         "kernel_ms": round(sum(by.values()), 2),
         "by_class_ms": {k: round(v, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])},
         "kernels": sum(e.count for e in kernels) // calls,
-        "top": [(e.key[:80], round(e.self_device_time_total / calls / 1e3, 2), e.count // calls) for e in top],
+        "top": [(e.key[:80], round(e.self_device_time_total / calls / 1e3, 2), e.count // calls) for e in costliest],
     }
 
 
@@ -80,7 +80,7 @@ def caption_parts(model, feats: torch.Tensor, batch: int, new_tokens: int) -> di
 
     whole = timed(lambda: dec.generate(embeds, eos_token_id=-5, pad_token_id=1), 3)
     out = {"prefill_s": round(timed(prefill, 3), 4), "decode_step_s": round(timed(dec._replay, 10), 5)}
-    out |= {"whole_s": round(whole, 4), "prompt_rows": embeds.size(1), "batch": batch}
+    out |= {"whole_s": round(whole, 4), "prompt_len": embeds.size(1), "batch": batch}
     dec = None  # the static cache's memory back before the next measurement
     torch.cuda.empty_cache()
     return out
@@ -101,6 +101,7 @@ TARGETS = (
     Target("image features from JPEG bytes", "features_from_jpeg_images_per_s", 880, "images/s"),
     Target("`captune caption` from JPEG files, after the model load", "caption_cli_images_per_s", 600, "images/s"),
     Target("whole coco5k job, fresh process", "e2e_job_s", 30, "s", lower=True),
+    Target("4-bit NF4 packed training, share of bf16's at the same micro-batch", "train_4bit_share_of_bf16", 0.5, "x"),
 )
 
 
@@ -126,15 +127,15 @@ def _why_training(result: dict, t: Target) -> str:
     prof = result.get("train_packed_profile")
     pairs = result["train_batch_pairs"]
     step_ms = 1e3 * pairs / result[t.key]
-    if not prof:
-        return f"a step of {pairs} pairs takes {step_ms:.1f} ms (not profiled)"
-    mm = prof["by_class_ms"].get("matrix products", 0.0)
-    rest = prof["kernel_ms"] - mm
+    why = f"a step of {pairs} pairs takes {step_ms:.1f} ms"
+    mm = (prof or {}).get("by_class_ms", {}).get("matrix products", 0.0)
+    if not mm:
+        return why + " (no profile of its kernels)"
     need = 1e3 * pairs / t.goal
     return (
-        f"a step of {pairs} pairs takes {step_ms:.1f} ms; its kernels {prof['kernel_ms']:.1f} ms ({_classes(prof)}). "
-        f"With only its matrix products it would give {1e3 * pairs / mm:.0f} {t.unit}; {t.goal:.0f} needs a "
-        f"{need:.1f} ms step, so at most {max(need - mm, 0):.1f} ms beside them (now {rest:.1f})"
+        f"{why}; its kernels {prof['kernel_ms']:.1f} ms ({_classes(prof)}). With only its matrix products it "
+        f"would give {1e3 * pairs / mm:.0f} {t.unit}; {t.goal:.0f} needs a {need:.1f} ms step, so at most "
+        f"{max(need - mm, 0):.1f} ms beside them (now {step_ms - mm:.1f}, {prof['kernel_ms'] - mm:.1f} of it kernels)"
     )
 
 
@@ -142,11 +143,11 @@ def _why_captioning(result: dict, t: Target) -> str:
     parts = result.get("caption_parts")
     if not parts:
         return "not broken down"
-    b, pre, step = parts["batch"], parts["prefill_s"], parts["decode_step_s"]
-    tflops = 2 * result.get("lm_parameters", 0) * b * parts["prompt_rows"] / pre / 1e12
+    b, pre, step, rows = parts["batch"], parts["prefill_s"], parts["decode_step_s"], parts["prompt_len"]
+    params = result.get("lm_parameters")
+    rate = f" (~{2 * params * b * rows / pre / 1e12:.0f} TFLOP/s at 2 FLOPs per parameter and row)" if params else ""
     return (
-        f"at batch {b}: the prefill of {parts['prompt_rows']} prompt rows takes {pre:.3f} s "
-        f"(~{tflops:.0f} TFLOP/s of the language model's 2 FLOPs per parameter and row) and a decode step "
+        f"at batch {b}: the prefill of {rows} prompt rows takes {pre:.3f} s{rate} and a decode step "
         f"{step * 1e3:.1f} ms; the prefill alone caps the rate at {b / pre:.0f} {t.unit}, and {t.goal:.0f} "
         f"needs the whole batch in {b / t.goal:.3f} s (now {parts['whole_s']:.3f})"
     )
@@ -171,8 +172,9 @@ def _why_caption_cli(result: dict, t: Target) -> str:
         return ""
     serial = 1 / (1 / f + 1 / c)
     return (
-        f"its images go through the features ({f:.0f} images/s in this run) and then the decoder ({c:.0f}), "
-        f"one after the other on the GPU: {serial:.0f} {t.unit} at those rates, before reading and writing files"
+        f"its images go through the features ({f:.0f} images/s in this run) and then the decoder ({c:.0f} at "
+        f"batch {result.get('caption_batch')}; the command runs batch 256), one after the other on the GPU: "
+        f"at most {serial:.0f} {t.unit} at those rates, before reading and writing files"
     )
 
 
@@ -199,6 +201,11 @@ WHY = {
     "features_from_jpeg_images_per_s": _why_features,
     "caption_cli_images_per_s": _why_caption_cli,
     "e2e_job_s": _why_job,
+    "train_4bit_share_of_bf16": lambda r, t: (
+        f"{r['train_4bit_packed_samples_per_s']} against {r['train_packed_samples_per_s']} samples/s at "
+        f"{r['train_batch_pairs']} pairs; LoRA products: 4-bit {r['train_4bit_lora_compute']}, "
+        f"bf16 {r['train_lora_compute']}"
+    ),
 }
 
 
