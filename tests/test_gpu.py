@@ -188,3 +188,35 @@ def test_fused_feed_forward_equals_the_module_calls_on_gpu(monkeypatch):
         results.append((out.float(), x.grad.float(), layer.fc1.bias.grad.float()))
     for got, want in zip(*results, strict=True):
         assert (got - want).abs().max() <= 1e-2 * want.abs().max(), float((got - want).abs().max())
+
+
+@needs_cuda
+def test_16bit_lora_products_on_4bit_layers_follow_peft_gradients_on_gpu(tiny_model_dir):
+    """A 4-bit NF4 model (bitsandbytes): the adapter's products in bf16 on bitsandbytes' own product
+    (``LoraOnOutput``) give peft's fp32 path's outputs and gradients to bf16 precision."""
+    pytest.importorskip("bitsandbytes")
+    from captune.config import LoraConfig, ModelConfig
+    from captune.model.load import load_model
+    from captune.model.lora import attach_lora
+    from captune.model.lora_compute import use_16bit_compute
+
+    ids = torch.randint(4, 40, (8, 16), generator=torch.Generator().manual_seed(1)).cuda()
+    grads, outs = [], []
+    for patch in (False, True):
+        torch.manual_seed(0)
+        loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cuda", quantization="4bit"))
+        model = attach_lora(loaded.model, LoraConfig(r=4, alpha=8, dropout=0.0))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator(device=p.device).manual_seed(len(name)))
+        if patch:
+            assert use_16bit_compute(model) > 0
+        out = model.base_model.model.language_model(input_ids=ids).logits.float()
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    assert (outs[0] - outs[1]).abs().max() <= 2e-2 * outs[0].abs().max()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, ref in grads[0].items():
+        cos = torch.nn.functional.cosine_similarity(ref.flatten(), grads[1][name].flatten(), dim=0)
+        assert cos > 0.999, (name, float(cos))

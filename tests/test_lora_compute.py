@@ -70,3 +70,58 @@ def test_only_16_bit_gpu_layers_qualify(tiny_model_dir):
     model = _peft_opt(tiny_model_dir, dropout=0.05)
     assert not any(applies(m) for m in model.modules())  # fp32 on the CPU: peft's own forward
     assert use_16bit_compute(model) == 0
+
+
+def test_adapter_on_a_given_base_output_is_exact_in_float64():
+    """``LoraOnOutput`` (the 4-bit layers' path: the base product made by bitsandbytes, the adapter's added to
+    it): gradcheck with and without dropout, its value the base output plus peft's adapter term, and the
+    base output's gradient passed through unchanged."""
+    from captune.model.lora_compute import LoraOnOutput
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randn(2, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    a = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    keep = torch.rand(2, 5, 12, generator=g) > 0.3
+    for mask, p in ((None, 0.0), (keep, 0.3)):
+        fn = lambda y, x, a, b, m=mask, p=p: LoraOnOutput.apply(y, x, a, b, 2.0, p, m)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (y, x, a, b))
+    want = y + 2.0 * ((x * keep / 0.7) @ a.t()) @ b.t()
+    assert torch.allclose(LoraOnOutput.apply(y, x, a, b, 2.0, 0.3, keep), want)
+
+
+def test_the_4bit_layers_forward_over_a_base_gives_peft_outputs_and_gradients(tiny_model_dir):
+    """The forward 4-bit layers get, bound here to plain peft LoRA layers on the CPU (its base product is
+    whatever the base layer computes), against peft's own: outputs and every trained gradient."""
+    import types
+
+    from peft.tuners.lora.layer import Linear
+
+    from captune.model import lora_compute
+
+    ids = torch.randint(4, 40, (3, 9), generator=torch.Generator().manual_seed(1))
+    grads, outs = [], []
+    for patch in (False, True):
+        model = _peft_opt(tiny_model_dir, dropout=0.0)
+        layers = [m for m in model.modules() if type(m) is Linear]
+        assert layers
+        for m in layers if patch else []:
+            m._captune_peft_forward = m.forward
+            m.forward = types.MethodType(lora_compute._forward_on_output, m)
+        out = model.base_model.model.language_model(input_ids=ids).logits
+        out.float().pow(2).mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_4bit_layers_are_told_by_their_peft_class():
+    from captune.model.lora_compute import _is_4bit
+
+    four = type("Linear4bit", (torch.nn.Module,), {"__module__": "peft.tuners.lora.bnb"})
+    other = type("Linear4bit", (torch.nn.Module,), {"__module__": "somewhere.else"})
+    assert _is_4bit(four()) and not _is_4bit(other()) and not _is_4bit(torch.nn.Linear(2, 2))

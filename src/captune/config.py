@@ -123,8 +123,9 @@ class LoraConfig:
     qformer (the Q-Former's query/key/value; image features are then recomputed as it trains)."""
     compute: Literal["auto", "fp32"] = "auto"
     """The adapter's products: auto = in the model's dtype on a GPU for a bf16/fp16 model (fp32 weights and
-    gradients, as mixed-precision training does; about 10% more training speed on an H200), fp32 = inputs
-    cast to fp32 as peft does. CPU runs, quantized models and FSDP/ZeRO-3 always use fp32."""
+    gradients, as mixed-precision training does; about 10% more training speed on an H200), 4-bit layers
+    included (added to bitsandbytes' own product), fp32 = inputs cast to fp32 as peft does. CPU runs,
+    8-bit models and FSDP/ZeRO-3 always use fp32."""
 
     def check(self) -> None:
         _require(self.r > 0, "lora.r", "must be a positive integer")

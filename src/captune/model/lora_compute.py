@@ -17,8 +17,14 @@ beside the two matrix products only the dropout touches a full-size tensor; in t
 backward the adapter's input gradient is added into the base's in place (no separate
 sum by autograd); the dropout mask is drawn once and kept as booleans, and the weight
 gradients come back in fp32. Only plain ``nn.Linear`` bases of frozen 16-bit weights on
-a GPU with one active adapter get it (``use_16bit_compute``); everything else keeps
-peft's own forward, so CPU runs and the golden values are unchanged.
+a GPU with one active adapter get it (``use_16bit_compute``).
+
+peft's 4-bit layers (bitsandbytes ``Linear4bit`` with a 16-bit compute dtype) get
+``LoraOnOutput`` instead: bitsandbytes makes the base product with its own autograd, and
+the adapter's product, in 16 bits, is added to it in its epilogue (``addmm``), where peft
+clones the base output, casts the input to fp32 and adds an fp32 product cast back.
+
+Everything else keeps peft's own forward, so CPU runs and the golden values are unchanged.
 """
 
 from __future__ import annotations
@@ -68,32 +74,91 @@ class LoraLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
-def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's ``Linear.forward`` for the plain case (one active adapter), through ``LoraLinear``."""
+class LoraOnOutput(torch.autograd.Function):
+    """``y + scaling * (dropout(x) @ A.T) @ B.T`` in ``x``'s dtype, for a base layer whose own product ``y``
+    comes from elsewhere (bitsandbytes' 4-bit matmul, with its own autograd): the adapter's product is added
+    to ``y`` in the product's epilogue (``addmm``, no clone of ``y``), and its input gradient returned for
+    autograd to add to the base's."""
+
+    @staticmethod
+    def forward(ctx, y, x, a, b, scaling: float, p: float, keep):  # noqa: PLR0913 (autograd)
+        a16, b16 = a.to(x.dtype), b.to(x.dtype)
+        x2 = x.reshape(-1, x.size(-1))
+        xd = x2 * keep.reshape(x2.shape) if keep is not None else x2
+        h = xd @ a16.t()
+        if keep is not None:
+            h = h * (1.0 / (1.0 - p))
+        out = torch.addmm(y.reshape(-1, y.size(-1)).to(x.dtype), h, b16.t(), alpha=scaling)
+        ctx.save_for_backward(xd, h, a16, b16, keep)
+        ctx.scaling, ctx.p, ctx.y_dtype = scaling, p, y.dtype
+        return out.view(*y.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xd, h, a16, b16, keep = ctx.saved_tensors
+        s, inv = ctx.scaling, (1.0 / (1.0 - ctx.p) if keep is not None else 1.0)
+        g = grad.reshape(-1, grad.size(-1))
+        grad_b = (g.t() @ h).float() * s
+        gh = (g @ b16) * s
+        grad_a = (gh.t() @ xd).float() * inv
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = gh @ a16 if keep is None else ((gh * inv) @ a16).mul_(keep.reshape(xd.shape))
+            grad_x = grad_x.view(*grad.shape[:-1], grad_x.size(-1))
+        return grad.to(ctx.y_dtype), grad_x, grad_a, grad_b, None, None, None
+
+
+def _adapter(self, x: torch.Tensor, args, kwargs):
+    """(A, B, scaling, dropout p, dropout mask) of the one active adapter, or None where peft's forward runs
+    (several adapters, merged, disabled, a variant, extra arguments)."""
     names = [n for n in self.active_adapters if n in self.lora_A]
     plain = not (self.disable_adapters or self.merged or self.lora_variant or args or kwargs)
-    if not plain or len(names) != 1 or self.base_layer.weight.requires_grad:  # a trained base weight: peft's
-        return self._captune_peft_forward(x, *args, **kwargs)
+    if not plain or len(names) != 1:
+        return None
     name = names[0]
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and self.training else 0.0
     keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
+    return self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), p, keep
+
+
+def _forward_on_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's bitsandbytes 4-bit ``Linear4bit.forward`` for the plain case, through ``LoraOnOutput``."""
+    adapter = _adapter(self, x, args, kwargs)
+    if adapter is None:
+        return self._captune_peft_forward(x, *args, **kwargs)
+    return LoraOnOutput.apply(self.base_layer(x), x, *adapter)
+
+
+def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's ``Linear.forward`` for the plain case (one active adapter), through ``LoraLinear``."""
+    adapter = None if self.base_layer.weight.requires_grad else _adapter(self, x, args, kwargs)
+    if adapter is None:  # (a trained base weight: peft's too)
+        return self._captune_peft_forward(x, *args, **kwargs)
     base = self.base_layer
-    a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    return LoraLinear.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]), p, keep)
+    return LoraLinear.apply(x, base.weight, base.bias, *adapter)
+
+
+def _is_4bit(module) -> bool:
+    """peft's LoRA layer over a bitsandbytes 4-bit ``Linear4bit`` (told by class, without importing bitsandbytes)."""
+    kind = type(module)
+    return kind.__name__ == "Linear4bit" and kind.__module__ == "peft.tuners.lora.bnb"
 
 
 def applies(module) -> bool:
-    """A peft LoRA ``Linear`` over a plain frozen 16-bit ``nn.Linear`` on a GPU, with fp32 adapter weights."""
+    """A peft LoRA ``Linear`` over a plain frozen 16-bit ``nn.Linear``, or peft's 4-bit ``Linear4bit`` over
+    bitsandbytes' with a 16-bit compute dtype, on a GPU, with fp32 adapter weights."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
+    four = _is_4bit(module)
+    if not four and (type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear):
         return False
     weight = module.base_layer.weight
+    dtype = getattr(module.base_layer, "compute_dtype", None) if four else weight.dtype
     names = [n for n in module.active_adapters if n in module.lora_A]
     return (
         weight.is_cuda
-        and weight.dtype in (torch.bfloat16, torch.float16)
+        and dtype in (torch.bfloat16, torch.float16)
         and not weight.requires_grad
         and bool(names)
         and all(module.lora_A[n].weight.dtype == torch.float32 for n in names)
@@ -102,7 +167,8 @@ def applies(module) -> bool:
 
 def use_16bit_compute(model, *, force: bool = False) -> int:
     """Route every LoRA layer that ``applies`` (or, with ``force``, every plain peft LoRA
-    ``Linear``: for tests on the CPU) through ``LoraLinear``; the number of layers changed."""
+    ``Linear``: for tests on the CPU) through ``LoraLinear`` (``LoraOnOutput`` for 4-bit layers);
+    the number of layers changed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     changed = 0
@@ -111,6 +177,6 @@ def use_16bit_compute(model, *, force: bool = False) -> int:
             continue
         if not hasattr(module, "_captune_peft_forward"):
             module._captune_peft_forward = module.forward
-            module.forward = types.MethodType(_forward, module)
+            module.forward = types.MethodType(_forward_on_output if _is_4bit(module) else _forward, module)
             changed += 1
     return changed
