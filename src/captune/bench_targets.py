@@ -53,6 +53,17 @@ def kernel_profile(fn, calls: int = 3, top: int = 8) -> dict:
     }
 
 
+def gpu_timed(fn, repeats: int) -> float:
+    """Seconds per call of ``fn`` on the GPU, after one untimed call."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
 @torch.no_grad()
 def caption_parts(model, feats: torch.Tensor, batch: int, new_tokens: int) -> dict:
     """The fast greedy decoder at ``batch`` rows: the prefill of the prompt rows alone, one decode step
@@ -66,20 +77,11 @@ def caption_parts(model, feats: torch.Tensor, batch: int, new_tokens: int) -> di
     embeds = embed_with_features(model, ids, f)
     dec = GreedyOPT(model.language_model, batch, embeds.size(1), new_tokens)
 
-    def timed(fn, repeats: int) -> float:
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / repeats
-
     def prefill():
         return dec._forward(dec._embed(embeds, torch.arange(embeds.size(1), device=embeds.device)), None)
 
-    whole = timed(lambda: dec.generate(embeds, eos_token_id=-5, pad_token_id=1), 3)
-    out = {"prefill_s": round(timed(prefill, 3), 4), "decode_step_s": round(timed(dec._replay, 10), 5)}
+    whole = gpu_timed(lambda: dec.generate(embeds, eos_token_id=-5, pad_token_id=1), 3)
+    out = {"prefill_s": round(gpu_timed(prefill, 3), 4), "decode_step_s": round(gpu_timed(dec._replay, 10), 5)}
     out |= {"whole_s": round(whole, 4), "prompt_len": embeds.size(1), "batch": batch}
     dec = None  # the static cache's memory back before the next measurement
     torch.cuda.empty_cache()

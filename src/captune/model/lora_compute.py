@@ -34,6 +34,18 @@ import types
 import torch
 
 
+def _down(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float, keep):
+    """The adapter's first product in ``x``'s dtype: (x as rows, its dropped-out rows, h = dropout(x) A^T
+    with the dropout's 1/(1-p), A and B in x's dtype)."""
+    a16, b16 = a.to(x.dtype), b.to(x.dtype)
+    x2 = x.reshape(-1, x.size(-1))
+    xd = x2 * keep.reshape(x2.shape) if keep is not None else x2
+    h = xd @ a16.t()
+    if keep is not None:
+        h = h * (1.0 / (1.0 - p))
+    return x2, xd, h, a16, b16
+
+
 class LoraLinear(torch.autograd.Function):
     """``x @ W.T + bias + scaling * (dropout(x) @ A.T) @ B.T`` in ``x``'s dtype: W the frozen base layer's
     weight, ``bias`` its bias (trained with ``lora.bias`` all or lora_only); A (r, in), B (out, r) fp32."""
@@ -41,12 +53,7 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling: float, p: float, keep):  # noqa: PLR0913 (autograd)
         """``keep``: the dropout mask (True = kept, x's shape) or None; kept values scale by 1/(1-p)."""
-        a16, b16 = a.to(x.dtype), b.to(x.dtype)
-        x2 = x.reshape(-1, x.size(-1))
-        xd = x2 * keep.reshape(x2.shape) if keep is not None else x2
-        h = xd @ a16.t()
-        if keep is not None:
-            h = h * (1.0 / (1.0 - p))
+        x2, xd, h, a16, b16 = _down(x, a, b, p, keep)
         y = torch.nn.functional.linear(x2, weight, bias)
         y.addmm_(h, b16.t(), alpha=scaling)
         ctx.save_for_backward(xd, h, a16, b16, keep, weight)
@@ -82,12 +89,7 @@ class LoraOnOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, x, a, b, scaling: float, p: float, keep):  # noqa: PLR0913 (autograd)
-        a16, b16 = a.to(x.dtype), b.to(x.dtype)
-        x2 = x.reshape(-1, x.size(-1))
-        xd = x2 * keep.reshape(x2.shape) if keep is not None else x2
-        h = xd @ a16.t()
-        if keep is not None:
-            h = h * (1.0 / (1.0 - p))
+        _, xd, h, a16, b16 = _down(x, a, b, p, keep)
         out = torch.addmm(y.reshape(-1, y.size(-1)).to(x.dtype), h, b16.t(), alpha=scaling)
         ctx.save_for_backward(xd, h, a16, b16, keep)
         ctx.scaling, ctx.p, ctx.y_dtype = scaling, p, y.dtype
