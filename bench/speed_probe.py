@@ -13,6 +13,10 @@ blip2-opt-2.7b with random weights, as ``captune bench`` builds it. Measures
   step, one token choice and the text decode apart, and the eager step's kernels.
 
 Usage: python bench/speed_probe.py --out probe.json [--skip-compile]
+
+Its profiles slow the process's later kernel launches (pytorch/pytorch#144455): figures measured after
+one (the probes after ``captioning`` in one process) are only comparable with each other; run ``--only``
+one probe per process for figures to quote.
 """
 
 from __future__ import annotations
@@ -93,8 +97,9 @@ def probe_captioning(model, feats) -> dict:
             ids = torch.full((batch, f.size(1) + 1), model.config.image_token_index, device="cuda")
             ids[:, -1] = 2
             embeds = embed_with_features(model, ids, f)
-            out["decode_step_profile_b2048"] = _profile_decode_step(lm, embeds)
+            # the sweep's timings before the profile: after a profile the process's launches are slower
             out["decode_attention_sweep_b2048"] = _sweep_decode_attention(batch, lm.config)
+            out["decode_step_profile_b2048"] = _profile_decode_step(lm, embeds)
         torch.cuda.empty_cache()
     return out
 
