@@ -78,6 +78,7 @@ def test_a_lora_wrapped_fc1_keeps_peft_forward():
     assert not mlp.fusable(model.base_model.model.layer)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_plain_layer_fuses_on_a_gpu():
     layer = _Layer().cuda()
