@@ -82,8 +82,7 @@ def _qformer(model, emb):
 
 @torch.no_grad()
 def probe_captioning(model, feats) -> dict:
-    from captune.bench_targets import caption_parts
-    from captune.ops.lm import embed_with_features
+    from captune.bench_targets import caption_parts, caption_prompt
 
     out = {}
     lm = model.language_model
@@ -93,10 +92,7 @@ def probe_captioning(model, feats) -> dict:
             k: parts[k] for k in ("prefill_s", "decode_step_s", "whole_s")
         }
         if batch == 2048:
-            f = feats[torch.arange(batch, device="cuda") % feats.size(0)]
-            ids = torch.full((batch, f.size(1) + 1), model.config.image_token_index, device="cuda")
-            ids[:, -1] = 2
-            embeds = embed_with_features(model, ids, f)
+            embeds = caption_prompt(model, feats, batch)
             # the sweep's timings before the profile: after a profile the process's launches are slower
             out["decode_attention_sweep_b2048"] = _sweep_decode_attention(batch, lm.config)
             out["decode_step_profile_b2048"] = _profile_decode_step(lm, embeds)

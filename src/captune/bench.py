@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captune.bench_targets import caption_parts, kernel_profile, targets, targets_table
+from captune.bench_targets import caption_parts, gpu_timed, kernel_profile, targets, targets_table
 
 # bf16 dense peak by GPU name (vendor datasheets), for the MFU estimate.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
@@ -38,12 +38,8 @@ def _sync() -> None:
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> float:
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync()
-    return (time.perf_counter() - t0) / repeats
+    """Seconds per call, the caller having warmed ``fn`` up."""
+    return gpu_timed(fn, repeats, warmup=False)
 
 
 def peak_tflops(name: str) -> float | None:
@@ -174,17 +170,10 @@ def lm_params(model) -> int:
 # ------------------------------------------------------------------ measurements
 
 
-def measure_features(model, processor, jpegs: list[bytes], batch: int, *, profile: bool = False) -> dict:
-    """Image features: plain HF on decoded tensors and captune's path from JPEG bytes, in images/s; with
-    ``profile``, only the kernels of captune's path over four batches (``bench_targets.kernel_profile``)."""
+def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
+    """Image features: plain HF on decoded tensors and captune's path from JPEG bytes, in images/s."""
     from captune.ops.features import image_features, pixel_values, qformer_matmul
 
-    if profile:
-        few = jpegs[: 4 * batch]
-        return {
-            "features_profile": kernel_profile(lambda: image_features(model, processor, few, batch_size=batch), 2),
-            "features_profile_images": len(few),
-        }
     pv = pixel_values(processor, jpegs[:batch]).to("cuda", torch.bfloat16)
     with torch.no_grad():
         model.get_image_features(pixel_values=pv, return_dict=True)
@@ -293,6 +282,17 @@ def measure_captune_training(  # noqa: PLR0913
     # (and the features) would otherwise run with dropout on
     peft_model.unload().eval()
     return out
+
+
+def profile_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
+    """The kernels of captune's feature path from JPEG bytes over four batches (``bench_targets.kernel_profile``)."""
+    from captune.ops.features import image_features
+
+    few = jpegs[: 4 * batch]
+    return {
+        "features_profile": kernel_profile(lambda: image_features(model, processor, few, batch_size=batch), 2),
+        "features_profile_images": len(few),
+    }
 
 
 def _peft_fp32_rate(peft_layers: dict, step, pairs: int) -> float:
@@ -660,7 +660,7 @@ def _profiles(model, processor, jpegs: list[bytes]) -> dict:
     from captune.ops.features import image_features
 
     model.eval()
-    out = measure_features(model, processor, jpegs, batch=128, profile=True)
+    out = profile_features(model, processor, jpegs, batch=128)
     feats = image_features(model, processor, jpegs[:256], batch_size=128)
     out |= measure_captune_training(model, processor, feats, images_per_step=52, text_tokens=12, profile=True)
     return out

@@ -53,9 +53,10 @@ def kernel_profile(fn, calls: int = 3, top: int = 8) -> dict:
     }
 
 
-def gpu_timed(fn, repeats: int) -> float:
-    """Seconds per call of ``fn`` on the GPU, after one untimed call."""
-    fn()
+def gpu_timed(fn, repeats: int, *, warmup: bool = True) -> float:
+    """Seconds per call of ``fn`` on the GPU, after one untimed call (``warmup``)."""
+    if warmup:
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -65,16 +66,23 @@ def gpu_timed(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def caption_parts(model, feats: torch.Tensor, batch: int, new_tokens: int) -> dict:
-    """The fast greedy decoder at ``batch`` rows: the prefill of the prompt rows alone, one decode step
-    (a CUDA graph replay), and the whole generation, in seconds."""
-    from captune.ops.fast_decode import GreedyOPT
+def caption_prompt(model, feats: torch.Tensor, batch: int) -> torch.Tensor:
+    """The greedy decoder's prompt embeddings for ``batch`` images (``feats`` cycled): image tokens, BOS."""
     from captune.ops.lm import embed_with_features
 
     f = feats[torch.arange(batch, device=feats.device) % feats.size(0)]
     ids = torch.full((batch, f.size(1) + 1), model.config.image_token_index, device=feats.device)
     ids[:, -1] = model.config.text_config.bos_token_id
-    embeds = embed_with_features(model, ids, f)
+    return embed_with_features(model, ids, f)
+
+
+@torch.no_grad()
+def caption_parts(model, feats: torch.Tensor, batch: int, new_tokens: int) -> dict:
+    """The fast greedy decoder at ``batch`` rows: the prefill of the prompt rows alone, one decode step
+    (a CUDA graph replay), and the whole generation, in seconds."""
+    from captune.ops.fast_decode import GreedyOPT
+
+    embeds = caption_prompt(model, feats, batch)
     dec = GreedyOPT(model.language_model, batch, embeds.size(1), new_tokens)
 
     def prefill():
