@@ -74,3 +74,22 @@ def test_run_folder_as_adapter(tiny_model_dir, tmp_path, image, capsys):
     assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]  # known noise, silenced
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["path"] for r in rows] == [str(image)]
+
+
+def test_caption_rate_counts_the_first_chunks_reading(tiny_model_dir, image, capsys, monkeypatch):
+    """The first chunk is read before the model loads; its reading is captioning time all the same (the
+    rate once excluded it: a single chunk's files would have been read for free)."""
+    import captune.run.caption as caption
+    from captune.bench import parse_caption_report
+
+    real = caption.read_images
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(caption, "read_images", slow)
+    argv = ["caption", str(image), "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    found = parse_caption_report(capsys.readouterr().err)
+    assert found is not None and found["images"] == 1 and found["seconds"] >= 1.0

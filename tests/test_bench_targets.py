@@ -81,3 +81,16 @@ def test_4bit_without_bitsandbytes_says_so_before_loading_anything(monkeypatch, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
     got = bench.measure_4bit(tmp_path / "no-model-here", [], 2000.0)
     assert got == {"train_4bit_error": "bitsandbytes is not installed (pip install 'captune[quant]')"}
+
+
+def test_the_commands_bound_uses_the_decoders_pace_at_the_commands_batch():
+    result = _result() | {"caption_cli_batch": 1024, "caption_images_per_s_by_batch": {1024: 1700.0, 2048: 2100.0}}
+    rows = {r["target"]: r for r in bench_targets.targets(result)}
+    why = rows["`captune caption` from JPEG files, after the model load"]["why"]
+    assert "1700 at batch 1024" in why and "544 images/s" in why  # 1 / (1/800 + 1/1700)
+
+
+def test_the_features_row_names_the_exact_gelus_rate_when_measured():
+    result = _result() | {"features_from_jpeg_exact_gelu_images_per_s": 760.0}
+    rows = {r["target"]: r for r in bench_targets.targets(result)}
+    assert "760.0 images/s with the exact GELU after it" in rows["image features from JPEG bytes"]["why"]

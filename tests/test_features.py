@@ -86,3 +86,55 @@ def test_load_model_records_the_qformer_matmul_choice(tiny_model_dir):
 
     loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", qformer_matmul="tf32"))
     assert qformer_matmul(loaded.model) == "tf32"
+
+
+def test_vision_gelu_auto_is_tanh_only_for_a_16_bit_tower_on_a_gpu_and_keys_the_cache(tiny_model_dir):
+    from captune.ops.features import set_vision_gelu, vision_gelu, vision_mlp, vision_mlp_path
+    from captune.run.feature_cache import model_fingerprint
+
+    model, proc = _load(tiny_model_dir)
+    assert vision_gelu(model) == "erf"  # float32, on the CPU
+    erf_key = model_fingerprint(model, proc, "tiny")
+    model.vision_model.to(torch.bfloat16)
+    assert vision_gelu(model) == "erf"  # 16-bit, but on a CPU: the tanh form would save nothing here
+    model.vision_model.to(torch.float32)
+    set_vision_gelu(model, "tanh")
+    assert vision_gelu(model) == "tanh" and model_fingerprint(model, proc, "tiny") != erf_key
+    assert "tanh form" in vision_mlp_path(model)
+    mlps = [layer.mlp for layer in model.vision_model.encoder.layers]
+    with vision_mlp(model):
+        assert not any("forward" in vars(m) for m in mlps)  # with autograd on: the modules' own
+    with torch.no_grad(), vision_mlp(model):
+        assert all("forward" in vars(m) for m in mlps)
+    assert not any("forward" in vars(m) for m in mlps)  # the modules' own forwards are back
+    set_vision_gelu(model, "erf")
+    assert "then its GELU" in vision_mlp_path(model)
+
+
+def test_tanh_gelu_features_are_the_towers_with_the_tanh_form(tiny_model_dir):
+    """vision_gelu=tanh: the vision tower's output is that of the same tower whose GELUs are the tanh form."""
+    from captune.ops.features import set_vision_gelu
+
+    model, proc = _load(tiny_model_dir)
+    torch.manual_seed(0)
+    for layer in model.vision_model.encoder.layers:  # outputs of order 1, where the two forms part
+        torch.nn.init.normal_(layer.mlp.fc1.weight, std=0.5)
+        torch.nn.init.normal_(layer.mlp.fc2.weight, std=0.5)
+    images = [jpeg_bytes((200, 10, 10)), jpeg_bytes((10, 200, 10))]
+    erf = image_features(model, proc, images, stage="vision")
+    set_vision_gelu(model, "tanh")
+    got = image_features(model, proc, images, stage="vision")
+    set_vision_gelu(model, "erf")
+    for layer in model.vision_model.encoder.layers:
+        layer.mlp.activation_fn = torch.nn.GELU(approximate="tanh")
+    tanh = image_features(model, proc, images, stage="vision")
+    assert torch.equal(got, tanh) and not torch.equal(got, erf)
+
+
+def test_load_model_records_the_vision_gelu_choice(tiny_model_dir):
+    from captune.config import ModelConfig
+    from captune.model.load import load_model
+    from captune.ops.features import vision_gelu
+
+    loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", vision_gelu="tanh"))
+    assert vision_gelu(loaded.model) == "tanh"

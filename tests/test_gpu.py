@@ -136,6 +136,28 @@ def test_tf32_qformer_features_within_the_bf16_rounding_of_fp32_ones():
 
 
 @needs_cuda
+def test_tanh_gelu_features_as_close_to_float32_ones_as_the_exact_gelus():
+    """auto takes GELU's tanh form inside fc1's product for a bf16 vision tower on a GPU: its features
+    are as close to the float32 model's (exact GELU, fp32 Q-Former) as those of the exact GELU in bf16."""
+    from captune.config import ModelConfig
+    from captune.demo import world
+    from captune.model.load import load_model
+    from captune.ops.features import image_features, set_vision_gelu, vision_mlp_path
+
+    images = [it["image"] for it in world.make_items("plain", 64, seed=5)]
+    full = load_model(ModelConfig(device="cuda", dtype="fp32"))
+    assert vision_mlp_path(full.model) == "fc1, then its GELU module"
+    ref = image_features(full.model, full.processor, images).float()
+    loaded = load_model(ModelConfig(device="cuda", dtype="bf16"))
+    assert vision_mlp_path(loaded.model).startswith("fc1 + GELU (tanh form) in one product")
+    tanh = image_features(loaded.model, loaded.processor, images).float()
+    set_vision_gelu(loaded.model, "erf")
+    erf = image_features(loaded.model, loaded.processor, images).float()
+    assert not torch.equal(tanh, erf)
+    assert (tanh - ref).abs().mean() <= 1.1 * (erf - ref).abs().mean()
+
+
+@needs_cuda
 def test_16bit_lora_products_follow_peft_gradients_on_gpu(tiny_model_dir):
     """lora.compute=auto on a bf16 model: the adapter's gradients agree with peft's fp32 products
     to bf16 precision (cosine > 0.999 per tensor)."""

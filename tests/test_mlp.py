@@ -83,3 +83,76 @@ def test_a_lora_wrapped_fc1_keeps_peft_forward():
 def test_a_plain_layer_fuses_on_a_gpu():
     layer = _Layer().cuda()
     assert mlp.fuses(layer, torch.randn(3, 6, dtype=torch.float64, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_layer_that_asks_for_gradients_fuses_when_decoding():
+    """A model without an adapter (baseline captions, captune caption) has fc1 weights that ask for
+    gradients; without autograd its feed-forward is fused all the same, with the same values."""
+    layer = _Layer().cuda()
+    layer.fc1.weight.requires_grad_(True)
+    h = torch.randn(2, 3, 6, dtype=torch.float64, device="cuda")
+    assert not mlp.fuses(layer, h)
+    with torch.no_grad():
+        assert mlp.fuses(layer, h)
+        assert torch.equal(mlp.feed_forward(layer, h), layer.fc2(torch.relu(layer.fc1(h))))
+
+
+class _VisionMLP(torch.nn.Module):
+    """The vision tower's MLP as transformers builds it (fc1, its GELU module, fc2)."""
+
+    def __init__(self, hidden=6, ffn=10, dtype=torch.float64):
+        from transformers.activations import ACT2FN
+
+        super().__init__()
+        self.fc1 = torch.nn.Linear(hidden, ffn, dtype=dtype)
+        self.fc2 = torch.nn.Linear(ffn, hidden, dtype=dtype)
+        self.activation_fn = ACT2FN["gelu"]
+        self.requires_grad_(False)
+
+
+def test_vision_feed_forward_is_the_tanh_form_of_the_modules_gelu():
+    torch.manual_seed(0)
+    m = _VisionMLP()
+    h = 3 * torch.randn(2, 5, 6, dtype=torch.float64)
+    got = mlp.vision_feed_forward(m, h)
+    tanh = m.fc2(torch.nn.functional.gelu(m.fc1(h), approximate="tanh"))
+    assert got.shape == h.shape and torch.allclose(got, tanh, rtol=0, atol=1e-12)
+    erf = m.fc2(m.activation_fn(m.fc1(h)))
+    assert 0 < (got - erf).abs().max() < 1e-2  # a different, close function
+
+
+def test_the_tanh_forms_distance_from_erf_is_as_documented():
+    x = torch.linspace(-8, 8, 400_001, dtype=torch.float64)
+    gap = (torch.nn.functional.gelu(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs()
+    assert 4.7e-4 < gap.max() < 4.8e-4
+    assert gap.max() < 0.125 * 2**-8  # half a bf16 step (8 significant bits) at 0.125
+
+
+def test_only_a_frozen_plain_fc1_then_a_gelu_module_takes_the_vision_feed_forward():
+    m = _VisionMLP()
+    assert mlp.gelu_fusable(m)
+    m.activation_fn = torch.nn.ReLU()
+    assert not mlp.gelu_fusable(m)
+    m = _VisionMLP()
+    m.activation_fn = torch.nn.GELU(approximate="tanh")
+    assert mlp.gelu_fusable(m)
+    m.fc1.bias = None
+    assert not mlp.gelu_fusable(m)
+    m = _VisionMLP()
+    m.fc1.register_forward_pre_hook(lambda mod, args: None)
+    assert not mlp.gelu_fusable(m)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vision_feed_forward_on_a_gpu_is_the_tanh_form_in_the_epilogue():
+    torch.manual_seed(0)
+    m = _VisionMLP(64, 256, dtype=torch.bfloat16).cuda()
+    h = torch.randn(4, 33, 64, dtype=torch.bfloat16, device="cuda")
+    got = mlp.vision_feed_forward(m, h).float()
+    ref = _VisionMLP(64, 256, dtype=torch.float64).cuda()
+    ref.load_state_dict(m.state_dict())
+    tanh = ref.fc2(torch.nn.functional.gelu(ref.fc1(h.double()), approximate="tanh")).float()
+    assert ((got - tanh).abs() <= tanh.abs().clamp_min(0.05) * 2**-6).float().mean() > 0.99

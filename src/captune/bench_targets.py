@@ -167,6 +167,9 @@ def _why_features(result: dict, t: Target) -> str:
     prof = result.get("features_profile")
     rate = result[t.key]
     vit = f"{rate * VIT_GFLOP_PER_IMAGE / 1e3:.0f} TFLOP/s of the ViT's ~{VIT_GFLOP_PER_IMAGE} GFLOP an image"
+    exact = result.get("features_from_jpeg_exact_gelu_images_per_s")
+    if exact:
+        vit += f" (GELU's tanh form in fc1's product; {exact:.1f} {t.unit} with the exact GELU after it)"
     if not prof:
         return vit
     n = result.get("features_profile_images", 0)
@@ -177,13 +180,17 @@ def _why_features(result: dict, t: Target) -> str:
 
 
 def _why_caption_cli(result: dict, t: Target) -> str:
-    f, c = result.get("features_from_jpeg_images_per_s"), result.get("caption_images_per_s")
+    batch = result.get("caption_cli_batch")
+    by_batch = result.get("caption_images_per_s_by_batch", {})
+    f = result.get("features_from_jpeg_images_per_s")
+    c = by_batch.get(batch, by_batch.get(str(batch))) or result.get("caption_images_per_s")
     if not (f and c):
         return ""
+    at = batch if by_batch.get(batch, by_batch.get(str(batch))) else result.get("caption_batch")
     serial = 1 / (1 / f + 1 / c)
     return (
         f"its images go through the features ({f:.0f} images/s in this run) and then the decoder ({c:.0f} at "
-        f"batch {result.get('caption_batch')}; the command runs batch 256), one after the other on the GPU: "
+        f"batch {at}; the command ran batch {batch}), one after the other on the GPU: "
         f"at most {serial:.0f} {t.unit} at those rates, before reading and writing files"
     )
 

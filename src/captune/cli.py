@@ -274,6 +274,7 @@ def cmd_caption(args) -> int:
     from captune.config import EvalConfig, ModelConfig
     from captune.data.files import collect_paths
     from captune.model.load import load_model, resolve_model_path
+    from captune.ops.generation import PIECE_BATCHES
     from captune.run.caption import CaptionStats, RowWriter, caption_chunks, read_chunks
 
     ecfg = EvalConfig(batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
@@ -288,7 +289,8 @@ def cmd_caption(args) -> int:
     for where, why in missing:
         print(f"captune: skipped {where}: {why}", file=sys.stderr)
     stats = CaptionStats(skipped=list(missing))
-    chunks = _reported(read_chunks(paths, chunk=max(4 * args.batch_size, 256)))
+    started = time.perf_counter()  # the first chunk is read before the model loads: its reading counts
+    chunks = _reported(read_chunks(paths, chunk=max(PIECE_BATCHES * args.batch_size, 256)))
     head = list(_until_readable(chunks))  # before the model loads: no image at all is one line
     if not any(images for images, _ in head):
         raise UserError("no readable image among the given paths")
@@ -306,6 +308,7 @@ def cmd_caption(args) -> int:
         writer.finish()
     finally:
         writer.abandon()
+    stats.seconds = time.perf_counter() - started - load_s
     rate = stats.images / max(stats.seconds, 1e-9)
     print(
         f"captune: captioned {stats.images} image(s) in {stats.seconds:.1f}s ({rate:.1f} images/s; "

@@ -100,6 +100,11 @@ class ModelConfig:
     """Matrix products of the fp32 Q-Former on a GPU when computing image features: tf32 (about 20% faster
     feature extraction on an H200), fp32, or auto = tf32 when the features are rounded to 16 bits for the
     language model anyway (bf16/fp16 models), else fp32."""
+    vision_gelu: Literal["auto", "tanh", "erf"] = "auto"
+    """The vision tower's GELU when computing image features: tanh = its tanh form inside fc1's product
+    (on a GPU, cuBLASLt's epilogue: one pass less over the MLP's activation; within 4.8e-4 of erf), erf =
+    the exact form, as the checkpoint's modules compute it; auto = tanh for a bf16/fp16 tower on a GPU,
+    whose activations are rounded coarser than that, else erf."""
 
     def check(self) -> None:
         _require(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")

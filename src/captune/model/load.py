@@ -122,7 +122,7 @@ def model_classes(path: str) -> tuple[type, type]:
 
 def load_model(cfg: ModelConfig, *, device: torch.device | None = None) -> Loaded:
     from captune.model.instruct import set_instruction
-    from captune.ops.features import set_qformer_matmul
+    from captune.ops.features import set_qformer_matmul, set_vision_gelu
 
     path = resolve_model_path(cfg.name_or_path, cfg.revision)
     model_class, processor_class = model_classes(path)
@@ -144,6 +144,7 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None) -> Loade
     model.eval()
     set_instruction(model, processor, cfg.prompt)
     set_qformer_matmul(model, cfg.qformer_matmul)
+    set_vision_gelu(model, cfg.vision_gelu)
     return Loaded(model, processor, device, dtype, path)
 
 

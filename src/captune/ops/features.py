@@ -8,6 +8,7 @@ computed once per image and reused by training, validation and evaluation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -85,6 +86,57 @@ def qformer_precision(blip) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+VISION_GELU = "captune_vision_gelu"
+
+
+def set_vision_gelu(model, choice: str) -> None:
+    """Record ``model.vision_gelu`` (auto, tanh or erf) on the model, as ``load_model`` does."""
+    setattr(unwrap(model), VISION_GELU, choice)
+
+
+def vision_gelu(blip) -> str:
+    """The resolved choice, tanh or erf: auto takes the tanh form inside fc1's product for a 16-bit vision
+    tower on a GPU (``ops.mlp.vision_feed_forward``; its difference from erf is under their rounding),
+    erf (the module's own GELU) elsewhere: a float32 tower, or a CPU, where it saves nothing."""
+    choice = getattr(blip, VISION_GELU, "auto")
+    if choice != "auto":
+        return choice
+    weight = blip.vision_model.embeddings.patch_embedding.weight
+    return "tanh" if weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) else "erf"
+
+
+def _vision_dtype(blip) -> torch.dtype:
+    return blip.vision_model.embeddings.patch_embedding.weight.dtype
+
+
+@contextlib.contextmanager
+def vision_mlp(blip) -> Iterator[None]:
+    """While features are computed (without autograd), the vision tower's MLPs run ``vision_feed_forward``
+    when ``vision_gelu`` says tanh (each MLP ``gelu_fusable``); their own forwards are put back after."""
+    from captune.ops.mlp import gelu_fusable, vision_feed_forward
+
+    on = vision_gelu(blip) == "tanh" and not torch.is_grad_enabled()
+    mlps = [layer.mlp for layer in blip.vision_model.encoder.layers] if on else []
+    mlps = [m for m in mlps if gelu_fusable(m) and "forward" not in vars(m)]
+    for m in mlps:
+        m.forward = functools.partial(vision_feed_forward, m)
+    try:
+        yield
+    finally:
+        for m in mlps:
+            del m.forward
+
+
+def vision_mlp_path(blip) -> str:
+    """Which feed-forward the vision tower runs when features are computed (``captune bench`` records it)."""
+    from captune.ops.mlp import gelu_fusable
+
+    layer = blip.vision_model.encoder.layers[0]
+    if vision_gelu(blip) == "tanh" and gelu_fusable(layer.mlp):
+        return "fc1 + GELU (tanh form) in one product (ops.mlp.vision_feed_forward)"
+    return "fc1, then its GELU module"
+
+
 class _GpuDecoder:
     """Batches decoded by nvJPEG on a side stream in one background thread, ``ahead`` batches ahead
     of the model: the decoder's host work and its kernels overlap the vision tower's instead of
@@ -154,6 +206,9 @@ def image_features(
     With ``sink``, each batch's features are handed to it in order and not kept (the return is
     empty): a split's features written to disk as they come, never whole in memory.
 
+    The vision tower's MLPs take GELU's tanh form in fc1's product where ``vision_gelu`` says so
+    (``vision_mlp``), and the Q-Former's products TF32 where ``qformer_matmul`` does.
+
     On a GPU, JPEGs are decoded by nvJPEG on a side stream a batch or two ahead of the model
     (``_GpuDecoder``) when the processor allows. Otherwise JPEG decoding and preprocessing run
     in a thread pool, a few batches ahead of the GPU, through the model's own image processor.
@@ -166,7 +221,7 @@ def image_features(
     blip = unwrap(model)
     device = device or next(blip.parameters()).device
     dtype = blip.language_projection.weight.dtype
-    vision_dtype = blip.vision_model.embeddings.patch_embedding.weight.dtype
+    vision_dtype = _vision_dtype(blip)
     instruct = {} if stage == "vision" else qformer_inputs(blip, 1, device, processor, instruction)
     workers = _workers()
     sub = max(1, min(16, batch_size // workers or 1))
@@ -176,7 +231,12 @@ def image_features(
     if device.type == "cuda":
         torch.set_num_threads(1)
     try:
-        with contextlib.ExitStack() as stack, ThreadPoolExecutor(workers) as pool, qformer_precision(blip):
+        with (
+            contextlib.ExitStack() as stack,
+            ThreadPoolExecutor(workers) as pool,
+            qformer_precision(blip),
+            vision_mlp(blip),
+        ):
 
             def submit(start):
                 part = list(images[start : start + batch_size])

@@ -131,6 +131,10 @@ def _fast_greedy(blip, decoders: dict, feats, input_ids, cfg: EvalConfig, tokeni
     )
 
 
+VISION_BATCH = 128  # images per vision-tower call: on an H200 ~954 images/s at 64 and 128, 928 at 256
+PIECE_BATCHES = 4  # decoder batches of features held at a time
+
+
 def caption_images(
     model,
     processor,
@@ -140,16 +144,20 @@ def caption_images(
     device: torch.device | None = None,
     decoders: dict | None = None,
 ) -> list[str]:
-    """Captions for encoded images: features in batches, then batched generation. ``prompt`` is
+    """Captions for encoded images: the features of a few decoder batches at a time, then batched
+    generation. The features' own batches are at most ``VISION_BATCH`` images (the vision tower's
+    pace does not grow past it, while the decoder's does up to thousands), and one features call over
+    the piece lets each batch's JPEG decoding overlap the previous batch on the GPU. ``prompt`` is
     InstructBLIP's instruction as well (its Q-Former reads it). ``decoders``: as for
     ``caption_features``, kept by a caller that captions a stream of chunks."""
     out: list[str] = []
-    for start in range(0, len(images), cfg.batch_size):
+    piece = PIECE_BATCHES * cfg.batch_size
+    for start in range(0, len(images), piece):
         feats = image_features(
             model,
             processor,
-            images[start : start + cfg.batch_size],
-            batch_size=cfg.batch_size,
+            images[start : start + piece],
+            batch_size=min(cfg.batch_size, VISION_BATCH),
             device=device,
             instruction=prompt,
         )

@@ -1,4 +1,5 @@
-"""The OPT decoder layer's feed-forward block, with the ReLU in the first product's epilogue on a GPU.
+"""Feed-forward blocks with the activation in the first product's epilogue on a GPU: the OPT decoder's
+(ReLU, exact) and the vision tower's (GELU in its tanh form, a choice: ``vision_feed_forward``).
 
 ``fc2(relu(fc1(h)))`` costs, beside its two products, one full pass over the (rows, 4H)
 activation for the ReLU, and its backward another for the ReLU's gradient. cuBLASLt can apply
@@ -7,9 +8,9 @@ writes the activation once; the backward masks the gradient by the kept output a
 ReLU does. ``torch._addmm_activation`` has no derivative of its own, hence ``LinearReLU``.
 The values are those of ``relu(linear(h))``: the ReLU of the rounded sum is the rounded ReLU.
 
-Only a frozen plain ``nn.Linear`` with a bias followed by ``nn.ReLU``, on a CUDA GPU, takes it
-(OPT's layers; a LoRA-adapted fc1 keeps peft's forward); CPU runs keep the module calls, so the
-golden values are unchanged.
+Only a plain ``nn.Linear`` with a bias (frozen, in a step that trains) followed by ``nn.ReLU``, on a
+CUDA GPU, takes it (OPT's layers; a LoRA-adapted fc1 keeps peft's forward); CPU runs keep the module
+calls, so the golden values are unchanged.
 """
 
 from __future__ import annotations
@@ -42,32 +43,44 @@ class LinearReLU(torch.autograd.Function):
         return grad_x, None, grad_b
 
 
-def fusable(layer) -> bool:
-    """Whether this layer's fc1 and activation can be one product (on any device): a plain frozen
-    ``nn.Linear`` with a bias, then exactly ``nn.ReLU``. Not where fc1's forward does more than its
-    product: a module with hooks (DeepSpeed ZeRO-3 gathers its partitioned weight in one, accelerate's
-    offload moves it) or a ZeRO-3 parameter, which the fused call would read empty."""
-    fc1 = layer.fc1
+def _plain(fc1) -> bool:
+    """A plain ``nn.Linear`` with a bias whose forward is only its product. Not a module with hooks
+    (DeepSpeed ZeRO-3 gathers its partitioned weight in one, accelerate's offload moves it) or a ZeRO-3
+    parameter, which a fused call would read empty; not a LoRA-adapted layer (peft's class)."""
     return (
         type(fc1) is torch.nn.Linear
         and fc1.bias is not None
-        and not fc1.weight.requires_grad
         and not hasattr(fc1.weight, "ds_id")
         and not (fc1._forward_pre_hooks or fc1._forward_hooks)
-        and type(layer.activation_fn) is torch.nn.ReLU
     )
 
 
+def fusable(layer) -> bool:
+    """Whether this layer's fc1 and activation can be one product (on any device) in a step that
+    trains: ``_plain`` fc1 with a frozen weight, then exactly ``nn.ReLU``."""
+    return _plain(layer.fc1) and not layer.fc1.weight.requires_grad and type(layer.activation_fn) is torch.nn.ReLU
+
+
 def fuses(layer, h: torch.Tensor) -> bool:
-    """Whether ``feed_forward`` fuses this layer's fc1 and ReLU for rows ``h``: ``fusable``, on a CUDA GPU."""
-    return FUSED and h.is_cuda and fusable(layer)
+    """Whether ``feed_forward`` fuses this layer's fc1 and ReLU for rows ``h``, on a CUDA GPU: ``fusable``,
+    or without autograd (decoding) any ``_plain`` fc1 then ``nn.ReLU`` (a model without an adapter
+    has weights that ask for gradients, which no step will take)."""
+    if not (FUSED and h.is_cuda):
+        return False
+    if torch.is_grad_enabled():
+        return fusable(layer)
+    return _plain(layer.fc1) and type(layer.activation_fn) is torch.nn.ReLU
 
 
 def feed_forward(layer, h: torch.Tensor) -> torch.Tensor:
     """``layer.fc2(layer.activation_fn(layer.fc1(h)))``, fused where ``fuses``."""
-    if fuses(layer, h):
-        return layer.fc2(LinearReLU.apply(h, layer.fc1.weight, layer.fc1.bias))
-    return layer.fc2(layer.activation_fn(layer.fc1(h)))
+    if not fuses(layer, h):
+        return layer.fc2(layer.activation_fn(layer.fc1(h)))
+    fc1 = layer.fc1
+    if torch.is_grad_enabled():
+        return layer.fc2(LinearReLU.apply(h, fc1.weight, fc1.bias))
+    y = torch._addmm_activation(fc1.bias, h.reshape(-1, h.size(-1)), fc1.weight.t())
+    return layer.fc2(y.view(*h.shape[:-1], y.size(-1)))
 
 
 def feed_forward_path(model, like: torch.Tensor) -> str:
@@ -76,3 +89,29 @@ def feed_forward_path(model, like: torch.Tensor) -> str:
 
     layer = unwrap(model).language_model.model.decoder.layers[0]
     return "fc1 + ReLU in one product (ops.mlp)" if fuses(layer, like) else "fc1, then its activation"
+
+
+# transformers' GELU modules ("gelu", "gelu_pytorch_tanh") and torch's: those ``vision_feed_forward`` replaces
+_GELUS = ("GELUActivation", "GELUTanh", "PytorchGELUTanh", "GELU")
+
+
+def gelu_fusable(mlp) -> bool:
+    """Whether a vision tower's MLP (``fc1``, ``activation_fn``, ``fc2``) can take ``vision_feed_forward``
+    (without autograd): ``_plain`` fc1, then one of transformers' or torch's GELU modules."""
+    act = getattr(mlp, "activation_fn", None)
+    return _plain(mlp.fc1) and type(act).__name__ in _GELUS and isinstance(act, torch.nn.Module)
+
+
+def vision_feed_forward(mlp, h: torch.Tensor) -> torch.Tensor:
+    """``fc2(gelu_tanh(fc1(h)))``: on a GPU the bias and GELU in fc1's epilogue (cuBLASLt computes GELU in
+    its tanh form, from the float32 sum before it is rounded), saving a pass over the (rows, 4H)
+    activation; elsewhere the same tanh form, after the product. Not differentiable: for frozen
+    features under ``torch.no_grad``. The tanh form is within 4.8e-4 of the exact (erf) GELU at any
+    input: under half a bf16 rounding step of outputs of 0.125 or more."""
+    fc1 = mlp.fc1
+    x = h.reshape(-1, h.size(-1))
+    if x.is_cuda:
+        y = torch._addmm_activation(fc1.bias, x, fc1.weight.t(), use_gelu=True)
+    else:
+        y = torch.nn.functional.gelu(torch.nn.functional.linear(x, fc1.weight, fc1.bias), approximate="tanh")
+    return mlp.fc2(y.view(*h.shape[:-1], y.size(-1)))

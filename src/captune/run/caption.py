@@ -13,7 +13,6 @@ import csv
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,7 +78,7 @@ class RowWriter:
 class CaptionStats:
     images: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0  # captioning, after the model loaded: reading, features, decoding, writing
+    seconds: float = 0.0  # from the first file read to the last row written, less the model load (the caller's)
 
 
 def caption_chunks(model, processor, chunks, cfg, prompt: str, write, stats: CaptionStats) -> None:
@@ -87,11 +86,9 @@ def caption_chunks(model, processor, chunks, cfg, prompt: str, write, stats: Cap
     from captune.ops.generation import caption_images
 
     decoders: dict = {}
-    t0 = time.perf_counter()
     for images, bad in chunks:
         stats.skipped += bad
         if images:
             caps = caption_images(model, processor, [b for _, b in images], cfg, prompt, decoders=decoders)
             write([(p, c) for (p, _), c in zip(images, caps, strict=True)])
             stats.images += len(images)
-    stats.seconds = time.perf_counter() - t0

@@ -176,6 +176,7 @@ class Run:
     def base(self):
         if self._loaded is None:
             from captune.model.load import load_model
+
             gc.collect()  # a model dropped earlier (FSDP shards after training) gives its memory back
             if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
                 sys.modules["torch"].cuda.empty_cache()
