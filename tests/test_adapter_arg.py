@@ -93,3 +93,26 @@ def test_caption_rate_counts_the_first_chunks_reading(tiny_model_dir, image, cap
     assert main(argv) == 0
     found = parse_caption_report(capsys.readouterr().err)
     assert found is not None and found["images"] == 1 and found["seconds"] >= 1.0
+
+
+def test_no_readable_image_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import captune.model.load as load
+
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    for i in range(10):
+        (tmp_path / f"{i}.jpg").write_bytes(b"not an image")
+    assert main(["caption", str(tmp_path), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "captune: error: no readable image among the given paths"
+
+
+def test_a_readable_image_after_the_first_few_unreadable_ones_is_captioned(tiny_model_dir, image, tmp_path, capsys):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"{i}.jpg").write_bytes(b"not an image")
+    (folder / "z.png").write_bytes(image.read_bytes())
+    argv = ["caption", str(folder), "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "2"]
+    assert main([*argv, "--format", "jsonl"]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["path"] for line in captured.out.splitlines()] == [str(folder / "z.png")]
+    assert captured.err.count("captune: skipped") == 10

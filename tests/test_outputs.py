@@ -206,3 +206,24 @@ def test_caption_output_appears_whole_or_not_at_all(tmp_path):
         f'{tmp_path / "b.png"},"a ""red"" bus"',
     ]
     assert os.stat(out).st_mode & 0o777 == mode_for(False) and os.listdir(tmp_path) == ["caps.csv"]
+
+
+def test_read_chunks_starts_reading_before_it_is_iterated(tmp_path, monkeypatch):
+    """captune caption loads the model while its first chunk of files is read: the reading starts when
+    read_chunks is called, not when the first chunk is asked for."""
+    import threading
+
+    import captune.run.caption as caption
+
+    started = threading.Event()
+    real = caption.read_images
+
+    def reading(*args, **kwargs):
+        started.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(caption, "read_images", reading)
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    chunks = caption.read_chunks([tmp_path / "a.jpg"], chunk=4, workers=1)
+    assert started.wait(10)
+    assert [len(images) for images, _ in chunks] == [1]

@@ -275,7 +275,7 @@ def cmd_caption(args) -> int:
     from captune.data.files import collect_paths
     from captune.model.load import load_model, resolve_model_path
     from captune.ops.generation import PIECE_BATCHES
-    from captune.run.caption import CaptionStats, RowWriter, caption_chunks, read_chunks
+    from captune.run.caption import CaptionStats, RowWriter, caption_chunks, read_chunks, readable_among
 
     ecfg = EvalConfig(batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     ecfg.check()
@@ -289,11 +289,13 @@ def cmd_caption(args) -> int:
     for where, why in missing:
         print(f"captune: skipped {where}: {why}", file=sys.stderr)
     stats = CaptionStats(skipped=list(missing))
-    started = time.perf_counter()  # the first chunk is read before the model loads: its reading counts
-    chunks = _reported(read_chunks(paths, chunk=max(PIECE_BATCHES * args.batch_size, 256)))
-    head = list(_until_readable(chunks))  # before the model loads: no image at all is one line
-    if not any(images for images, _ in head):
-        raise UserError("no readable image among the given paths")
+    started = time.perf_counter()  # the files' reading counts, but where it hides in the model load
+    chunks = _reported(read_chunks(paths, chunk=max(PIECE_BATCHES * args.batch_size, 256)))  # reading starts
+    head: list = []  # the chunks read before the model loads
+    if not readable_among(paths):  # none of the first few is an image: look on, so that no image at all is one line
+        head = list(_until_readable(chunks))
+        if not any(images for images, _ in head):
+            raise UserError("no readable image among the given paths")
     writer = RowWriter(args.format, args.output)
     try:
         t0 = time.perf_counter()

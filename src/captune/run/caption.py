@@ -26,15 +26,26 @@ Chunk = tuple[list[tuple[Path, bytes]], list[tuple[str, str]]]  # readable image
 
 
 def read_chunks(paths: list[Path], chunk: int, workers: int | None = None) -> Iterator[Chunk]:
-    """``read_images`` over consecutive chunks of ``paths``, each next chunk read while this one is used."""
+    """``read_images`` over consecutive chunks of ``paths``, each next chunk read while this one is used.
+    The first chunk's reading starts at once, in the background (the caller loads the model meanwhile)."""
     workers = workers or max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(1) as reader:
-        ahead = reader.submit(read_images, paths[:chunk], workers=workers) if paths else None
+    reader = ThreadPoolExecutor(1)
+    first = reader.submit(read_images, paths[:chunk], workers=workers) if paths else None
+    return _chunks(reader, first, paths, chunk, workers)
+
+
+def _chunks(reader: ThreadPoolExecutor, ahead, paths: list[Path], chunk: int, workers: int) -> Iterator[Chunk]:
+    with reader:
         for start in range(0, len(paths), chunk):
             got = ahead.result()
             nxt = start + chunk
             ahead = reader.submit(read_images, paths[nxt : nxt + chunk], workers=workers) if nxt < len(paths) else None
             yield got
+
+
+def readable_among(paths: list[Path], first: int = 8) -> bool:
+    """Whether one of the first ``first`` paths is a readable image (checked here, in a moment)."""
+    return bool(read_images(paths[:first])[0])
 
 
 class RowWriter:
