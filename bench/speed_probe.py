@@ -9,6 +9,9 @@ blip2-opt-2.7b with random weights, as ``captune bench`` builds it. Measures
   i.e. CUDA graphs), with a torch.profiler summary of the eager step's CPU vs GPU time;
 - ``jpeg``: features from JPEG bytes, captune's ``image_features`` (nvJPEG on the GPU, and the
   CPU thread pool), against its parts: one batch's decode + preprocessing alone, the model alone;
+- ``vision``: features from JPEG bytes with the vision tower's modules as the checkpoint has them, with
+  GELU's tanh form in fc1's product only, and fully fused (also the residual sums with their norms) at
+  several warp counts of the sum-and-norm kernel; that kernel alone against torch's add and norm;
 - ``sampling``: SCST's sampler (LoRA attached, K samples per image), its prefill, one graph
   step, one token choice and the text decode apart, and the eager step's kernels.
 
@@ -222,6 +225,38 @@ def probe_jpeg(model, processor, n: int = 2048, batch: int = 128) -> dict:
 
 
 @torch.no_grad()
+def probe_vision(model, processor, n: int = 2048, batch: int = 128) -> dict:
+    """``model.vision_kernels`` plain, GELU only, and fused at 2, 4 and 8 warps: features from JPEG, steady."""
+    from captune.ops import vision
+    from captune.ops.features import image_features
+
+    jpegs = bench.synthetic_jpegs(n)
+
+    def rate() -> float:
+        image_features(model, processor, jpegs[: 2 * batch], batch_size=batch)
+        return round(n / timed(lambda: image_features(model, processor, jpegs, batch_size=batch), 2), 1)
+
+    out = {"images": n, "batch": batch}
+    vision.set_vision_kernels(model, "plain")
+    out["plain_images_per_s"] = rate()
+    vision.set_vision_kernels(model, "fused")
+    vision.ADD_NORM = False
+    out["gelu_only_images_per_s"] = rate()
+    vision.ADD_NORM = True
+    for warps in (2, 4, 8):
+        vision.NUM_WARPS = warps
+        out[f"fused_{warps}_warps_images_per_s"] = rate()
+    vision.NUM_WARPS = 4
+    out["plain_again_images_per_s"] = (vision.set_vision_kernels(model, "plain"), rate())[1]
+    vision.set_vision_kernels(model, "auto")
+    norm = model.vision_model.encoder.layers[1].layer_norm1
+    a, h = (torch.randn(batch, 257, norm.weight.numel(), device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out["add_norm_ms"] = round(1e3 * timed(lambda: vision.add_norm(a, h, norm), 50), 4)
+    out["torch_add_then_norm_ms"] = round(1e3 * timed(lambda: norm(a + h), 50), 4)
+    return out
+
+
+@torch.no_grad()
 def probe_sampling(model, processor, feats, images: int = 256, k: int = 5, tokens: int = 20) -> dict:
     """SCST's sampler as training/scst.py runs it (LoRA attached, eval mode), in parts."""
     from captune.config import LoraConfig
@@ -346,7 +381,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--compile", default="default,reduce-overhead")
     ap.add_argument(
-        "--only", default="features,captioning,training", help="of features,jpeg,captioning,sampling,training"
+        "--only", default="features,captioning,training", help="of features,jpeg,vision,captioning,sampling,training"
     )
     args = ap.parse_args()
     jpegs = bench.synthetic_jpegs(256)
@@ -373,6 +408,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for name, probe in (
         ("jpeg", lambda: probe_jpeg(model, processor)),
+        ("vision", lambda: probe_vision(model, processor)),
         ("sampling", lambda: probe_sampling(model, processor, feats)),
     ):
         if name in only:

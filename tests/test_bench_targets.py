@@ -90,7 +90,7 @@ def test_the_commands_bound_uses_the_decoders_pace_at_the_commands_batch():
     assert "1700 at batch 1024" in why and "544 images/s" in why  # 1 / (1/800 + 1/1700)
 
 
-def test_the_features_row_names_the_exact_gelus_rate_when_measured():
-    result = _result() | {"features_from_jpeg_exact_gelu_images_per_s": 760.0}
+def test_the_features_row_names_the_plain_vision_rate_when_measured():
+    result = _result() | {"features_from_jpeg_plain_vision_images_per_s": 760.0}
     rows = {r["target"]: r for r in bench_targets.targets(result)}
-    assert "760.0 images/s with the exact GELU after it" in rows["image features from JPEG bytes"]["why"]
+    assert "760.0 images/s with the checkpoint's own modules" in rows["image features from JPEG bytes"]["why"]

@@ -88,53 +88,76 @@ def test_load_model_records_the_qformer_matmul_choice(tiny_model_dir):
     assert qformer_matmul(loaded.model) == "tf32"
 
 
-def test_vision_gelu_auto_is_tanh_only_for_a_16_bit_tower_on_a_gpu_and_keys_the_cache(tiny_model_dir):
-    from captune.ops.features import set_vision_gelu, vision_gelu, vision_mlp, vision_mlp_path
+def test_vision_kernels_auto_fuse_only_a_16_bit_tower_on_a_gpu_and_key_the_cache(tiny_model_dir):
+    from captune.ops.vision import fused_vision, set_vision_kernels, vision_kernels, vision_path
     from captune.run.feature_cache import model_fingerprint
 
     model, proc = _load(tiny_model_dir)
-    assert vision_gelu(model) == "erf"  # float32, on the CPU
-    erf_key = model_fingerprint(model, proc, "tiny")
+    assert vision_kernels(model) == "plain"  # float32, on the CPU
+    plain_key = model_fingerprint(model, proc, "tiny")
     model.vision_model.to(torch.bfloat16)
-    assert vision_gelu(model) == "erf"  # 16-bit, but on a CPU: the tanh form would save nothing here
+    assert vision_kernels(model) == "plain"  # 16-bit, but on a CPU: fusing would save nothing here
     model.vision_model.to(torch.float32)
-    set_vision_gelu(model, "tanh")
-    assert vision_gelu(model) == "tanh" and model_fingerprint(model, proc, "tiny") != erf_key
-    assert "tanh form" in vision_mlp_path(model)
-    mlps = [layer.mlp for layer in model.vision_model.encoder.layers]
-    with vision_mlp(model):
-        assert not any("forward" in vars(m) for m in mlps)  # with autograd on: the modules' own
-    with torch.no_grad(), vision_mlp(model):
-        assert all("forward" in vars(m) for m in mlps)
-    assert not any("forward" in vars(m) for m in mlps)  # the modules' own forwards are back
-    set_vision_gelu(model, "erf")
-    assert "then its GELU" in vision_mlp_path(model)
+    set_vision_kernels(model, "fused")
+    assert vision_kernels(model) == "fused" and model_fingerprint(model, proc, "tiny") != plain_key
+    assert vision_path(model) == (
+        "fc1 + GELU (tanh form) in one product, residual sum + layer norm in one pass (as torch ops here)"
+    )
+    encoder = model.vision_model.encoder
+    modules = [encoder] + [layer.mlp for layer in encoder.layers]
+    with fused_vision(model):
+        assert not any("forward" in vars(m) for m in modules)  # with autograd on: the modules' own
+    with torch.no_grad(), fused_vision(model):
+        assert all("forward" in vars(m) for m in modules)
+    assert not any("forward" in vars(m) for m in modules)  # the modules' own forwards are back
+    set_vision_kernels(model, "plain")
+    assert vision_path(model) == "the checkpoint's modules"
 
 
-def test_tanh_gelu_features_are_the_towers_with_the_tanh_form(tiny_model_dir):
-    """vision_gelu=tanh: the vision tower's output is that of the same tower whose GELUs are the tanh form."""
-    from captune.ops.features import set_vision_gelu
-
+def _tower(tiny_model_dir):
+    """The tiny model with MLP weights of order 1, where GELU's two forms part (at init both are ~x/2)."""
     model, proc = _load(tiny_model_dir)
     torch.manual_seed(0)
-    for layer in model.vision_model.encoder.layers:  # outputs of order 1, where the two forms part
+    for layer in model.vision_model.encoder.layers:
         torch.nn.init.normal_(layer.mlp.fc1.weight, std=0.5)
         torch.nn.init.normal_(layer.mlp.fc2.weight, std=0.5)
+    return model, proc
+
+
+def test_fused_vision_features_are_the_towers_with_the_tanh_form(tiny_model_dir):
+    """vision_kernels=fused on a CPU: the vision tower's output is exactly that of the same tower whose
+    GELUs are the tanh form (the encoder's own loop rewritten: the same sums and norms, in order)."""
+    from captune.ops.vision import set_vision_kernels
+
+    model, proc = _tower(tiny_model_dir)
     images = [jpeg_bytes((200, 10, 10)), jpeg_bytes((10, 200, 10))]
-    erf = image_features(model, proc, images, stage="vision")
-    set_vision_gelu(model, "tanh")
+    plain = image_features(model, proc, images, stage="vision")
+    set_vision_kernels(model, "fused")
     got = image_features(model, proc, images, stage="vision")
-    set_vision_gelu(model, "erf")
+    set_vision_kernels(model, "plain")
     for layer in model.vision_model.encoder.layers:
         layer.mlp.activation_fn = torch.nn.GELU(approximate="tanh")
     tanh = image_features(model, proc, images, stage="vision")
-    assert torch.equal(got, tanh) and not torch.equal(got, erf)
+    assert torch.equal(got, tanh) and not torch.equal(got, plain)
 
 
-def test_load_model_records_the_vision_gelu_choice(tiny_model_dir):
+def test_encoder_forward_equals_the_encoders_own_and_defers_to_it_when_more_is_asked(tiny_model_dir):
+    from captune.ops.vision import encoder_forward
+
+    model, _ = _tower(tiny_model_dir)
+    encoder = model.vision_model.encoder
+    x = torch.randn(2, 5, model.config.vision_config.hidden_size)
+    with torch.no_grad():
+        own = encoder(inputs_embeds=x).last_hidden_state
+        assert torch.equal(encoder_forward(encoder, x).last_hidden_state, own)
+        deferred = encoder_forward(encoder, x, output_hidden_states=True)
+    assert torch.equal(deferred.last_hidden_state, own)
+
+
+def test_load_model_records_the_vision_kernels_choice(tiny_model_dir):
     from captune.config import ModelConfig
     from captune.model.load import load_model
-    from captune.ops.features import vision_gelu
+    from captune.ops.vision import vision_kernels
 
-    loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", vision_gelu="tanh"))
-    assert vision_gelu(loaded.model) == "tanh"
+    loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", vision_kernels="fused"))
+    assert vision_kernels(loaded.model) == "fused"

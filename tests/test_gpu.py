@@ -136,25 +136,49 @@ def test_tf32_qformer_features_within_the_bf16_rounding_of_fp32_ones():
 
 
 @needs_cuda
-def test_tanh_gelu_features_as_close_to_float32_ones_as_the_exact_gelus():
-    """auto takes GELU's tanh form inside fc1's product for a bf16 vision tower on a GPU: its features
-    are as close to the float32 model's (exact GELU, fp32 Q-Former) as those of the exact GELU in bf16."""
+def test_fused_vision_features_as_close_to_float32_ones_as_the_plain_modules():
+    """auto fuses a bf16 vision tower on a GPU (GELU's tanh form in fc1's product, residual sums with
+    their norms): its features are as close to the float32 model's (the checkpoint's modules, fp32
+    Q-Former) as those of the checkpoint's modules in bf16."""
     from captune.config import ModelConfig
     from captune.demo import world
     from captune.model.load import load_model
-    from captune.ops.features import image_features, set_vision_gelu, vision_mlp_path
+    from captune.ops.features import image_features
+    from captune.ops.vision import set_vision_kernels, vision_path
 
     images = [it["image"] for it in world.make_items("plain", 64, seed=5)]
     full = load_model(ModelConfig(device="cuda", dtype="fp32"))
-    assert vision_mlp_path(full.model) == "fc1, then its GELU module"
+    assert vision_path(full.model) == "the checkpoint's modules"
     ref = image_features(full.model, full.processor, images).float()
     loaded = load_model(ModelConfig(device="cuda", dtype="bf16"))
-    assert vision_mlp_path(loaded.model).startswith("fc1 + GELU (tanh form) in one product")
-    tanh = image_features(loaded.model, loaded.processor, images).float()
-    set_vision_gelu(loaded.model, "erf")
-    erf = image_features(loaded.model, loaded.processor, images).float()
-    assert not torch.equal(tanh, erf)
-    assert (tanh - ref).abs().mean() <= 1.1 * (erf - ref).abs().mean()
+    assert vision_path(loaded.model) == "fc1 + GELU (tanh form) in one product, residual sum + layer norm in one pass"
+    fused = image_features(loaded.model, loaded.processor, images).float()
+    set_vision_kernels(loaded.model, "plain")
+    plain = image_features(loaded.model, loaded.processor, images).float()
+    assert not torch.equal(fused, plain)
+    assert (fused - ref).abs().mean() <= 1.1 * (plain - ref).abs().mean()
+
+
+@needs_cuda
+def test_add_norm_kernel_is_torchs_sum_and_norm():
+    """The Triton pass: the sum exactly torch's, the norm within one bf16 step of torch's (rows of 1408 as
+    ViT-g's, and of 40 as the demo tower's)."""
+    from captune.ops.vision import add_norm
+
+    for cols in (1408, 40):
+        torch.manual_seed(0)
+        norm = torch.nn.LayerNorm(cols, device="cuda", dtype=torch.bfloat16)
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+        a = torch.randn(3, 257, cols, device="cuda", dtype=torch.bfloat16)
+        h = 4 * torch.randn(3, 257, cols, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            s, x = add_norm(a, h, norm)
+            ref = norm(a + h)
+        assert torch.equal(s, a + h)
+        step = ref.float().abs().clamp_min(2**-6) * 2**-7  # one bf16 step at each value's size
+        assert ((x.float() - ref.float()).abs() <= step).all()
+        assert (x == ref).float().mean() > 0.9
 
 
 @needs_cuda

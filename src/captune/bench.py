@@ -172,15 +172,9 @@ def lm_params(model) -> int:
 
 def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
     """Image features: plain HF on decoded tensors and captune's path from JPEG bytes, in images/s; the
-    latter also with the vision tower's exact GELU (``model.vision_gelu=erf``) when auto takes its tanh form."""
-    from captune.ops.features import (
-        image_features,
-        pixel_values,
-        qformer_matmul,
-        set_vision_gelu,
-        vision_gelu,
-        vision_mlp_path,
-    )
+    latter also with the checkpoint's own vision modules (``model.vision_kernels=plain``) when auto fuses."""
+    from captune.ops.features import image_features, pixel_values, qformer_matmul
+    from captune.ops.vision import set_vision_kernels, vision_kernels, vision_path
 
     pv = pixel_values(processor, jpegs[:batch]).to("cuda", torch.bfloat16)
     with torch.no_grad():
@@ -198,14 +192,14 @@ def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
     out = {
         "features_gpu_images_per_s": round(batch / gpu, 1),
         "features_from_jpeg_images_per_s": from_jpeg(),
-        # the GPU-only line is plain HF (fp32 Q-Former, exact GELU); captune's path from JPEG uses these
+        # the GPU-only line is plain HF (fp32 Q-Former, the checkpoint's modules); captune's path uses these
         "features_qformer_matmul": qformer_matmul(model),
-        "features_vision_mlp": vision_mlp_path(model),
+        "features_vision_kernels": vision_path(model),
     }
-    if vision_gelu(model) == "tanh":
-        set_vision_gelu(model, "erf")
-        out["features_from_jpeg_exact_gelu_images_per_s"] = from_jpeg()
-        set_vision_gelu(model, "auto")
+    if vision_kernels(model) == "fused":
+        set_vision_kernels(model, "plain")
+        out["features_from_jpeg_plain_vision_images_per_s"] = from_jpeg()
+        set_vision_kernels(model, "auto")
     return out
 
 

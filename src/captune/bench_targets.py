@@ -167,9 +167,9 @@ def _why_features(result: dict, t: Target) -> str:
     prof = result.get("features_profile")
     rate = result[t.key]
     vit = f"{rate * VIT_GFLOP_PER_IMAGE / 1e3:.0f} TFLOP/s of the ViT's ~{VIT_GFLOP_PER_IMAGE} GFLOP an image"
-    exact = result.get("features_from_jpeg_exact_gelu_images_per_s")
-    if exact:
-        vit += f" (GELU's tanh form in fc1's product; {exact:.1f} {t.unit} with the exact GELU after it)"
+    plain = result.get("features_from_jpeg_plain_vision_images_per_s")
+    if plain:
+        vit += f" (fused vision kernels; {plain:.1f} {t.unit} with the checkpoint's own modules)"
     if not prof:
         return vit
     n = result.get("features_profile_images", 0)

@@ -100,11 +100,12 @@ class ModelConfig:
     """Matrix products of the fp32 Q-Former on a GPU when computing image features: tf32 (about 20% faster
     feature extraction on an H200), fp32, or auto = tf32 when the features are rounded to 16 bits for the
     language model anyway (bf16/fp16 models), else fp32."""
-    vision_gelu: Literal["auto", "tanh", "erf"] = "auto"
-    """The vision tower's GELU when computing image features: tanh = its tanh form inside fc1's product
-    (on a GPU, cuBLASLt's epilogue: one pass less over the MLP's activation; within 4.8e-4 of erf), erf =
-    the exact form, as the checkpoint's modules compute it; auto = tanh for a bf16/fp16 tower on a GPU,
-    whose activations are rounded coarser than that, else erf."""
+    vision_kernels: Literal["auto", "fused", "plain"] = "auto"
+    """The vision tower when computing image features: fused = GELU's tanh form inside fc1's product (within
+    4.8e-4 of the exact GELU) and each residual addition with the layer norm after it in one pass (a Triton
+    kernel; its 16-bit output may differ from torch's by one rounding step), about 6% faster features on an
+    H200; plain = the checkpoint's modules as transformers runs them; auto = fused for a bf16/fp16 tower on
+    a GPU, whose activations are rounded coarser than those differences, else plain."""
 
     def check(self) -> None:
         _require(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")

@@ -122,7 +122,8 @@ def model_classes(path: str) -> tuple[type, type]:
 
 def load_model(cfg: ModelConfig, *, device: torch.device | None = None) -> Loaded:
     from captune.model.instruct import set_instruction
-    from captune.ops.features import set_qformer_matmul, set_vision_gelu
+    from captune.ops.features import set_qformer_matmul
+    from captune.ops.vision import set_vision_kernels
 
     path = resolve_model_path(cfg.name_or_path, cfg.revision)
     model_class, processor_class = model_classes(path)
@@ -144,7 +145,7 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None) -> Loade
     model.eval()
     set_instruction(model, processor, cfg.prompt)
     set_qformer_matmul(model, cfg.qformer_matmul)
-    set_vision_gelu(model, cfg.vision_gelu)
+    set_vision_kernels(model, cfg.vision_kernels)
     return Loaded(model, processor, device, dtype, path)
 
 

@@ -8,7 +8,6 @@ computed once per image and reused by training, validation and evaluation.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -17,6 +16,7 @@ import torch
 from captune.data.images import load_rgb
 from captune.model.instruct import qformer_inputs
 from captune.ops.lm import unwrap
+from captune.ops.vision import fused_vision
 
 
 def pixel_values(processor, images: Sequence[bytes]) -> torch.Tensor:
@@ -84,57 +84,6 @@ def qformer_precision(blip) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
-
-
-VISION_GELU = "captune_vision_gelu"
-
-
-def set_vision_gelu(model, choice: str) -> None:
-    """Record ``model.vision_gelu`` (auto, tanh or erf) on the model, as ``load_model`` does."""
-    setattr(unwrap(model), VISION_GELU, choice)
-
-
-def vision_gelu(blip) -> str:
-    """The resolved choice, tanh or erf: auto takes the tanh form inside fc1's product for a 16-bit vision
-    tower on a GPU (``ops.mlp.vision_feed_forward``; its difference from erf is under their rounding),
-    erf (the module's own GELU) elsewhere: a float32 tower, or a CPU, where it saves nothing."""
-    choice = getattr(blip, VISION_GELU, "auto")
-    if choice != "auto":
-        return choice
-    weight = blip.vision_model.embeddings.patch_embedding.weight
-    return "tanh" if weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) else "erf"
-
-
-def _vision_dtype(blip) -> torch.dtype:
-    return blip.vision_model.embeddings.patch_embedding.weight.dtype
-
-
-@contextlib.contextmanager
-def vision_mlp(blip) -> Iterator[None]:
-    """While features are computed (without autograd), the vision tower's MLPs run ``vision_feed_forward``
-    when ``vision_gelu`` says tanh (each MLP ``gelu_fusable``); their own forwards are put back after."""
-    from captune.ops.mlp import gelu_fusable, vision_feed_forward
-
-    on = vision_gelu(blip) == "tanh" and not torch.is_grad_enabled()
-    mlps = [layer.mlp for layer in blip.vision_model.encoder.layers] if on else []
-    mlps = [m for m in mlps if gelu_fusable(m) and "forward" not in vars(m)]
-    for m in mlps:
-        m.forward = functools.partial(vision_feed_forward, m)
-    try:
-        yield
-    finally:
-        for m in mlps:
-            del m.forward
-
-
-def vision_mlp_path(blip) -> str:
-    """Which feed-forward the vision tower runs when features are computed (``captune bench`` records it)."""
-    from captune.ops.mlp import gelu_fusable
-
-    layer = blip.vision_model.encoder.layers[0]
-    if vision_gelu(blip) == "tanh" and gelu_fusable(layer.mlp):
-        return "fc1 + GELU (tanh form) in one product (ops.mlp.vision_feed_forward)"
-    return "fc1, then its GELU module"
 
 
 class _GpuDecoder:
@@ -206,8 +155,8 @@ def image_features(
     With ``sink``, each batch's features are handed to it in order and not kept (the return is
     empty): a split's features written to disk as they come, never whole in memory.
 
-    The vision tower's MLPs take GELU's tanh form in fc1's product where ``vision_gelu`` says so
-    (``vision_mlp``), and the Q-Former's products TF32 where ``qformer_matmul`` does.
+    The vision tower runs ``ops.vision``'s fused kernels where ``vision_kernels`` says so, and the
+    Q-Former's products are TF32 where ``qformer_matmul`` says so.
 
     On a GPU, JPEGs are decoded by nvJPEG on a side stream a batch or two ahead of the model
     (``_GpuDecoder``) when the processor allows. Otherwise JPEG decoding and preprocessing run
@@ -221,7 +170,7 @@ def image_features(
     blip = unwrap(model)
     device = device or next(blip.parameters()).device
     dtype = blip.language_projection.weight.dtype
-    vision_dtype = _vision_dtype(blip)
+    vision_dtype = blip.vision_model.embeddings.patch_embedding.weight.dtype
     instruct = {} if stage == "vision" else qformer_inputs(blip, 1, device, processor, instruction)
     workers = _workers()
     sub = max(1, min(16, batch_size // workers or 1))
@@ -235,7 +184,7 @@ def image_features(
             contextlib.ExitStack() as stack,
             ThreadPoolExecutor(workers) as pool,
             qformer_precision(blip),
-            vision_mlp(blip),
+            fused_vision(blip),
         ):
 
             def submit(start):

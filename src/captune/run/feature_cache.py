@@ -11,8 +11,9 @@ import torch
 
 from captune.model.instruct import instruction
 from captune.ops.feature_map import FeatureMap, is_complete, write_map
-from captune.ops.features import _workers, qformer_matmul, vision_gelu
+from captune.ops.features import _workers, qformer_matmul
 from captune.ops.lm import unwrap
+from captune.ops.vision import vision_kernels
 
 
 def model_fingerprint(model, processor, source: str) -> str:
@@ -36,8 +37,8 @@ def model_fingerprint(model, processor, source: str) -> str:
     }
     if qformer_matmul(blip) == "tf32":  # only then: keys of fp32 features stay as they were
         doc["qformer_matmul"] = "tf32"
-    if vision_gelu(blip) == "tanh":  # likewise: keys of features with the exact GELU stay as they were
-        doc["vision_gelu"] = "tanh"
+    if vision_kernels(blip) == "fused":  # likewise: keys of the checkpoint's own vision path stay as they were
+        doc["vision_kernels"] = "fused"
     read = instruction(blip)
     if read is not None:  # only InstructBLIP: BLIP-2 keys stay as they were
         doc["instruction"] = [read[0], read[1]]
