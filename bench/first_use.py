@@ -3,11 +3,13 @@ captions its 500 test images in 3.8 s, the fine-tuned phase the same images in 0
 
 One fresh process: blip2-opt-2.7b with random weights built from config and moved to the GPU, then,
 each timed to a synchronised GPU: features of three batches of 128 JPEGs (the first is every first use
-of the vision path), a batch of another size, the same sizes under each SDPA backend for the vision
-tower's attention; greedy captions of 1,024 images at batch 1,024, twice (the first builds the decoder
-and captures its CUDA graph).
+of the vision path), a batch of another size, the steady pace over 1,024; greedy captions of 1,024
+images at batch 1,024, three times (the first builds the decoder and captures its CUDA graph); the
+features of 1,024 JPEGs on a side stream while 1,024 images are captioned, against each alone; and
+``captune caption``'s flow over 5,000 JPEG files, warm. ``--vit-attention flash`` (or cudnn) restricts
+the vision tower's SDPA to that backend, from the first call.
 
-    python bench/first_use.py --out results/DATE-h200-first-use.json
+    python bench/first_use.py --out results/DATE-h200-first-use.json [--vit-attention flash]
 """
 
 from __future__ import annotations
@@ -33,27 +35,51 @@ def _timed_once(fn) -> tuple[float, object]:
     return round(time.perf_counter() - t0, 4), out
 
 
-def _vision_backends(model, processor, jpegs) -> dict:
-    """Features at batches 96 and 112 (new shapes) under each SDPA backend: first call, then steady."""
+def _vit_attention(model, backends: str) -> None:
+    """The vision tower's attention restricted to ``backends`` (the Q-Former's fp32 attention keeps its own)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    out = {}
-    for name, backend, batch in (("cudnn", SDPBackend.CUDNN_ATTENTION, 96), ("flash", SDPBackend.FLASH_ATTENTION, 112)):
-        try:
-            with sdpa_kernel([backend]):
-                first, _ = _timed_once(lambda b=batch: image_features(model, processor, jpegs[:b], batch_size=b))
-                again, _ = _timed_once(lambda b=batch: image_features(model, processor, jpegs[:b], batch_size=b))
-                steady, _ = _timed_once(lambda: image_features(model, processor, jpegs[:1024], batch_size=128))
-        except RuntimeError as exc:
-            out[name] = {"error": str(exc).splitlines()[0][:200]}
-            continue
-        out[name] = {
-            "batch": batch,
-            "first_s": first,
-            "again_s": again,
-            "steady_1024_images_per_s": round(1024 / steady, 1),
-        }
-    return out
+    chosen = {"flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION]}[backends]
+    vm = model.vision_model
+    own = type(vm).forward
+
+    def forward(*args, **kwargs):
+        with sdpa_kernel(chosen):
+            return own(vm, *args, **kwargs)
+
+    vm.forward = forward
+
+
+def _steady_features(model, processor, jpegs) -> float:
+    image_features(model, processor, jpegs[:256], batch_size=128)
+    t, _ = _timed_once(lambda: image_features(model, processor, jpegs[:1024], batch_size=128))
+    return round(1024 / t, 1)
+
+
+def _side_by_side(model, processor, jpegs, feats, cfg, decoders) -> dict:
+    """Features of 1,024 JPEGs on a side stream in a thread while 1,024 images are captioned on this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok = processor.tokenizer
+    side = torch.cuda.Stream()
+
+    def features_on_side():
+        with torch.cuda.stream(side):
+            out = image_features(model, processor, jpegs[:1024], batch_size=128)
+        side.synchronize()
+        return out
+
+    alone_f, _ = _timed_once(features_on_side)
+    alone_c, _ = _timed_once(lambda: caption_features(model, tok, feats, cfg, "", decoders))
+    with ThreadPoolExecutor(1) as pool:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fut = pool.submit(features_on_side)
+        caption_features(model, tok, feats, cfg, "", decoders)
+        fut.result()
+        torch.cuda.synchronize()
+        both = time.perf_counter() - t0
+    return {"features_alone_s": alone_f, "captions_alone_s": alone_c, "together_s": round(both, 4)}
 
 
 def _cli_flow(model, processor, n: int, batch: int) -> dict:
@@ -63,7 +89,7 @@ def _cli_flow(model, processor, n: int, batch: int) -> dict:
     from pathlib import Path
 
     import captune.ops.generation as generation
-    from captune.run.caption import CaptionStats, caption_chunks, read_chunks
+    from captune.run.caption import CaptionStats, ChunkReader, caption_chunks
 
     parts: dict[str, float] = {"features_s": 0.0, "captions_s": 0.0}
 
@@ -86,10 +112,10 @@ def _cli_flow(model, processor, n: int, batch: int) -> dict:
         try:
             cfg = EvalConfig(batch_size=batch, max_new_tokens=20, min_new_tokens=20)
             t0 = time.perf_counter()
-            chunks = list(read_chunks(paths[: 4 * batch], chunk=4 * batch))
+            reader = ChunkReader(paths, chunk=4 * batch, first=batch)
+            head = reader.head()
             parts["first_chunk_read_s"] = round(time.perf_counter() - t0, 4)
-            rest = read_chunks(paths[4 * batch :], chunk=4 * batch)
-            caption_chunks(model, processor, itertools.chain(chunks, rest), cfg, "", lambda rows: None, CaptionStats())
+            caption_chunks(model, processor, itertools.chain(head, reader), cfg, "", lambda rows: None, CaptionStats())
             parts["whole_s"] = round(time.perf_counter() - t0, 4)
         finally:
             generation.image_features, generation.caption_features = real
@@ -101,6 +127,8 @@ def _cli_flow(model, processor, n: int, batch: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--vit-attention", choices=["default", "flash", "cudnn"], default="default")
+    ap.add_argument("--no-cli-flow", action="store_true")
     args = ap.parse_args()
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     jpegs = bench.synthetic_jpegs(1024)
@@ -108,13 +136,16 @@ def main() -> None:
     result["build_and_move_s"] = t
     processor = bench.build_processor(cfg)
     model.eval()
+    result["vit_attention"] = args.vit_attention
+    if args.vit_attention != "default":
+        _vit_attention(model, args.vit_attention)
     for i in range(3):
         result[f"features_128_call{i + 1}_s"], feats = _timed_once(
             lambda i=i: image_features(model, processor, jpegs[128 * i : 128 * (i + 1)], batch_size=128)
         )
     result["features_64_first_s"], _ = _timed_once(lambda: image_features(model, processor, jpegs[:64], batch_size=64))
     result["features_64_again_s"], _ = _timed_once(lambda: image_features(model, processor, jpegs[:64], batch_size=64))
-    result["vision_attention"] = _vision_backends(model, processor, jpegs)
+    result["features_steady_images_per_s"] = _steady_features(model, processor, jpegs)
     feats = feats.repeat(8, 1, 1)
     cfg20 = EvalConfig(batch_size=1024, max_new_tokens=20, min_new_tokens=20)
     decoders: dict = {}
@@ -123,7 +154,9 @@ def main() -> None:
         result[f"captions_1024_call{i + 1}_s"], _ = _timed_once(
             lambda: caption_features(model, tok, feats, cfg20, "", decoders)
         )
-    result["cli_flow_warm"] = _cli_flow(model, processor, 5000, 1024)
+    result["side_by_side"] = _side_by_side(model, processor, jpegs, feats, cfg20, decoders)
+    if not args.no_cli_flow:
+        result["cli_flow_warm"] = _cli_flow(model, processor, 5000, 1024)
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -144,7 +144,7 @@ def test_caption_stream_in_chunks_equals_one_pass(tmp_path):
     from captune.demo import world
     from captune.model.load import load_model
     from captune.ops.generation import caption_images
-    from captune.run.caption import CaptionStats, caption_chunks, read_chunks
+    from captune.run.caption import CaptionStats, ChunkReader, caption_chunks
 
     items = world.make_items("plain", 7, seed=11)
     paths = []
@@ -156,7 +156,7 @@ def test_caption_stream_in_chunks_equals_one_pass(tmp_path):
     loaded = load_model(ModelConfig(device="cpu"))
     cfg = EvalConfig(batch_size=2, max_new_tokens=8)
     rows, stats = [], CaptionStats()
-    chunks = list(read_chunks(paths, chunk=3, workers=2))
+    chunks = list(ChunkReader(paths, chunk=3, workers=2))
     assert [len(images) for images, _ in chunks] == [3, 2, 2]  # the bad file is in the second chunk
     caption_chunks(loaded.model, loaded.processor, chunks, cfg, "", rows.extend, stats)
     expected = caption_images(loaded.model, loaded.processor, [it["image"] for it in items], cfg)
@@ -208,22 +208,18 @@ def test_caption_output_appears_whole_or_not_at_all(tmp_path):
     assert os.stat(out).st_mode & 0o777 == mode_for(False) and os.listdir(tmp_path) == ["caps.csv"]
 
 
-def test_read_chunks_starts_reading_before_it_is_iterated(tmp_path, monkeypatch):
-    """captune caption loads the model while its first chunk of files is read: the reading starts when
-    read_chunks is called, not when the first chunk is asked for."""
-    import threading
+def test_chunk_reader_reads_a_head_then_the_rest_ahead(tmp_path):
+    """captune caption reads its first chunk (one batch, while nothing else runs) up to the first readable
+    image; the rest are bigger chunks, each read while the one before is used."""
+    from captune.run.caption import ChunkReader
 
-    import captune.run.caption as caption
-
-    started = threading.Event()
-    real = caption.read_images
-
-    def reading(*args, **kwargs):
-        started.set()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(caption, "read_images", reading)
-    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
-    chunks = caption.read_chunks([tmp_path / "a.jpg"], chunk=4, workers=1)
-    assert started.wait(10)
-    assert [len(images) for images, _ in chunks] == [1]
+    paths = []
+    for i in range(9):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(jpeg_bytes() if i > 2 else b"not an image")
+    reader = ChunkReader(paths, chunk=3, first=2, workers=2)
+    head = reader.head()  # 0-1 unreadable, then 2-4: a readable one
+    assert [(len(ok), len(bad)) for ok, bad in head] == [(0, 2), (2, 1)]
+    assert [len(ok) for ok, _ in reader] == [3, 1] and list(reader) == []
+    assert [len(ok) for ok, _ in ChunkReader(paths, chunk=4)] == [1, 4, 1]  # (the first 3 unreadable)
+    assert ChunkReader([], chunk=3).head() == [] and list(ChunkReader([], chunk=3)) == []

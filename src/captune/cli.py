@@ -275,7 +275,7 @@ def cmd_caption(args) -> int:
     from captune.data.files import collect_paths
     from captune.model.load import load_model, resolve_model_path
     from captune.ops.generation import PIECE_BATCHES
-    from captune.run.caption import CaptionStats, RowWriter, caption_chunks, read_chunks, readable_among
+    from captune.run.caption import CaptionStats, ChunkReader, RowWriter, caption_chunks
 
     ecfg = EvalConfig(batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     ecfg.check()
@@ -289,13 +289,13 @@ def cmd_caption(args) -> int:
     for where, why in missing:
         print(f"captune: skipped {where}: {why}", file=sys.stderr)
     stats = CaptionStats(skipped=list(missing))
-    started = time.perf_counter()  # the files' reading counts, but where it hides in the model load
-    chunks = _reported(read_chunks(paths, chunk=max(PIECE_BATCHES * args.batch_size, 256)))  # reading starts
-    head: list = []  # the chunks read before the model loads
-    if not readable_among(paths):  # none of the first few is an image: look on, so that no image at all is one line
-        head = list(_until_readable(chunks))
-        if not any(images for images, _ in head):
-            raise UserError("no readable image among the given paths")
+    # The first chunk, a batch of files, is read before the model loads (no image at all is one line at
+    # once) and counts as captioning time; each next one, a few batches, is read while one is captioned.
+    started = time.perf_counter()
+    reader = ChunkReader(paths, chunk=max(PIECE_BATCHES * args.batch_size, 256), first=max(args.batch_size, 64))
+    head = list(_reported(reader.head()))
+    if not any(images for images, _ in head):
+        raise UserError("no readable image among the given paths")
     writer = RowWriter(args.format, args.output)
     try:
         t0 = time.perf_counter()
@@ -306,7 +306,8 @@ def cmd_caption(args) -> int:
 
             model = PeftModel.from_pretrained(model, adapter).eval()
         load_s = time.perf_counter() - t0
-        caption_chunks(model, loaded.processor, itertools.chain(head, chunks), ecfg, args.prompt, writer.write, stats)
+        chunks = itertools.chain(head, _reported(reader))
+        caption_chunks(model, loaded.processor, chunks, ecfg, args.prompt, writer.write, stats)
         writer.finish()
     finally:
         writer.abandon()
@@ -326,14 +327,6 @@ def _reported(chunks):
         for where, why in bad:
             print(f"captune: skipped {where}: {why}", file=sys.stderr)
         yield images, bad
-
-
-def _until_readable(chunks):
-    """Chunks up to and including the first with a readable image (all of them when none has one)."""
-    for images, bad in chunks:
-        yield images, bad
-        if images:
-            return
 
 
 def _run_config(run: Path, command: str):

@@ -25,27 +25,38 @@ from captune.data.files import read_images
 Chunk = tuple[list[tuple[Path, bytes]], list[tuple[str, str]]]  # readable images, (path, why) skipped
 
 
-def read_chunks(paths: list[Path], chunk: int, workers: int | None = None) -> Iterator[Chunk]:
-    """``read_images`` over consecutive chunks of ``paths``, each next chunk read while this one is used.
-    The first chunk's reading starts at once, in the background (the caller loads the model meanwhile)."""
-    workers = workers or max(1, min(8, os.cpu_count() or 1))
-    reader = ThreadPoolExecutor(1)
-    first = reader.submit(read_images, paths[:chunk], workers=workers) if paths else None
-    return _chunks(reader, first, paths, chunk, workers)
+class ChunkReader:
+    """``read_images`` over consecutive chunks of ``paths``: the first ``first`` paths (default ``chunk``),
+    then ``chunk`` at a time. ``head`` reads chunks here, one after another, up to the first with a
+    readable image (before the model loads: nothing else runs meanwhile); iterating gives the rest, each
+    next chunk read in the background while this one is used (from the first one asked for: not while
+    the model loads)."""
 
+    def __init__(self, paths: list[Path], chunk: int, first: int | None = None, workers: int | None = None):
+        self.paths, self.workers = paths, workers or max(1, min(8, os.cpu_count() or 1))
+        self.spans, start, size = [], 0, first or chunk
+        while start < len(paths):
+            self.spans.append((start, min(start + size, len(paths))))
+            start, size = self.spans[-1][1], chunk
 
-def _chunks(reader: ThreadPoolExecutor, ahead, paths: list[Path], chunk: int, workers: int) -> Iterator[Chunk]:
-    with reader:
-        for start in range(0, len(paths), chunk):
-            got = ahead.result()
-            nxt = start + chunk
-            ahead = reader.submit(read_images, paths[nxt : nxt + chunk], workers=workers) if nxt < len(paths) else None
-            yield got
+    def _read(self, span: tuple[int, int]) -> Chunk:
+        return read_images(self.paths[span[0] : span[1]], workers=self.workers)
 
+    def head(self) -> list[Chunk]:
+        got: list[Chunk] = []
+        while self.spans and not (got and got[-1][0]):
+            got.append(self._read(self.spans.pop(0)))
+        return got
 
-def readable_among(paths: list[Path], first: int = 8) -> bool:
-    """Whether one of the first ``first`` paths is a readable image (checked here, in a moment)."""
-    return bool(read_images(paths[:first])[0])
+    def __iter__(self) -> Iterator[Chunk]:
+        spans, self.spans = self.spans, []
+        with ThreadPoolExecutor(1) as reader:
+            ahead = reader.submit(self._read, spans[0]) if spans else None
+            for i in range(len(spans)):
+                got = ahead.result()
+                if i + 1 < len(spans):
+                    ahead = reader.submit(self._read, spans[i + 1])
+                yield got
 
 
 class RowWriter:
