@@ -115,7 +115,9 @@ def _cli_flow(model, processor, n: int, batch: int) -> dict:
             reader = ChunkReader(paths, chunk=4 * batch, first=batch)
             head = reader.head()
             parts["first_chunk_read_s"] = round(time.perf_counter() - t0, 4)
-            caption_chunks(model, processor, itertools.chain(head, reader), cfg, "", lambda rows: None, CaptionStats())
+            caption_chunks(
+                model, processor, itertools.chain(head, reader.start()), cfg, "", lambda rows: None, CaptionStats()
+            )
             parts["whole_s"] = round(time.perf_counter() - t0, 4)
         finally:
             generation.image_features, generation.caption_features = real
@@ -130,7 +132,12 @@ def main() -> None:
     ap.add_argument("--vit-attention", choices=["default", "flash", "cudnn"], default="default")
     ap.add_argument("--no-cli-flow", action="store_true")
     args = ap.parse_args()
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    import sys
+
+    import transformers
+
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+              "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}  # fmt: skip
     jpegs = bench.synthetic_jpegs(1024)
     t, (model, cfg) = _timed_once(lambda: bench.build_model("blip2-opt-2.7b", torch.bfloat16))
     result["build_and_move_s"] = t

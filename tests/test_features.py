@@ -161,3 +161,45 @@ def test_load_model_records_the_vision_kernels_choice(tiny_model_dir):
 
     loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", vision_kernels="fused"))
     assert vision_kernels(loaded.model) == "fused"
+
+
+def test_encoder_forward_defers_when_the_config_asks_for_outputs(tiny_model_dir, monkeypatch):
+    """transformers records hidden states and attentions with hooks on the layers, which the fused loop does
+    not call: where the config asks for them, the encoder's own forward runs."""
+    from captune.ops.vision import encoder_forward
+
+    model, _ = _load(tiny_model_dir)
+    encoder = model.vision_model.encoder
+    calls = []
+    own = type(encoder).forward
+    monkeypatch.setattr(type(encoder), "forward", lambda self, *a, **k: calls.append(1) or own(self, *a, **k))
+    x = torch.randn(1, 3, model.config.vision_config.hidden_size)
+    with torch.no_grad():
+        encoder_forward(encoder, x)
+        assert calls == []
+        monkeypatch.setattr(encoder.config, "output_hidden_states", True)
+        encoder_forward(encoder, x)
+    assert calls == [1]
+
+
+def test_fused_vision_puts_every_forward_back_when_patching_fails(tiny_model_dir, monkeypatch):
+    import pytest
+
+    import captune.ops.mlp as mlp
+    from captune.ops.vision import fused_vision, set_vision_kernels
+
+    model, _ = _load(tiny_model_dir)
+    set_vision_kernels(model, "fused")
+    seen = []
+
+    def flaky(m):
+        seen.append(m)
+        if len(seen) == 2:
+            raise RuntimeError("an odd MLP")
+        return True
+
+    monkeypatch.setattr(mlp, "gelu_fusable", flaky)
+    with pytest.raises(RuntimeError, match="odd MLP"), torch.no_grad(), fused_vision(model):
+        pass
+    encoder = model.vision_model.encoder
+    assert not any("forward" in vars(m) for m in [encoder, *(layer.mlp for layer in encoder.layers)])

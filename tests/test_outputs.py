@@ -223,3 +223,29 @@ def test_chunk_reader_reads_a_head_then_the_rest_ahead(tmp_path):
     assert [len(ok) for ok, _ in reader] == [3, 1] and list(reader) == []
     assert [len(ok) for ok, _ in ChunkReader(paths, chunk=4)] == [1, 4, 1]  # (the first 3 unreadable)
     assert ChunkReader([], chunk=3).head() == [] and list(ChunkReader([], chunk=3)) == []
+
+
+def test_chunk_reader_start_reads_the_next_chunk_at_once(tmp_path, monkeypatch):
+    """After the model loads, the chunk after the head is read while the head is captioned: ``start``
+    submits its read before any chunk is asked for (a lazy generator would read it only after)."""
+    import threading
+
+    import captune.run.caption as caption
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(jpeg_bytes())
+    reader = caption.ChunkReader(paths, chunk=3, first=1, workers=1)
+    assert [len(ok) for ok, _ in reader.head()] == [1]
+    reading = threading.Event()
+    real = caption.read_images
+
+    def spy(*args, **kwargs):
+        reading.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(caption, "read_images", spy)
+    rest = reader.start()
+    assert reading.wait(10)
+    assert [len(ok) for ok, _ in rest] == [3]

@@ -174,7 +174,8 @@ def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
     """Image features: plain HF on decoded tensors and captune's path from JPEG bytes, in images/s; the
     latter also with the checkpoint's own vision modules (``model.vision_kernels=plain``) when auto fuses."""
     from captune.ops.features import image_features, pixel_values, qformer_matmul
-    from captune.ops.vision import set_vision_kernels, vision_kernels, vision_path
+    from captune.ops.lm import unwrap
+    from captune.ops.vision import VISION_KERNELS, set_vision_kernels, vision_kernels, vision_path
 
     pv = pixel_values(processor, jpegs[:batch]).to("cuda", torch.bfloat16)
     with torch.no_grad():
@@ -197,9 +198,12 @@ def measure_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
         "features_vision_kernels": vision_path(model),
     }
     if vision_kernels(model) == "fused":
+        before = getattr(unwrap(model), VISION_KERNELS, "auto")
         set_vision_kernels(model, "plain")
-        out["features_from_jpeg_plain_vision_images_per_s"] = from_jpeg()
-        set_vision_kernels(model, "auto")
+        try:
+            out["features_from_jpeg_plain_vision_images_per_s"] = from_jpeg()
+        finally:
+            set_vision_kernels(model, before)
     return out
 
 
@@ -322,7 +326,6 @@ def measure_captune_captioning(model, processor, feats, batches: tuple[int, ...]
     batch size; also how often the two give the same caption."""
     from captune.config import EvalConfig
     from captune.ops.generation import caption_features
-    from captune.ops.mlp import feed_forward_path
 
     tok = processor.tokenizer
     by_batch = {}
@@ -353,7 +356,7 @@ def measure_captune_captioning(model, processor, feats, batches: tuple[int, ...]
         "caption_images_per_s": by_batch[best],
         "caption_batch": best,
         "caption_parts": parts,
-        "caption_feed_forward": feed_forward_path(model, feats),
+        "caption_feed_forward": _decoding_path(model, feats),
         "caption_images_per_s_by_batch": by_batch,
         "caption_hf_generate_images_per_s": round(n / t_hf, 1),
         "caption_hf_generate_batch": batch,
@@ -363,6 +366,14 @@ def measure_captune_captioning(model, processor, feats, batches: tuple[int, ...]
             sum(a == b for a, b in zip(fast, slow, strict=True)) / batch, 4
         ),
     }
+
+
+@torch.no_grad()
+def _decoding_path(model, feats) -> str:
+    """The decoder's feed-forward as decoding runs it (without autograd: ``ops.mlp.fuses``)."""
+    from captune.ops.mlp import feed_forward_path
+
+    return feed_forward_path(model, feats)
 
 
 def measure_seed(arch: str, processor, jpegs: list[bytes], steps: int, captions: int) -> dict:

@@ -190,7 +190,7 @@ def _why_caption_cli(result: dict, t: Target) -> str:
     serial = 1 / (1 / f + 1 / c)
     return (
         f"its images go through the features ({f:.0f} images/s in this run) and then the decoder ({c:.0f} at "
-        f"batch {at}; the command ran batch {batch}), one after the other on the GPU: "
+        f"batch {at}{f'; the command ran batch {batch}' if batch else ''}), one after the other on the GPU: "
         f"at most {serial:.0f} {t.unit} at those rates, before reading and writing files"
     )
 

@@ -306,7 +306,7 @@ def cmd_caption(args) -> int:
 
             model = PeftModel.from_pretrained(model, adapter).eval()
         load_s = time.perf_counter() - t0
-        chunks = itertools.chain(head, _reported(reader))
+        chunks = itertools.chain(head, _reported(reader.start()))  # the next chunk is read from now on
         caption_chunks(model, loaded.processor, chunks, ecfg, args.prompt, writer.write, stats)
         writer.finish()
     finally:

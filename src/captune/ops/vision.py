@@ -106,19 +106,23 @@ def add_norm(a: torch.Tensor, h: torch.Tensor, norm) -> tuple[torch.Tensor, torc
         return s, norm(s)
     cols = h.size(-1)
     s, x = torch.empty_like(h), torch.empty_like(h)
-    _add_norm_kernel[(h.numel() // cols,)](
-        a, h, norm.weight, norm.bias, s, x, cols, norm.eps, BLOCK=triton.next_power_of_2(cols), num_warps=NUM_WARPS
-    )
+    with torch.cuda.device(h.device):  # Triton launches on the current device
+        _add_norm_kernel[(h.numel() // cols,)](
+            a, h, norm.weight, norm.bias, s, x, cols, norm.eps, BLOCK=triton.next_power_of_2(cols), num_warps=NUM_WARPS
+        )
     return s, x
 
 
 def encoder_forward(encoder, inputs_embeds: torch.Tensor, attention_mask=None, **kwargs):
     """The vision encoder's layers as transformers runs them, each residual addition and the norm after
     it in one ``add_norm``. Where more is asked of it (a mask, attentions or hidden states) the
-    encoder's own forward runs."""
+    encoder's own forward runs (also where the config asks for them: transformers records them by hooks on
+    the layers, which this loop does not call)."""
     from transformers.modeling_outputs import BaseModelOutput
 
-    if attention_mask is not None or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+    config = getattr(encoder, "config", None)
+    asked = [kwargs.get(k) or getattr(config, k, False) for k in ("output_attentions", "output_hidden_states")]
+    if attention_mask is not None or any(asked):
         mask = {} if attention_mask is None else {"attention_mask": attention_mask}  # as it was given
         return type(encoder).forward(encoder, inputs_embeds, **mask, **kwargs)
     layers = encoder.layers
@@ -152,16 +156,16 @@ def fused_vision(blip) -> Iterator[None]:
     from captune.ops.mlp import gelu_fusable, vision_feed_forward
 
     patched = []
-    if vision_kernels(blip) == "fused" and not torch.is_grad_enabled():
-        encoder = blip.vision_model.encoder
-        for layer in encoder.layers:
-            if gelu_fusable(layer.mlp) and "forward" not in vars(layer.mlp):
-                layer.mlp.forward = functools.partial(vision_feed_forward, layer.mlp)
-                patched.append(layer.mlp)
-        if _fusable_encoder(encoder) and "forward" not in vars(encoder):
-            encoder.forward = functools.partial(encoder_forward, encoder)
-            patched.append(encoder)
     try:
+        if vision_kernels(blip) == "fused" and not torch.is_grad_enabled():
+            encoder = blip.vision_model.encoder
+            for layer in encoder.layers:
+                if gelu_fusable(layer.mlp) and "forward" not in vars(layer.mlp):
+                    layer.mlp.forward = functools.partial(vision_feed_forward, layer.mlp)
+                    patched.append(layer.mlp)
+            if _fusable_encoder(encoder) and "forward" not in vars(encoder):
+                encoder.forward = functools.partial(encoder_forward, encoder)
+                patched.append(encoder)
         yield
     finally:
         for module in patched:

@@ -28,9 +28,8 @@ Chunk = tuple[list[tuple[Path, bytes]], list[tuple[str, str]]]  # readable image
 class ChunkReader:
     """``read_images`` over consecutive chunks of ``paths``: the first ``first`` paths (default ``chunk``),
     then ``chunk`` at a time. ``head`` reads chunks here, one after another, up to the first with a
-    readable image (before the model loads: nothing else runs meanwhile); iterating gives the rest, each
-    next chunk read in the background while this one is used (from the first one asked for: not while
-    the model loads)."""
+    readable image (before the model loads: nothing else runs meanwhile); ``start`` (or iterating) gives
+    the rest, each read in the background while the one before is used (not while the model loads)."""
 
     def __init__(self, paths: list[Path], chunk: int, first: int | None = None, workers: int | None = None):
         self.paths, self.workers = paths, workers or max(1, min(8, os.cpu_count() or 1))
@@ -48,15 +47,24 @@ class ChunkReader:
             got.append(self._read(self.spans.pop(0)))
         return got
 
-    def __iter__(self) -> Iterator[Chunk]:
+    def start(self) -> Iterator[Chunk]:
+        """The chunks after the head, the first of them read from now on in the background (call it when
+        the model has loaded: the head is captioned while it is read), each next one while one is used."""
         spans, self.spans = self.spans, []
-        with ThreadPoolExecutor(1) as reader:
-            ahead = reader.submit(self._read, spans[0]) if spans else None
+        reader = ThreadPoolExecutor(1)
+        ahead = reader.submit(self._read, spans[0]) if spans else None
+        return self._rest(reader, ahead, spans)
+
+    def _rest(self, reader: ThreadPoolExecutor, ahead, spans: list[tuple[int, int]]) -> Iterator[Chunk]:
+        with reader:
             for i in range(len(spans)):
                 got = ahead.result()
                 if i + 1 < len(spans):
                     ahead = reader.submit(self._read, spans[i + 1])
                 yield got
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self.start()
 
 
 class RowWriter:
