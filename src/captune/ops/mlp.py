@@ -21,6 +21,16 @@ import torch
 FUSED = True
 
 
+def _epilogue_product(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """``act(h @ weight.T + bias)`` with the bias and activation (ReLU, or GELU's tanh form) in cuBLASLt's
+    epilogue, as (rows, out) over ``h``'s rows flattened."""
+    return torch._addmm_activation(bias, h.reshape(-1, h.size(-1)), weight.t(), use_gelu=gelu)
+
+
+def _rows_like(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return y.view(*h.shape[:-1], y.size(-1))
+
+
 class LinearReLU(torch.autograd.Function):
     """``relu(x @ weight.T + bias)`` with the bias and the ReLU in the product's epilogue; ``weight`` frozen."""
 
@@ -28,10 +38,9 @@ class LinearReLU(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         if ctx.needs_input_grad[1]:
             raise ValueError("LinearReLU is for a frozen weight; a trained one keeps the module's forward")
-        x2 = x.reshape(-1, x.size(-1))
-        y = torch._addmm_activation(bias, x2, weight.t())
+        y = _epilogue_product(x, weight, bias)
         ctx.save_for_backward(y, weight)
-        return y.view(*x.shape[:-1], y.size(-1))
+        return _rows_like(y, x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -65,11 +74,9 @@ def fuses(layer, h: torch.Tensor) -> bool:
     """Whether ``feed_forward`` fuses this layer's fc1 and ReLU for rows ``h``, on a CUDA GPU: ``fusable``,
     or without autograd (decoding) any ``_plain`` fc1 then ``nn.ReLU`` (a model without an adapter
     has weights that ask for gradients, which no step will take)."""
-    if not (FUSED and h.is_cuda):
-        return False
-    if torch.is_grad_enabled():
-        return fusable(layer)
-    return _plain(layer.fc1) and type(layer.activation_fn) is torch.nn.ReLU
+    fc1 = layer.fc1
+    trains = torch.is_grad_enabled() and fc1.weight.requires_grad
+    return FUSED and h.is_cuda and _plain(fc1) and type(layer.activation_fn) is torch.nn.ReLU and not trains
 
 
 def feed_forward(layer, h: torch.Tensor) -> torch.Tensor:
@@ -79,8 +86,7 @@ def feed_forward(layer, h: torch.Tensor) -> torch.Tensor:
     fc1 = layer.fc1
     if torch.is_grad_enabled():
         return layer.fc2(LinearReLU.apply(h, fc1.weight, fc1.bias))
-    y = torch._addmm_activation(fc1.bias, h.reshape(-1, h.size(-1)), fc1.weight.t())
-    return layer.fc2(y.view(*h.shape[:-1], y.size(-1)))
+    return layer.fc2(_rows_like(_epilogue_product(h, fc1.weight, fc1.bias), h))
 
 
 def feed_forward_path(model, like: torch.Tensor) -> str:
@@ -109,9 +115,6 @@ def vision_feed_forward(mlp, h: torch.Tensor) -> torch.Tensor:
     features under ``torch.no_grad``. The tanh form is within 4.8e-4 of the exact (erf) GELU at any
     input: under half a bf16 rounding step of outputs of 0.125 or more."""
     fc1 = mlp.fc1
-    x = h.reshape(-1, h.size(-1))
-    if x.is_cuda:
-        y = torch._addmm_activation(fc1.bias, x, fc1.weight.t(), use_gelu=True)
-    else:
-        y = torch.nn.functional.gelu(torch.nn.functional.linear(x, fc1.weight, fc1.bias), approximate="tanh")
-    return mlp.fc2(y.view(*h.shape[:-1], y.size(-1)))
+    if h.is_cuda:
+        return mlp.fc2(_rows_like(_epilogue_product(h, fc1.weight, fc1.bias, gelu=True), h))
+    return mlp.fc2(torch.nn.functional.gelu(fc1(h), approximate="tanh"))
