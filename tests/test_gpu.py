@@ -210,6 +210,42 @@ def test_16bit_lora_products_follow_peft_gradients_on_gpu(tiny_model_dir):
 
 
 @needs_cuda
+def test_4bit_bf16_stream_follows_peft_fp32_preparation_on_gpu(tiny_model_dir):
+    """A 4-bit NF4 model with lora.compute=auto keeps its embeddings, norms and LM head in bf16 (the
+    residual stream too); with fp32 they are upcast as peft prepares k-bit models. The outputs and every
+    adapter gradient agree to bf16 precision."""
+    pytest.importorskip("bitsandbytes")
+    from captune.config import LoraConfig, ModelConfig
+    from captune.model.load import load_model
+    from captune.model.lora import attach_lora
+    from captune.model.lora_compute import use_16bit_compute
+
+    ids = torch.randint(4, 40, (8, 16), generator=torch.Generator().manual_seed(1)).cuda()
+    grads, outs, stream = [], [], []
+    for compute in ("fp32", "auto"):
+        torch.manual_seed(0)
+        loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cuda", quantization="4bit"))
+        model = attach_lora(loaded.model, LoraConfig(r=4, alpha=8, dropout=0.0, compute=compute))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator(device=p.device).manual_seed(len(name)))
+        if compute == "auto":
+            assert use_16bit_compute(model) > 0
+        lm = model.base_model.model.language_model
+        stream.append(lm.get_input_embeddings().weight.dtype)
+        out = lm(input_ids=ids).logits.float()
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    assert stream == [torch.float32, torch.bfloat16]
+    assert (outs[0] - outs[1]).abs().max() <= 3e-2 * outs[0].abs().max()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, ref in grads[0].items():
+        cos = torch.nn.functional.cosine_similarity(ref.flatten(), grads[1][name].flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
+
+
+@needs_cuda
 def test_fused_feed_forward_equals_the_module_calls_on_gpu(monkeypatch):
     """blip2-opt-2.7b's feed-forward size in bf16: ReLU in fc1's epilogue gives the module calls' values (to one
     bf16 rounding of a differently ordered sum) and their input and bias gradients."""

@@ -125,3 +125,42 @@ def test_4bit_layers_are_told_by_their_peft_class():
     four = type("Linear4bit", (torch.nn.Module,), {"__module__": "peft.tuners.lora.bnb"})
     other = type("Linear4bit", (torch.nn.Module,), {"__module__": "somewhere.else"})
     assert _is_4bit(four()) and not _is_4bit(other()) and not _is_4bit(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "upcast", "want"),
+    [
+        (torch.bfloat16, False, torch.bfloat16),  # bf16 stays: the residual stream as in bf16 training
+        (torch.bfloat16, True, torch.float32),  # lora.compute=fp32: peft's prepare_model_for_kbit_training
+        (torch.float16, False, torch.float32),  # fp16's range is upcast in any case
+    ],
+)
+def test_kbit_preparation_upcasts_only_fp16_or_when_asked(tiny_model_dir, dtype, upcast, want):
+    """A k-bit model's unquantized language-model parts: fp32 for fp16 or with lora.compute=fp32, else kept in
+    bf16 (an fp32 copy of bf16-loaded weights adds nothing but doubled step time); all of them frozen, the
+    vision side untouched."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from captune.model.lora import prepare_kbit_training
+
+    model = Blip2ForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=dtype)
+    prepare_kbit_training(model, upcast=upcast)
+    assert {p.dtype for p in model.language_model.parameters()} == {want}
+    assert {p.dtype for p in model.vision_model.parameters()} == {dtype}
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_fp32_lora_compute_upcasts_a_quantized_model(tiny_model_dir, monkeypatch):
+    """attach_lora hands lora.compute=fp32 on to the k-bit preparation (bitsandbytes needs a GPU: the
+    quantized check is taken as true here, the preparation itself is the real one)."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from captune.config import LoraConfig
+    from captune.model import lora
+
+    monkeypatch.setattr(lora, "is_quantized", lambda model: True)
+    for compute, want in (("auto", torch.bfloat16), ("fp32", torch.float32)):
+        model = Blip2ForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        peft_model = lora.attach_lora(model, LoraConfig(r=4, alpha=8, compute=compute))
+        norms = [p for n, p in peft_model.named_parameters() if "language_model" in n and "layer_norm" in n]
+        assert norms and {p.dtype for p in norms} == {want}
