@@ -656,6 +656,7 @@ def _guarded(result: dict, what: str, log, fn) -> None:
 def measure_4bit(model_dir: Path, jpegs: list[bytes], bf16_rate: float | None) -> dict:
     """Issue 24's 4-bit bar: the packed step at the bf16 one's micro-batch on the checkpoint the job loaded,
     its language model in NF4 (``model.quantization=4bit``, bitsandbytes), as a share of bf16's rate."""
+    import importlib.metadata
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -670,6 +671,7 @@ def measure_4bit(model_dir: Path, jpegs: list[bytes], bf16_rate: float | None) -
         loaded.model, loaded.processor, feats, images_per_step=52, text_tokens=12, packed_only=True
     )
     out = {
+        "train_4bit_bitsandbytes": importlib.metadata.version("bitsandbytes"),
         "train_4bit_packed_samples_per_s": got["train_packed_samples_per_s"],
         "train_4bit_peak_gb": got["train_packed_peak_gb"],
         "train_4bit_lora_compute": got["train_lora_compute"],

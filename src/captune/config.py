@@ -133,8 +133,8 @@ class LoraConfig:
     included (added to bitsandbytes' own product), fp32 = inputs cast to fp32 as peft does. CPU runs,
     8-bit models and FSDP/ZeRO-3 always use fp32. On a 4-/8-bit model, fp32 also puts the language model's
     unquantized parts (embeddings, layer norms, LM head, so the residual stream) in fp32, as peft's
-    prepare_model_for_kbit_training does; auto keeps them in bf16 like the bf16 model's training (about
-    twice the 4-bit step's speed on an H200) and upcasts fp16 ones only."""
+    prepare_model_for_kbit_training does; auto keeps them in bf16 like the bf16 model's training (30% more
+    4-bit training speed and 28% less memory on an H200) and upcasts fp16 ones only."""
 
     def check(self) -> None:
         _require(self.r > 0, "lora.r", "must be a positive integer")
