@@ -7,6 +7,7 @@ falls. Peak GPU memory (allocated, from loading to the last step) is recorded; w
 CAPTUNE_GPU_RESULTS=FILE each case appends one JSON line there for bench/results/.
 """
 
+import gc
 import io
 import json
 import os
@@ -90,6 +91,7 @@ def smoke(folder, arch: str, precision: str, steps: int = 200) -> dict:
     from captune.model.lora import attach_lora, count_parameters
     from captune.training import train
 
+    gc.collect()  # the previous case's model (its patched LoRA layers hold themselves) is not in this peak
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     cfg = Config()

@@ -11,6 +11,7 @@ hand the step the same rows in the same order: losses and adapters are bit-ident
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import partial
 
 import torch
 
@@ -57,6 +58,20 @@ class Resident:
         """Nothing under way."""
 
 
+def load_rows(fmap: FeatureMap, device: torch.device | None, side, rows: list[int]):
+    """Rows of ``fmap`` on ``device`` (copied on the ``side`` stream), and the event after which they are
+    there; on a CPU (``device`` None) the rows and None."""
+    if device is None:
+        return fmap.rows(rows), None
+    host = torch.empty((len(rows), *fmap.row_shape), dtype=fmap.dtype, pin_memory=True)
+    fmap.rows(rows, out=host)
+    with torch.cuda.stream(side):
+        feats = host.to(device, non_blocking=True)  # the host allocator keeps `host` until copied
+        done = torch.cuda.Event()
+        done.record(side)
+    return feats, done
+
+
 class Streamed:
     """Rows from a memory map, fetched ``depth`` micro-batches ahead by a thread (see the module)."""
 
@@ -68,26 +83,16 @@ class Streamed:
             device = torch.device("cuda", torch.cuda.current_device())
         self.fmap, self.device, self.depth = fmap, device, depth
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        # a new thread starts on device 0; under DDP ours may be another
-        setup = (lambda: torch.cuda.set_device(self.device)) if self.cuda else None
-        self.ahead = Ahead(self._load, depth=depth, name="captune-feature-feed", setup=setup)
+        # a new thread starts on device 0; under DDP ours may be another. (Neither callable holds this
+        # object: a cycle through the thread's owner would keep the feed alive until the cycle collector.)
+        setup = partial(torch.cuda.set_device, device) if self.cuda else None
+        make = partial(load_rows, fmap, device if self.cuda else None, self.side)
+        self.ahead = Ahead(make, depth=depth, name="captune-feature-feed", setup=setup)
 
     def plan(self, batches: Iterable[list[int]]) -> None:
         """Start fetching ``batches`` (each a list of rows), in the order ``take`` will ask for them;
         the thread takes them from ``batches`` as it goes (a lazy sequence or iterator is never listed)."""
         self.ahead.plan(map(list, batches))
-
-    def _load(self, rows: list[int]):
-        """Rows on the device, and the event after which they are there (None on a CPU)."""
-        if not self.cuda:
-            return self.fmap.rows(rows), None
-        host = torch.empty((len(rows), *self.fmap.row_shape), dtype=self.fmap.dtype, pin_memory=True)
-        self.fmap.rows(rows, out=host)
-        with torch.cuda.stream(self.side):
-            feats = host.to(self.device, non_blocking=True)  # the host allocator keeps `host` until copied
-            done = torch.cuda.Event()
-            done.record(self.side)
-        return feats, done
 
     def take(self, rows: list[int]) -> torch.Tensor:
         """Rows ``rows`` (in that order) on the device: the next fetched micro-batch, or read now if

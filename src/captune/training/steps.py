@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
@@ -115,6 +116,16 @@ def token_weight(own: int, world: World, device: torch.device):
     return world.size * own / total.clamp(min=1.0)
 
 
+def pack_share(
+    tokenizer, examples: list, prompt: str, max_text_tokens: int, mine: list[int], *, pinned: bool
+) -> PackedBatch:
+    """A share's captions tokenized and packed on the CPU (pinned for the copy to a GPU)."""
+    batch = pack_captions(
+        tokenizer, [examples[i].captions for i in mine], prompt=prompt, max_text_tokens=max_text_tokens
+    )
+    return batch.pinned() if pinned else batch
+
+
 class Steps:
     """The forward of one micro-batch (its global list of images or pairs) on this process's share.
 
@@ -130,8 +141,15 @@ class Steps:
         self.counter = LabelCounter(tokenizer, unwrap(model), cfg)
         # packed captions are tokenized ahead by a thread, with its own copy of the tokenizer (a fast
         # tokenizer's padding settings are shared state); the feature rows of a streamed split likewise
-        self.texts = Ahead(self._pack, depth=3, name="captune-text-feed") if packed else None
-        self._text_tokenizer = copy.deepcopy(tokenizer) if packed else tokenizer
+        # (``make`` holds what packing reads, not this object: a cycle through the thread's owner would
+        # keep the model and the features alive after training until Python's cycle collector ran)
+        self.texts = None
+        if packed:
+            make = partial(
+                pack_share, copy.deepcopy(tokenizer), examples, cfg.model.prompt, cfg.train.max_text_tokens,
+                pinned=device.type == "cuda",
+            )  # fmt: skip
+            self.texts = Ahead(make, depth=3, name="captune-text-feed")
 
     def _mine(self, chunk: list) -> list:
         w = self.world
@@ -172,16 +190,6 @@ class Steps:
                 own = 0  # no real share: one item repeated at weight 0
             weight = token_weight(own, w, self.device)
         return loss, weight, n_pairs
-
-    def _pack(self, mine: list[int]) -> PackedBatch:
-        """This share's captions tokenized and packed on the CPU (pinned for the copy when on a GPU)."""
-        batch = pack_captions(
-            self._text_tokenizer,
-            [self.examples[i].captions for i in mine],
-            prompt=self.cfg.model.prompt,
-            max_text_tokens=self.cfg.train.max_text_tokens,
-        )
-        return batch.pinned() if self.device.type == "cuda" else batch
 
     def _packed(self, module, mine: list[int]) -> tuple[torch.Tensor, int]:
         batch = self.texts.take(list(mine)).to(self.device)
