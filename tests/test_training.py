@@ -408,25 +408,31 @@ def test_packed_captions_are_made_ahead_by_a_thread_and_train_the_same_adapter(m
 
 @pytest.mark.parametrize("residence", ["gpu", "stream"])
 def test_trained_model_is_freed_without_the_cycle_collector(residence):
-    """After ``train`` returns, dropping the model frees it at once (its GPU memory with it): no reference
-    cycle holds it until Python's cycle collector runs. The text feed's and the streamed feature feed's
-    threads once held bound methods of their owners, which held the model and the split's features: a
-    second model loaded in the same process (a notebook, or the GPU precision tests) found the first
-    one's memory still taken."""
+    """After ``train`` returns, dropping the model frees it at once: no reference cycle of training's holds
+    it until Python's cycle collector runs. The text feed's and the streamed feature feed's threads once
+    held bound methods of their owners, which held the model and the split's features: a second model
+    loaded in the same process (a notebook, or the GPU precision tests) found the first one's memory still
+    taken. (Not covered: on a GPU, LoRA layers patched for 16-bit products each hold themselves through
+    their patched ``forward``, ``model.lora_compute``; their base weights wait for the collector.)"""
     import gc
     import weakref
 
     train_ex, val_ex = _examples(24, 1), _examples(4, 2)
     cfg = _cfg(epochs=1, validate_every=0, feature_residence=residence)
-    gc.collect()
-    gc.disable()
-    try:
+
+    def run():
         loaded = load_model(cfg.model)
         alive = weakref.ref(loaded.model)
         model = attach_lora(loaded.model, cfg.lora)
-        result = train(model, loaded.processor, train_ex, val_ex, cfg, log=lambda m: None)
-        assert result.steps > 0
-        del model, loaded, result
-        assert alive() is None
+        assert train(model, loaded.processor, train_ex, val_ex, cfg, log=lambda m: None).steps > 0
+        return alive
+
+    # a first run in the process imports transformers' lazy modules, and some of those imports leave cycles
+    # through their frames that hold the caller's (load_model's) locals: not what this test is about
+    run()
+    gc.collect()
+    gc.disable()
+    try:
+        assert run()() is None
     finally:
         gc.enable()
