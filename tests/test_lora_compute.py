@@ -137,7 +137,7 @@ def test_4bit_layers_are_told_by_their_peft_class():
 )
 def test_kbit_preparation_upcasts_only_fp16_or_when_asked(tiny_model_dir, dtype, upcast, want):
     """A k-bit model's unquantized language-model parts: fp32 for fp16 or with lora.compute=fp32, else kept in
-    bf16 (an fp32 copy of bf16-loaded weights adds nothing but doubled step time); all of them frozen, the
+    bf16 (an fp32 copy of bf16-loaded weights adds only step time and memory); all of them frozen, the
     vision side untouched."""
     from transformers import Blip2ForConditionalGeneration
 
