@@ -94,8 +94,6 @@ def test_adapter_on_a_given_base_output_is_exact_in_float64():
 def test_the_4bit_layers_forward_over_a_base_gives_peft_outputs_and_gradients(tiny_model_dir):
     """The forward 4-bit layers get, bound here to plain peft LoRA layers on the CPU (its base product is
     whatever the base layer computes), against peft's own: outputs and every trained gradient."""
-    import types
-
     from peft.tuners.lora.layer import Linear
 
     from captune.model import lora_compute
@@ -107,8 +105,7 @@ def test_the_4bit_layers_forward_over_a_base_gives_peft_outputs_and_gradients(ti
         layers = [m for m in model.modules() if type(m) is Linear]
         assert layers
         for m in layers if patch else []:
-            m._captune_peft_forward = m.forward
-            m.forward = types.MethodType(lora_compute._forward_on_output, m)
+            lora_compute.route(m, lora_compute._forward_on_output)
         out = model.base_model.model.language_model(input_ids=ids).logits
         out.float().pow(2).mean().backward()
         outs.append(out.detach())
@@ -117,6 +114,34 @@ def test_the_4bit_layers_forward_over_a_base_gives_peft_outputs_and_gradients(ti
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_patched_layers_are_freed_without_the_cycle_collector(tiny_model_dir):
+    """A model whose LoRA layers were routed through the 16-bit function is freed as soon as it is dropped:
+    the patched forwards hold their layers weakly (a bound method stored on its own module is a cycle,
+    which kept each patched layer, and on a GPU its base weights, until the cycle collector ran). A deep
+    copy's forwards are bound to the copy."""
+    import copy
+    import gc
+    import weakref
+
+    from peft.tuners.lora.layer import Linear
+
+    ids = torch.randint(4, 40, (2, 7), generator=torch.Generator().manual_seed(1))
+    model = _peft_opt(tiny_model_dir, dropout=0.0)
+    assert use_16bit_compute(model, force=True) > 0
+    lm = model.base_model.model.language_model
+    want = lm(input_ids=ids).logits.detach()
+    twin = copy.deepcopy(model)
+    layers = [weakref.ref(m) for m in model.modules() if type(m) is Linear]
+    gc.collect()
+    gc.disable()
+    try:
+        del model, lm
+        assert all(ref() is None for ref in layers)
+    finally:
+        gc.enable()
+    torch.testing.assert_close(twin.base_model.model.language_model(input_ids=ids).logits, want)
 
 
 def test_4bit_layers_are_told_by_their_peft_class():

@@ -412,8 +412,7 @@ def test_trained_model_is_freed_without_the_cycle_collector(residence):
     it until Python's cycle collector runs. The text feed's and the streamed feature feed's threads once
     held bound methods of their owners, which held the model and the split's features: a second model
     loaded in the same process (a notebook, or the GPU precision tests) found the first one's memory still
-    taken. (Not covered: on a GPU, LoRA layers patched for 16-bit products each hold themselves through
-    their patched ``forward``, ``model.lora_compute``; their base weights wait for the collector.)"""
+    taken. (LoRA layers patched for 16-bit products, on a GPU only, are covered in test_lora_compute.py.)"""
     import gc
     import weakref
 

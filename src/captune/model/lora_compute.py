@@ -29,7 +29,8 @@ Everything else keeps peft's own forward, so CPU runs and the golden values are 
 
 from __future__ import annotations
 
-import types
+import copy
+import weakref
 
 import torch
 
@@ -167,6 +168,32 @@ def applies(module) -> bool:
     )
 
 
+class WeakForward:
+    """``fn(module, *args, **kwargs)`` as a module's ``forward``, holding the module weakly. A bound method
+    (or ``functools.partial``) stored on the module it is bound to is a reference cycle: the module, and
+    on a GPU its weights, then outlive the last outside reference until Python's cycle collector runs."""
+
+    __slots__ = ("_module", "fn")
+
+    def __init__(self, module, fn):
+        self._module = weakref.ref(module)
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self._module(), *args, **kwargs)
+
+    def __deepcopy__(self, memo):  # a copied model's forward is bound to the copy, as a bound method's would be
+        return WeakForward(copy.deepcopy(self._module(), memo), self.fn)
+
+
+def route(module, forward) -> None:
+    """``module`` through ``forward(module, x, ...)`` (``_forward`` or ``_forward_on_output``), peft's own
+    forward kept as ``module._captune_peft_forward``; neither holds the module strongly."""
+    own = vars(module).get("forward")  # an instance's own forward (accelerate's hooks set one) stays as it is
+    module._captune_peft_forward = own if own is not None else WeakForward(module, type(module).forward)
+    module.forward = WeakForward(module, forward)
+
+
 def use_16bit_compute(model, *, force: bool = False) -> int:
     """Route every LoRA layer that ``applies`` (or, with ``force``, every plain peft LoRA
     ``Linear``: for tests on the CPU) through ``LoraLinear`` (``LoraOnOutput`` for 4-bit layers);
@@ -178,7 +205,6 @@ def use_16bit_compute(model, *, force: bool = False) -> int:
         if not (applies(module) or (force and type(module) is LoraLinear)):
             continue
         if not hasattr(module, "_captune_peft_forward"):
-            module._captune_peft_forward = module.forward
-            module.forward = types.MethodType(_forward_on_output if _is_4bit(module) else _forward, module)
+            route(module, _forward_on_output if _is_4bit(module) else _forward)
             changed += 1
     return changed
