@@ -120,9 +120,10 @@ def test_patched_layers_are_freed_without_the_cycle_collector(tiny_model_dir):
     """A model whose LoRA layers were routed through the 16-bit function is freed as soon as it is dropped:
     the patched forwards hold their layers weakly (a bound method stored on its own module is a cycle,
     which kept each patched layer, and on a GPU its base weights, until the cycle collector ran). A deep
-    copy's forwards are bound to the copy."""
+    copy's forwards are bound to the copy, and a pickled model's to the unpickled one."""
     import copy
     import gc
+    import pickle
     import weakref
 
     from peft.tuners.lora.layer import Linear
@@ -133,6 +134,9 @@ def test_patched_layers_are_freed_without_the_cycle_collector(tiny_model_dir):
     lm = model.base_model.model.language_model
     want = lm(input_ids=ids).logits.detach()
     twin = copy.deepcopy(model)
+    again = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(again.base_model.model.language_model(input_ids=ids).logits, want)
+    del again
     layers = [weakref.ref(m) for m in model.modules() if type(m) is Linear]
     gc.collect()
     gc.disable()

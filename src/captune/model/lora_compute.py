@@ -185,6 +185,9 @@ class WeakForward:
     def __deepcopy__(self, memo):  # a copied model's forward is bound to the copy, as a bound method's would be
         return WeakForward(copy.deepcopy(self._module(), memo), self.fn)
 
+    def __reduce__(self):  # pickled (torch.save of a whole model) as a bound method would be
+        return WeakForward, (self._module(), self.fn)
+
 
 def route(module, forward) -> None:
     """``module`` through ``forward(module, x, ...)`` (``_forward`` or ``_forward_on_output``), peft's own
