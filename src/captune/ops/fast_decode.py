@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from captune.ops.decode_attention import decode_attention
 from captune.ops.mlp import feed_forward
+from captune.ops.packing import sdpa_without_cudnn
 
 
 class GreedyOPT:
@@ -73,7 +74,8 @@ class GreedyOPT:
         if pos is None:  # prefill of the prompt rows: positions 0..t-1, causal
             kp.copy_(k)
             vp.copy_(v)
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=1.0)
+            with sdpa_without_cudnn():  # cuDNN builds a graph per new batch shape, at no gain on 30-odd rows
+                out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=1.0)
         else:  # one new token at ``pos``, written into its slot; attends to every filled slot
             out = decode_attention(q, k, v, kp, vp, self.k_new[layer_idx], self.v_new[layer_idx], pos)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
