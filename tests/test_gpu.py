@@ -9,19 +9,22 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("shared, heads", [(True, 1), (False, 1), (False, 2), (False, 4), (False, 8)])
 @pytest.mark.parametrize(
     "rep, prompt, slot",
     [(1, 33, 0), (1, 33, 19), (5, 33, 7), (5, 33, 19), (5, 33, 0), (2, 17, 3), (3, 5, 9), (1, 1, 2)],
 )
-def test_decode_attention_kernel_matches_sdpa(rep, prompt, slot, shared, monkeypatch):
+def test_decode_attention_kernel_matches_sdpa(rep, prompt, slot, shared, heads, monkeypatch):
     """The Triton kernels against SDPA over the joined cache (the CPU path), prompt rows shared by
     ``rep`` sequences (``shared``: the kernel that reads each prompt row once for its ``rep``
-    sequences, else one program per sequence); the new token's key and value land in their slot."""
+    sequences, else the per-sequence kernel, ``heads`` heads of a sequence a program); the new token's
+    key and value land in their slot."""
     from captune.ops import decode_attention as da
     from captune.ops.decode_attention import _reference, decode_attention
 
     monkeypatch.setattr(da, "SHARED", shared)
+    monkeypatch.setattr(da, "HEADS", heads)
+    monkeypatch.setattr(da, "HEADS_WARPS", min(heads, 4))
 
     g = torch.Generator(device="cuda").manual_seed(0)
 

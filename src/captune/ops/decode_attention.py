@@ -38,6 +38,11 @@ SHARED_MAX_ROWS = 16  # sequences per prompt row the prompt kernel takes (its te
 # the prompt kernel's keys per chunk and warps: the fastest at 1,280 and 1,920 sequences (256 and 384
 # images x 5) on an H200 (speed probe's shared_attention_sweep)
 SHARED_CHUNK, SHARED_WARPS = 16, 1
+# heads per program of the per-sequence kernel where no prompt part is shared (greedy captioning), and its
+# warps: with one (sequence, head) a program, 1-warp blocks fill at most half of an SM's warp slots (32
+# resident blocks); 4 heads of a sequence a program, 1 warp, was the fastest of 18 settings on an H200 (one
+# layer at 2,048 sequences, early + late in a caption: 0.315 ms against 0.504; speed probe's decode_heads)
+HEADS, HEADS_WARPS = 4, 1
 
 
 if triton is not None:
@@ -157,6 +162,77 @@ if triton is not None:
         tl.store(o_base + offs_d2, (acc2 / s_i).to(o_ptr.dtype.element_ty), mask=d2mask)
 
     @triton.jit
+    def _head_chunks(q1, q2, state, k_base, v_base, kh, kl, vh, vl, length, dims, offs_h,  # noqa: PLR0913
+                     CHUNK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):  # fmt: skip
+        """``_chunks`` for a program's heads at once: q (heads, D), keys and values (heads, CHUNK, D)."""
+        m_i, s_i, acc1, acc2 = state
+        offs_c = tl.arange(0, CHUNK)
+        offs_d1 = tl.arange(0, D1)
+        offs_d2 = D1 + tl.arange(0, D2)
+        d1mask, d2mask = offs_d1 < dims, offs_d2 < dims
+        heads = offs_h[:, None, None]
+        for start in range(0, length, CHUNK):
+            offs = start + offs_c
+            lmask = offs < length
+            at = offs[None, :, None]
+            m1, m2 = lmask[None, :, None] & d1mask[None, None, :], lmask[None, :, None] & d2mask[None, None, :]
+            k1 = tl.load(k_base + heads * kh + at * kl + offs_d1[None, None, :], mask=m1, other=0.0).to(tl.float32)
+            k2 = tl.load(k_base + heads * kh + at * kl + offs_d2[None, None, :], mask=m2, other=0.0).to(tl.float32)
+            scores = tl.sum(k1 * q1[:, None, :], axis=2) + tl.sum(k2 * q2[:, None, :], axis=2)
+            scores = tl.where(lmask[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            v1 = tl.load(v_base + heads * vh + at * vl + offs_d1[None, None, :], mask=m1, other=0.0).to(tl.float32)
+            v2 = tl.load(v_base + heads * vh + at * vl + offs_d2[None, None, :], mask=m2, other=0.0).to(tl.float32)
+            acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * v1, axis=1)
+            acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * v2, axis=1)
+            s_i = s_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+        return m_i, s_i, acc1, acc2
+
+    @triton.jit
+    def _decode_heads_kernel(  # noqa: PLR0913 (a Triton kernel's arguments are its launch signature)
+        q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, kn_ptr, vn_ptr, o_ptr, pos_ptr,
+        sq, sqh, sk, skh, sv, svh, so, soh,
+        skp, skph, skpl, svp, svph, svpl, skn, sknh, sknl, svn, svnh, svnl,
+        rep, prefix_len, dim,
+        CHUNK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, HP: tl.constexpr,
+    ):  # fmt: skip
+        """``_decode_kernel`` without a shared prompt part, ``HP`` heads of one sequence per program."""
+        b = tl.program_id(0)
+        offs_h = tl.program_id(1) * HP + tl.arange(0, HP)
+        offs_d1 = tl.arange(0, D1)
+        offs_d2 = D1 + tl.arange(0, D2)
+        d1mask, d2mask = offs_d1 < dim, offs_d2 < dim
+        m1, m2 = d1mask[None, :] & (offs_h[:, None] >= 0), d2mask[None, :] & (offs_h[:, None] >= 0)
+        hq, hk, hv, ho = offs_h[:, None] * sqh, offs_h[:, None] * skh, offs_h[:, None] * svh, offs_h[:, None] * soh
+        q1 = tl.load(q_ptr + b * sq + hq + offs_d1[None, :], mask=m1, other=0.0).to(tl.float32)
+        q2 = tl.load(q_ptr + b * sq + hq + offs_d2[None, :], mask=m2, other=0.0).to(tl.float32)
+        k1 = tl.load(k_ptr + b * sk + hk + offs_d1[None, :], mask=m1, other=0.0)
+        k2 = tl.load(k_ptr + b * sk + hk + offs_d2[None, :], mask=m2, other=0.0)
+        v1 = tl.load(v_ptr + b * sv + hv + offs_d1[None, :], mask=m1, other=0.0)
+        v2 = tl.load(v_ptr + b * sv + hv + offs_d2[None, :], mask=m2, other=0.0)
+        slot = tl.load(pos_ptr) - prefix_len
+        kn_base, vn_base = kn_ptr + b * skn, vn_ptr + b * svn
+        kind = kn_ptr.dtype.element_ty
+        at_k, at_v = kn_base + offs_h[:, None] * sknh + slot * sknl, vn_base + offs_h[:, None] * svnh + slot * svnl
+        tl.store(at_k + offs_d1[None, :], k1.to(kind), mask=m1)
+        tl.store(at_k + offs_d2[None, :], k2.to(kind), mask=m2)
+        tl.store(at_v + offs_d1[None, :], v1.to(kind), mask=m1)
+        tl.store(at_v + offs_d2[None, :], v2.to(kind), mask=m2)
+        m_i = tl.sum(k1.to(tl.float32) * q1, axis=1) + tl.sum(k2.to(tl.float32) * q2, axis=1)
+        state = (m_i, m_i * 0.0 + 1.0, v1.to(tl.float32), v2.to(tl.float32))
+        pb = b // rep
+        state = _head_chunks(q1, q2, state, kp_ptr + pb * skp, vp_ptr + pb * svp, skph, skpl, svph, svpl,
+                             prefix_len, dim, offs_h, CHUNK, D1, D2)  # fmt: skip
+        m_i, s_i, acc1, acc2 = _head_chunks(q1, q2, state, kn_base, vn_base, sknh, sknl, svnh, svnl, slot, dim,
+                                            offs_h, CHUNK, D1, D2)  # fmt: skip
+        o_base = o_ptr + b * so + ho
+        tl.store(o_base + offs_d1[None, :], (acc1 / s_i[:, None]).to(o_ptr.dtype.element_ty), mask=m1)
+        tl.store(o_base + offs_d2[None, :], (acc2 / s_i[:, None]).to(o_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit
     def _prompt_kernel(  # noqa: PLR0913 (a Triton kernel's arguments are its launch signature)
         q_ptr, kp_ptr, vp_ptr, part_ptr,
         sq, sqh, skp, skph, skpl, svp, svph, svpl,
@@ -257,9 +333,14 @@ def decode_attention(  # noqa: PLR0913 (the two halves of the cache, their keys 
     out = torch.empty_like(q)
     d1, d2 = dim_parts(d, SPLIT_D)
     part = _prompt_part(q, k_prompt, v_prompt, rep, d1, d2) if shares_prompt(rep, d1, d2) else None
-    args = [q, k, v, k_prompt, v_prompt, k_new, v_new, out, pos, out if part is None else part]
     strides = [t.stride(i) for t in (q, k, v, out) for i in (0, 1)]
     strides += [t.stride(i) for t in (k_prompt, v_prompt, k_new, v_new) for i in (0, 1, 2)]
+    if part is None and HEADS > 1 and h % HEADS == 0:
+        args = [q, k, v, k_prompt, v_prompt, k_new, v_new, out, pos]
+        _decode_heads_kernel[(b, h // HEADS)](*args, *strides, rep, prefix_len, d, CHUNK=CHUNK, D1=d1, D2=d2,
+                                              HP=HEADS, num_warps=HEADS_WARPS)  # fmt: skip
+        return out
+    args = [q, k, v, k_prompt, v_prompt, k_new, v_new, out, pos, out if part is None else part]
     _decode_kernel[(b, h)](*args, *strides, rep, prefix_len, d, CHUNK=CHUNK, D1=d1, D2=d2, PART=part is not None,
                            num_warps=NUM_WARPS)  # fmt: skip
     return out
