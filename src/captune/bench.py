@@ -350,6 +350,7 @@ def measure_captune_captioning(model, processor, feats, batches: tuple[int, ...]
     return {
         "caption_decode_attention": (
             f"triton, {da.CHUNK} keys a chunk, {da.NUM_WARPS} warp(s), head dims {'split' if da.SPLIT_D else 'padded'}"
+            + (f", {da.HEADS} heads a program ({da.HEADS_WARPS} warps)" if da.HEADS > 1 else "")
             if da.available(feats.device)
             else "sdpa"
         ),
