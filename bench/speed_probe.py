@@ -150,23 +150,26 @@ def sweep_decode_heads(batch: int = 2048, heads: int = 32, d: int = 80, prompt: 
     kp = torch.randn(batch, heads, prompt, d, device="cuda", dtype=torch.bfloat16, generator=g)
     kn = torch.randn(batch, heads, new, d, device="cuda", dtype=torch.bfloat16, generator=g)
     configs = [(1, 1, 8)] + [(hp, w, c) for hp in (2, 4, 8) for w in (1, 2, 4) for c in (4, 8, 16)]
-    out, ref = {}, {}
-    for hp, warps, chunk in configs:
-        da.HEADS, da.HEADS_WARPS, da.CHUNK = hp, warps, chunk
-        for slot in (3, 19):
-            pos = torch.tensor(prompt + slot, device="cuda")
-            got = da.decode_attention(q, q, q, kp, kp, kn.clone(), kn.clone(), pos)
-            ref.setdefault(slot, got)
-            if (got.float() - ref[slot].float()).abs().max().item() > 2e-2:
-                out[f"heads{hp}_warps{warps}_chunk{chunk}_slot{slot}_error"] = "differs from the one-head kernel"
-            ms = 1e3 * timed(lambda p=pos: da.decode_attention(q, q, q, kp, kp, kn, kn, p), 20)
-            out[f"heads{hp}_warps{warps}_chunk{chunk}_slot{slot}_ms"] = round(ms, 4)
-    da.HEADS, da.HEADS_WARPS, da.CHUNK = chosen
+    out, ref, bad = {}, {}, set()
+    try:
+        for hp, warps, chunk in configs:
+            da.HEADS, da.HEADS_WARPS, da.CHUNK = hp, warps, chunk
+            for slot in (3, 19):
+                pos = torch.tensor(prompt + slot, device="cuda")
+                got = da.decode_attention(q, q, q, kp, kp, kn.clone(), kn.clone(), pos)
+                ref.setdefault(slot, got)
+                if (got.float() - ref[slot].float()).abs().max().item() > 2e-2:
+                    out[f"heads{hp}_warps{warps}_chunk{chunk}_slot{slot}_error"] = "differs from the one-head kernel"
+                    bad.add((hp, warps, chunk))
+                ms = 1e3 * timed(lambda p=pos: da.decode_attention(q, q, q, kp, kp, kn, kn, p), 20)
+                out[f"heads{hp}_warps{warps}_chunk{chunk}_slot{slot}_ms"] = round(ms, 4)
+    finally:
+        da.HEADS, da.HEADS_WARPS, da.CHUNK = chosen
 
     def both(c):
         return sum(out[f"heads{c[0]}_warps{c[1]}_chunk{c[2]}_slot{s}_ms"] for s in (3, 19))
 
-    best = min(configs, key=both)
+    best = min((c for c in configs if c not in bad), key=both)
     out["best"] = {"heads": best[0], "warps": best[1], "chunk": best[2], "early_plus_late_ms": round(both(best), 4),
                    "one_head_early_plus_late_ms": round(both(configs[0]), 4)}  # fmt: skip
     return out
@@ -421,7 +424,9 @@ def main() -> None:
         help="of features,jpeg,vision,captioning,sampling,training; or decode_heads (alone)",
     )
     args = ap.parse_args()
-    if args.only == "decode_heads":  # the kernel alone: no model
+    if "decode_heads" in args.only.split(","):  # the kernel alone, no model: nothing else runs
+        if args.only != "decode_heads":
+            raise SystemExit("--only decode_heads runs alone")
         result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
                   "decode_heads_sweep_b2048": sweep_decode_heads()}  # fmt: skip
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -9,29 +9,33 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-@pytest.mark.parametrize("shared, heads", [(True, 1), (False, 1), (False, 2), (False, 4), (False, 8)])
+@pytest.mark.parametrize(
+    "shared, heads, warps, d", [(True, 1, 1, 80), (False, 1, 1, 80), (False, 2, 1, 80), (False, 4, 1, 80),
+                                (False, 4, 1, 128), (False, 8, 2, 80), (False, 4, 4, 64)],
+)  # fmt: skip
 @pytest.mark.parametrize(
     "rep, prompt, slot",
     [(1, 33, 0), (1, 33, 19), (5, 33, 7), (5, 33, 19), (5, 33, 0), (2, 17, 3), (3, 5, 9), (1, 1, 2)],
 )
-def test_decode_attention_kernel_matches_sdpa(rep, prompt, slot, shared, heads, monkeypatch):
+def test_decode_attention_kernel_matches_sdpa(rep, prompt, slot, shared, heads, warps, d, monkeypatch):
     """The Triton kernels against SDPA over the joined cache (the CPU path), prompt rows shared by
     ``rep`` sequences (``shared``: the kernel that reads each prompt row once for its ``rep``
-    sequences, else the per-sequence kernel, ``heads`` heads of a sequence a program); the new token's
-    key and value land in their slot."""
+    sequences, else the per-sequence kernel, ``heads`` heads of a sequence a program in ``warps`` warps;
+    4 and 1 are what ships); head dims ``d`` of 80 (OPT-2.7b's), 128 and 64; the new token's key and value
+    land in their slot."""
     from captune.ops import decode_attention as da
     from captune.ops.decode_attention import _reference, decode_attention
 
     monkeypatch.setattr(da, "SHARED", shared)
     monkeypatch.setattr(da, "HEADS", heads)
-    monkeypatch.setattr(da, "HEADS_WARPS", min(heads, 4))
+    monkeypatch.setattr(da, "HEADS_WARPS", warps)
 
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
 
-    b, h, d, new = 16 * rep, 8, 80, 20
+    b, h, new = 16 * rep, 8, 20
     q, k, v = randn(b, h, 1, d) * d**-0.5, randn(b, h, 1, d), randn(b, h, 1, d)
     kp, vp, kn, vn = (
         randn(b // rep, h, prompt, d),

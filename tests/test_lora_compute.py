@@ -148,6 +148,23 @@ def test_patched_layers_are_freed_without_the_cycle_collector(tiny_model_dir):
     torch.testing.assert_close(twin.base_model.model.language_model(input_ids=ids).logits, want)
 
 
+def test_a_forward_outliving_its_layer_says_so():
+    """A shallow copy of a patched layer shares its weak forward: once the original is gone the copy's call
+    names the problem and the fix, not an error about None."""
+    import copy
+
+    import pytest
+
+    from captune.model.lora_compute import WeakForward
+
+    layer = torch.nn.Linear(2, 2)
+    layer.forward = WeakForward(layer, torch.nn.Linear.forward)
+    twin = copy.copy(layer)
+    del layer
+    with pytest.raises(ReferenceError, match="deep-copy"):
+        twin(torch.zeros(1, 2))
+
+
 def test_4bit_layers_are_told_by_their_peft_class():
     from captune.model.lora_compute import _is_4bit
 

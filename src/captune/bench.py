@@ -239,7 +239,7 @@ def measure_captune_training(  # noqa: PLR0913
 
     torch.manual_seed(0)
     peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="seed"))
-    peft_layers = {m: m.forward for m in peft_model.modules() if applies(m)}
+    peft_layers = {m: vars(m).get("forward") for m in peft_model.modules() if applies(m)}
     sixteen = use_16bit_compute(peft_model)  # as the trainer does (lora.compute=auto)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -312,9 +312,13 @@ def profile_features(model, processor, jpegs: list[bytes], batch: int) -> dict:
 
 
 def _peft_fp32_rate(peft_layers: dict, step, pairs: int) -> float:
-    """The same packed step with peft's fp32 adapter products (its layers' own forwards put back)."""
+    """The same packed step with peft's fp32 adapter products (its layers' own forwards put back: the class's,
+    with no bound method stored on the layer, which would be a reference cycle)."""
     for m, forward in peft_layers.items():
-        m.forward = forward
+        if forward is None:
+            vars(m).pop("forward", None)
+        else:
+            m.forward = forward
     for _ in range(3):
         step(True)
     return round(pairs / _timed(lambda: step(True), 10), 1)

@@ -180,13 +180,20 @@ class WeakForward:
         self.fn = fn
 
     def __call__(self, *args, **kwargs):
-        return self.fn(self._module(), *args, **kwargs)
+        return self.fn(self.module(), *args, **kwargs)
+
+    def module(self):
+        module = self._module()
+        if module is None:  # a shallow copy's (copy.copy, nn.DataParallel's replicas) outliving its original
+            raise ReferenceError("this forward's LoRA layer is gone: a shallow copy of a patched model outlived it; "
+                                 "deep-copy the model instead (copy.deepcopy)")  # fmt: skip
+        return module
 
     def __deepcopy__(self, memo):  # a copied model's forward is bound to the copy, as a bound method's would be
-        return WeakForward(copy.deepcopy(self._module(), memo), self.fn)
+        return WeakForward(copy.deepcopy(self.module(), memo), self.fn)
 
     def __reduce__(self):  # pickled (torch.save of a whole model) as a bound method would be
-        return WeakForward, (self._module(), self.fn)
+        return WeakForward, (self.module(), self.fn)
 
 
 def route(module, forward) -> None:

@@ -337,7 +337,7 @@ def decode_attention(  # noqa: PLR0913 (the two halves of the cache, their keys 
     part = _prompt_part(q, k_prompt, v_prompt, rep, d1, d2) if shares_prompt(rep, d1, d2) else None
     strides = [t.stride(i) for t in (q, k, v, out) for i in (0, 1)]
     strides += [t.stride(i) for t in (k_prompt, v_prompt, k_new, v_new) for i in (0, 1, 2)]
-    if part is None and HEADS > 1 and h % HEADS == 0:
+    if part is None and HEADS > 1 and HEADS & (HEADS - 1) == 0 and h % HEADS == 0:  # (Triton: powers of two)
         args = [q, k, v, k_prompt, v_prompt, k_new, v_new, out, pos]
         _decode_heads_kernel[(b, h // HEADS)](*args, *strides, rep, prefix_len, d, CHUNK=CHUNK, D1=d1, D2=d2,
                                               HP=HEADS, num_warps=HEADS_WARPS)  # fmt: skip
