@@ -144,7 +144,7 @@ def sweep_decode_heads(batch: int = 2048, heads: int = 32, d: int = 80, prompt: 
     checked against the one-head kernel's."""
     from captune.ops import decode_attention as da
 
-    chosen = (da.HEADS, da.HEADS_WARPS, da.CHUNK)  # (the last two also set the one-head kernel's)
+    chosen = (da.HEADS, da.HEADS_WARPS, da.CHUNK)  # (CHUNK is the one-head kernel's too)
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(batch, heads, 1, d, device="cuda", dtype=torch.bfloat16, generator=g) * d**-0.5
     kp = torch.randn(batch, heads, prompt, d, device="cuda", dtype=torch.bfloat16, generator=g)

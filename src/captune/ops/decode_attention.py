@@ -42,8 +42,9 @@ SHARED_MAX_ROWS = 16  # sequences per prompt row the prompt kernel takes (its te
 SHARED_CHUNK, SHARED_WARPS = 16, 1
 # heads per program of the per-sequence kernel where no prompt part is shared (greedy captioning), and its
 # warps: with one (sequence, head) a program, 1-warp blocks fill at most half of an SM's warp slots (32
-# resident blocks); 4 heads of a sequence a program, 1 warp, was the fastest of 18 settings on an H200 (one
-# layer at 2,048 sequences, early + late in a caption: 0.315 ms against 0.504; speed probe's decode_heads)
+# resident blocks); 4 heads of a sequence a program, 1 warp, 8 keys a chunk was the fastest on two H200 leases
+# (of 18 settings, then 27; one layer at 2,048 sequences, early + late in a caption: 0.315 and 0.320 ms against
+# 0.504 and 0.507; speed probe's decode_heads). ``CHUNK`` is shared with the one-head kernel.
 HEADS, HEADS_WARPS = 4, 1
 
 
