@@ -4,7 +4,8 @@ blip2-opt-2.7b with random weights, as ``captune bench`` builds it. Measures
 - image features: ViT alone, Q-Former + projection alone, whole ``get_image_features``,
   at several batches, with the Q-Former in fp32 (as transformers keeps it) and in bf16,
   and with TF32 matmuls allowed;
-- greedy captioning: the prefill alone and the whole decode at batch 1024/2048;
+- greedy captioning: the prefill alone and the whole decode at batch 1024/2048/4096 (and 2048 with the
+  decoder's residual sums and norms unfused), the kernels of a decode step and of the prefill;
 - the packed LoRA step: eager, and ``torch.compile`` (default and ``reduce-overhead``,
   i.e. CUDA graphs), with a torch.profiler summary of the eager step's CPU vs GPU time;
 - ``jpeg``: features from JPEG bytes, captune's ``image_features`` (nvJPEG on the GPU, and the
@@ -86,19 +87,28 @@ def _qformer(model, emb):
 @torch.no_grad()
 def probe_captioning(model, feats) -> dict:
     from captune.bench_targets import caption_parts, caption_prompt
+    from captune.ops import fast_decode
 
     out = {}
     lm = model.language_model
-    for batch in (1024, 2048):
+    for batch in (1024, 2048, 4096):
         parts = caption_parts(model, feats, batch, 20)
         out[f"b{batch}"] = {"images_per_s_decoder_only": round(batch / parts["whole_s"], 1)} | {
             k: parts[k] for k in ("prefill_s", "decode_step_s", "whole_s")
         }
-        if batch == 2048:
+        if batch == 2048:  # the residual sums and their norms as torch's two ops each
+            fast_decode.FUSED_NORMS = False
+            try:
+                parts = caption_parts(model, feats, batch, 20)
+            finally:
+                fast_decode.FUSED_NORMS = True
+            out["b2048_unfused_norms"] = {"images_per_s_decoder_only": round(batch / parts["whole_s"], 1)} | {
+                k: parts[k] for k in ("prefill_s", "decode_step_s", "whole_s")
+            }
             embeds = caption_prompt(model, feats, batch)
             # the sweep's timings before the profile: after a profile the process's launches are slower
             out["decode_attention_sweep_b2048"] = _sweep_decode_attention(batch, lm.config)
-            out["decode_step_profile_b2048"] = _profile_decode_step(lm, embeds)
+            out["decode_step_profile_b2048"], out["prefill_profile_b2048"] = _profile_decode_step(lm, embeds)
         torch.cuda.empty_cache()
     return out
 
@@ -207,28 +217,36 @@ def _sweep_shared_attention(rows: int, cfg, k: int = 5, prompt: int = 33, new: i
     return out
 
 
-def _profile_decode_step(lm, embeds) -> dict:
-    """GPU time per kernel of one eager decode step (no graph, so the kernels are visible)."""
-    from torch.profiler import ProfilerActivity, profile
-
+def _profile_decode_step(lm, embeds) -> tuple[dict, dict]:
+    """GPU time per kernel of one eager decode step (no graph, so the kernels are visible), and of the
+    prefill."""
     from captune.ops.fast_decode import GreedyOPT
 
     dec = GreedyOPT(lm, embeds.size(0), embeds.size(1), 20, use_graph=False)
     dec.generate(embeds, eos_token_id=-5, pad_token_id=1)
     dec.static_pos.fill_(embeds.size(1) + 3)
+    hidden = dec._embed(embeds, torch.arange(embeds.size(1), device=embeds.device))
+    step = _kernel_profile(dec._step, 5)
+    return step, _kernel_profile(lambda: dec._forward(hidden, None), 2)
+
+
+def _kernel_profile(fn, reps: int) -> dict:
+    """GPU time per kernel of ``fn`` (two warm-up calls, then ``reps`` profiled), per call."""
+    from torch.profiler import ProfilerActivity, profile
+
     for _ in range(2):
-        dec._step()
+        fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            dec._step()
+        for _ in range(reps):
+            fn()
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    total = sum(e.self_device_time_total for e in kernels) / 5 / 1e3
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+    total = sum(e.self_device_time_total for e in kernels) / reps / 1e3
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:16]
     return {
-        "kernel_ms_per_step": round(total, 3),
-        "top": [(e.key[:70], round(e.self_device_time_total / 5 / 1e3, 3), e.count // 5) for e in top],
+        "kernel_ms_per_call": round(total, 3),
+        "top": [(e.key[:140], round(e.self_device_time_total / reps / 1e3, 3), e.count // reps) for e in top],
     }
 
 

@@ -72,3 +72,31 @@ def test_greedy_captioning_takes_the_fast_path(demo, monkeypatch):
     caption_features(loaded.model, tok, feats, EvalConfig(batch_size=5, max_new_tokens=8, num_beams=2))
     caption_features(loaded.model, tok, feats, EvalConfig(batch_size=5, max_new_tokens=8, fast=False))
     assert calls == [4, 4, 4]
+
+
+@pytest.mark.parametrize("pre_norm, proj_dim", [(False, 16), (True, 16), (False, 32)])
+def test_greedy_opt_equals_generate_on_other_layouts(pre_norm, proj_dim):
+    """Post-norm layers (OPT-350m) and embeddings projected in and out: the prefill's trimmed last layer
+    and the decode steps give generate()'s tokens (the demo model is pre-norm, without projections)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from captune.ops.fast_decode import GreedyOPT
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
+        max_position_embeddings=64, do_layer_norm_before=pre_norm, word_embed_proj_dim=proj_dim, init_std=0.2,
+    )  # fmt: skip
+    lm = OPTForCausalLM(cfg).eval()
+    embeds = torch.randn(3, 6, proj_dim)
+    want = lm.generate(
+        inputs_embeds=embeds, attention_mask=torch.ones(3, 6, dtype=torch.long), max_new_tokens=9, min_new_tokens=9,
+        do_sample=False, eos_token_id=2, pad_token_id=1,
+    )  # fmt: skip
+    dec = GreedyOPT(lm, 3, 6, 9)
+    got = dec.generate(embeds, eos_token_id=2, pad_token_id=1, min_new=9)
+    assert want[:, -9:].tolist() == got.tolist()
+    # the prefill's logits themselves (the trimmed last layer gives only the first token, a weak check alone)
+    with torch.no_grad():
+        prefill = dec._forward(dec._embed(embeds, torch.arange(6)), None)
+        assert torch.allclose(prefill, lm(inputs_embeds=embeds).logits[:, -1], atol=1e-5, rtol=1e-5)

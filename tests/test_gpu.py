@@ -10,8 +10,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 @pytest.mark.parametrize(
-    "shared, heads, warps, d", [(True, 1, 1, 80), (False, 1, 1, 80), (False, 2, 1, 80), (False, 4, 1, 80),
-                                (False, 4, 1, 128), (False, 8, 2, 80), (False, 4, 4, 64)],
+    "shared, heads, warps, d", [(True, 1, 1, 80), (True, 4, 1, 80), (True, 2, 2, 128), (True, 8, 1, 64),
+                                (False, 1, 1, 80), (False, 2, 1, 80), (False, 4, 1, 80), (False, 4, 1, 128),
+                                (False, 8, 2, 80), (False, 4, 4, 64)],
 )  # fmt: skip
 @pytest.mark.parametrize(
     "rep, prompt, slot",
@@ -20,15 +21,27 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_decode_attention_kernel_matches_sdpa(rep, prompt, slot, shared, heads, warps, d, monkeypatch):
     """The Triton kernels against SDPA over the joined cache (the CPU path), prompt rows shared by
     ``rep`` sequences (``shared``: the kernel that reads each prompt row once for its ``rep``
-    sequences, else the per-sequence kernel, ``heads`` heads of a sequence a program in ``warps`` warps;
-    4 and 1 are what ships); head dims ``d`` of 80 (OPT-2.7b's), 128 and 64; the new token's key and value
-    land in their slot."""
+    sequences, then the per-sequence kernel for the rest, else the per-sequence kernel alone; ``heads``
+    heads of a sequence a program in ``warps`` warps: 4 and 1 are what ships); head dims ``d`` of 80
+    (OPT-2.7b's), 128 and 64; the new token's key and value land in their slot."""
     from captune.ops import decode_attention as da
     from captune.ops.decode_attention import _reference, decode_attention
 
     monkeypatch.setattr(da, "SHARED", shared)
     monkeypatch.setattr(da, "HEADS", heads)
     monkeypatch.setattr(da, "HEADS_WARPS", warps)
+    used = []
+
+    class Spy:  # which per-sequence kernel ran
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            used.append(self.name)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(da, "_decode_heads_kernel", Spy("heads", da._decode_heads_kernel))
+    monkeypatch.setattr(da, "_decode_kernel", Spy("one", da._decode_kernel))
 
     g = torch.Generator(device="cuda").manual_seed(0)
 
@@ -49,6 +62,71 @@ def test_decode_attention_kernel_matches_sdpa(rep, prompt, slot, shared, heads, 
     out = decode_attention(q, k, v, kp, vp, kn, vn, pos)
     assert (out.float() - ref).abs().max().item() < 2e-2
     assert torch.equal(kn, kn_ref) and torch.equal(vn, vn_ref)
+    assert used == ["heads" if heads > 1 else "one"]
+    # q scaled by the kernel as it reads it: the same output, bit for bit, as q scaled by torch first
+    raw = randn(b, h, 1, d)
+    scaled = decode_attention(raw * d**-0.5, k, v, kp, vp, kn.clone(), vn.clone(), pos)
+    assert torch.equal(decode_attention(raw, k, v, kp, vp, kn.clone(), vn.clone(), pos, d**-0.5), scaled)
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "t, d, dtype",
+    [(33, 80, torch.bfloat16), (36, 80, torch.bfloat16), (9, 32, torch.bfloat16), (17, 64, torch.float16),
+     (33, 80, torch.float16), (100, 128, torch.bfloat16), (33, 80, torch.float32), (1, 80, torch.bfloat16)],
+)  # fmt: skip
+def test_prefill_attention_kernel_matches_sdpa(t, d, dtype, monkeypatch):
+    """The prefill's kernel (causal attention over the prompt rows, q scaled as it is read, the rows' keys
+    and values written into the cache) against SDPA and the copies it replaces, and both against float64:
+    rows laid out as the decoder's projections give them ((B, T, heads, D) viewed as (B, heads, T, D))."""
+    from captune.ops import decode_attention as da
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    b, h, scale = 6, 8, d**-0.5
+    x = torch.randn(b, t, 3, h, d, device="cuda", dtype=dtype, generator=g)
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+
+    def cache():
+        return torch.full((b, h, t, d), float("nan"), device="cuda", dtype=dtype)
+
+    kp, vp, kp_ref, vp_ref = cache(), cache(), cache(), cache()
+    with torch.no_grad():
+        assert da.prefills(q, k, v, kp, vp)
+        out = da.prefill_attention(q, k, v, kp, vp, scale)
+        monkeypatch.setattr(da, "PREFILL", False)
+        ref = da.prefill_attention(q, k, v, kp_ref, vp_ref, scale)
+    assert torch.equal(kp, kp_ref) and torch.equal(vp, vp_ref)
+    qs = (q * scale).double()
+    scores = (qs @ k.double().transpose(-1, -2)).masked_fill(~torch.ones(t, t, device="cuda").tril().bool(), -1e300)
+    exact = scores.softmax(-1) @ v.double()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.double() - exact).abs().max().item() < tol
+    assert (out.double() - exact).abs().max().item() <= 2 * (ref.double() - exact).abs().max().item() + tol / 4
+
+
+@needs_cuda
+def test_graph_decoding_equals_eager_on_gpu():
+    """The decode step captured after an eager first step, its logits read without a clone, over two
+    generations (the second replays the graph from its first step): the tokens of every step run eagerly."""
+    from captune.bench_targets import caption_prompt
+    from captune.config import ModelConfig
+    from captune.demo import world
+    from captune.model.load import load_model
+    from captune.ops.fast_decode import GreedyOPT
+    from captune.ops.features import image_features
+
+    loaded = load_model(ModelConfig(device="cuda", dtype="bf16"))
+    images = [it["image"] for it in world.make_items("plain", 16, seed=5)]
+    embeds = caption_prompt(loaded.model, image_features(loaded.model, loaded.processor, images), 16)
+    lm, eos = loaded.model.language_model, loaded.processor.tokenizer.eos_token_id
+    with torch.no_grad():
+        eager = GreedyOPT(lm, 16, embeds.size(1), 12, use_graph=False)
+        graphed = GreedyOPT(lm, 16, embeds.size(1), 12)
+        want = eager.generate(embeds, eos_token_id=eos, pad_token_id=1, min_new=12)
+        first = graphed.generate(embeds, eos_token_id=eos, pad_token_id=1, min_new=12)
+        second = graphed.generate(embeds, eos_token_id=eos, pad_token_id=1, min_new=12)
+    assert graphed.graph is not None
+    assert torch.equal(first, want) and torch.equal(second, want)
 
 
 @needs_cuda

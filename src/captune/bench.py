@@ -358,6 +358,7 @@ def measure_captune_captioning(model, processor, feats, batches: tuple[int, ...]
             if da.available(feats.device)
             else "sdpa"
         ),
+        "caption_prefill": _prefill_path(model, feats, feats.size(1) + 1),  # image tokens + BOS
         "caption_images_per_s": by_batch[best],
         "caption_batch": best,
         "caption_parts": parts,
@@ -371,6 +372,28 @@ def measure_captune_captioning(model, processor, feats, batches: tuple[int, ...]
             sum(a == b for a, b in zip(fast, slow, strict=True)) / batch, 4
         ),
     }
+
+
+@torch.no_grad()
+def _prefill_path(model, feats, prompt_rows: int) -> str:
+    """How the static-cache decoder's prefill and residual sums run for ``model`` on ``feats``' device, for
+    ``prompt_rows`` rows (``captune bench`` records it)."""
+    from captune.ops import decode_attention as da
+    from captune.ops import fast_decode, vision
+    from captune.ops.lm import unwrap
+
+    lm = unwrap(model).language_model
+    cfg, layer = lm.config, lm.model.decoder.layers[0]
+    heads, dtype = cfg.num_attention_heads, layer.self_attn.v_proj.weight.dtype
+    rows = torch.empty(1, heads, prompt_rows, cfg.hidden_size // heads, device=feats.device, dtype=dtype)
+    kernel = da.prefills(rows, rows, rows, rows, rows)
+    attention = "one Triton kernel with the cache fill" if kernel else "SDPA, then the cache copied"
+    parts = [f"prefill attention: {attention}", "the last layer for the last row only (SDPA)"]
+    fused = fast_decode.FUSED_NORMS and vision.ADD_NORM and da.available(feats.device)
+    if cfg.do_layer_norm_before and fused:
+        plain = vision._plain_norm(layer.self_attn_layer_norm, rows.view(-1, cfg.hidden_size))
+        parts.append("residual sums + layer norms " + ("in one pass" if plain else "as torch ops"))
+    return ", ".join(parts)
 
 
 @torch.no_grad()

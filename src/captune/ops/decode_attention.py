@@ -40,15 +40,24 @@ SHARED_MAX_ROWS = 16  # sequences per prompt row the prompt kernel takes (its te
 # the prompt kernel's keys per chunk and warps: the fastest at 1,280 and 1,920 sequences (256 and 384
 # images x 5) on an H200 (speed probe's shared_attention_sweep)
 SHARED_CHUNK, SHARED_WARPS = 16, 1
-# heads per program of the per-sequence kernel where no prompt part is shared (greedy captioning), and its
-# warps: with one (sequence, head) a program, 1-warp blocks fill at most half of an SM's warp slots (32
-# resident blocks); 4 heads of a sequence a program, 1 warp, 8 keys a chunk was the fastest on two H200 leases
-# (of 18 settings, then 27; one layer at 2,048 sequences, early + late in a caption: 0.315 and 0.320 ms against
-# 0.504 and 0.507; speed probe's decode_heads). ``CHUNK`` is shared with the one-head kernel.
+# heads per program of the per-sequence kernel (greedy captioning, and SCST's generated tokens after the prompt
+# kernel), and its warps: with one (sequence, head) a program, 1-warp blocks fill at most half of an SM's warp
+# slots (32 resident blocks); 4 heads of a sequence a program, 1 warp, 8 keys a chunk was the fastest on two
+# H200 leases (of 18 settings, then 27; greedy, one layer at 2,048 sequences, early + late in a caption: 0.315
+# and 0.320 ms against 0.504 and 0.507; speed probe's decode_heads). ``CHUNK`` is shared with the one-head kernel.
 HEADS, HEADS_WARPS = 4, 1
+# the prefill's causal attention over the prompt rows (image tokens + prompt) as one Triton program per
+# (sequence, head) that also writes the rows' keys and values into the cache, where the rows fit one tile;
+# else SDPA, then the keys and values copied into the cache (``prefill_attention``)
+PREFILL, PREFILL_MAX_ROWS, PREFILL_WARPS = True, 128, 4
 
 
 if triton is not None:
+
+    @triton.jit
+    def _scaled(q, scale):
+        """``q * scale`` rounded to q's dtype, as torch computes it (in float32, then rounded)."""
+        return (q.to(tl.float32) * scale).to(q.dtype)
 
     @triton.jit
     def _part(base, offs, stride, offs_d, dmask, lmask):
@@ -118,6 +127,7 @@ if triton is not None:
         rep,
         prefix_len,
         dim,
+        scale,  # q's scale, applied and rounded to q's dtype as torch's ``q * scale`` would (1.0: q is scaled)
         CHUNK: tl.constexpr,
         D1: tl.constexpr,
         D2: tl.constexpr,
@@ -129,8 +139,8 @@ if triton is not None:
         offs_d2 = D1 + tl.arange(0, D2)
         d1mask, d2mask = offs_d1 < dim, offs_d2 < dim
         q_base, k_base, v_base = q_ptr + b * sq + h * sqh, k_ptr + b * sk + h * skh, v_ptr + b * sv + h * svh
-        q1 = tl.load(q_base + offs_d1, mask=d1mask, other=0.0).to(tl.float32)
-        q2 = tl.load(q_base + offs_d2, mask=d2mask, other=0.0).to(tl.float32)
+        q1 = _scaled(tl.load(q_base + offs_d1, mask=d1mask, other=0.0), scale).to(tl.float32)
+        q2 = _scaled(tl.load(q_base + offs_d2, mask=d2mask, other=0.0), scale).to(tl.float32)
         k1 = tl.load(k_base + offs_d1, mask=d1mask, other=0.0)
         k2 = tl.load(k_base + offs_d2, mask=d2mask, other=0.0)
         v1 = tl.load(v_base + offs_d1, mask=d1mask, other=0.0)
@@ -196,13 +206,14 @@ if triton is not None:
 
     @triton.jit
     def _decode_heads_kernel(  # noqa: PLR0913 (a Triton kernel's arguments are its launch signature)
-        q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, kn_ptr, vn_ptr, o_ptr, pos_ptr,
+        q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, kn_ptr, vn_ptr, o_ptr, pos_ptr, part_ptr,
         sq, sqh, sk, skh, sv, svh, so, soh,
         skp, skph, skpl, svp, svph, svpl, skn, sknh, sknl, svn, svnh, svnl,
-        rep, prefix_len, dim,
-        CHUNK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, HP: tl.constexpr,
+        rep, prefix_len, dim, scale,
+        CHUNK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, HP: tl.constexpr, PART: tl.constexpr,
     ):  # fmt: skip
-        """``_decode_kernel`` without a shared prompt part, ``HP`` heads of one sequence per program."""
+        """``_decode_kernel`` for ``HP`` heads of one sequence per program (with ``PART``, the prompt part's
+        state from ``_prompt_kernel`` merged in, as there)."""
         b = tl.program_id(0)
         offs_h = tl.program_id(1) * HP + tl.arange(0, HP)
         offs_d1 = tl.arange(0, D1)
@@ -210,8 +221,8 @@ if triton is not None:
         d1mask, d2mask = offs_d1 < dim, offs_d2 < dim
         m1, m2 = d1mask[None, :] & (offs_h[:, None] >= 0), d2mask[None, :] & (offs_h[:, None] >= 0)
         hq, hk, hv, ho = offs_h[:, None] * sqh, offs_h[:, None] * skh, offs_h[:, None] * svh, offs_h[:, None] * soh
-        q1 = tl.load(q_ptr + b * sq + hq + offs_d1[None, :], mask=m1, other=0.0).to(tl.float32)
-        q2 = tl.load(q_ptr + b * sq + hq + offs_d2[None, :], mask=m2, other=0.0).to(tl.float32)
+        q1 = _scaled(tl.load(q_ptr + b * sq + hq + offs_d1[None, :], mask=m1, other=0.0), scale).to(tl.float32)
+        q2 = _scaled(tl.load(q_ptr + b * sq + hq + offs_d2[None, :], mask=m2, other=0.0), scale).to(tl.float32)
         k1 = tl.load(k_ptr + b * sk + hk + offs_d1[None, :], mask=m1, other=0.0)
         k2 = tl.load(k_ptr + b * sk + hk + offs_d2[None, :], mask=m2, other=0.0)
         v1 = tl.load(v_ptr + b * sv + hv + offs_d1[None, :], mask=m1, other=0.0)
@@ -226,9 +237,18 @@ if triton is not None:
         tl.store(at_v + offs_d2[None, :], v2.to(kind), mask=m2)
         m_i = tl.sum(k1.to(tl.float32) * q1, axis=1) + tl.sum(k2.to(tl.float32) * q2, axis=1)
         state = (m_i, m_i * 0.0 + 1.0, v1.to(tl.float32), v2.to(tl.float32))
-        pb = b // rep
-        state = _head_chunks(q1, q2, state, kp_ptr + pb * skp, vp_ptr + pb * svp, skph, skpl, svph, svpl,
-                             prefix_len, dim, offs_h, CHUNK, D1, D2)  # fmt: skip
+        if PART:
+            part = part_ptr + (b * tl.num_programs(1) * HP + offs_h) * (2 + dim)
+            m_p, s_p = tl.load(part), tl.load(part + 1)
+            m_new = tl.maximum(m_i, m_p)
+            a_p, a_t = tl.exp(m_p - m_new), tl.exp(m_i - m_new)
+            acc1 = tl.load(part[:, None] + 2 + offs_d1[None, :], mask=m1, other=0.0) * a_p[:, None]
+            acc2 = tl.load(part[:, None] + 2 + offs_d2[None, :], mask=m2, other=0.0) * a_p[:, None]
+            state = (m_new, s_p * a_p + a_t, acc1 + state[2] * a_t[:, None], acc2 + state[3] * a_t[:, None])
+        else:
+            pb = b // rep
+            state = _head_chunks(q1, q2, state, kp_ptr + pb * skp, vp_ptr + pb * svp, skph, skpl, svph, svpl,
+                                 prefix_len, dim, offs_h, CHUNK, D1, D2)  # fmt: skip
         m_i, s_i, acc1, acc2 = _head_chunks(q1, q2, state, kn_base, vn_base, sknh, sknl, svnh, svnl, slot, dim,
                                             offs_h, CHUNK, D1, D2)  # fmt: skip
         o_base = o_ptr + b * so + ho
@@ -239,7 +259,7 @@ if triton is not None:
     def _prompt_kernel(  # noqa: PLR0913 (a Triton kernel's arguments are its launch signature)
         q_ptr, kp_ptr, vp_ptr, part_ptr,
         sq, sqh, skp, skph, skpl, svp, svph, svpl,
-        rep, prefix_len, dim, heads,
+        rep, prefix_len, dim, heads, scale,
         CHUNK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, R: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """The prompt part of the attention of the ``rep`` sequences sharing prompt row ``pb`` (SCST's
@@ -257,7 +277,7 @@ if triton is not None:
         offs_d2 = D1 + tl.arange(0, D2)
         d1mask, d2mask = offs_d1 < dim, offs_d2 < dim
         q_rows = q_ptr + rows[:, None] * sq + h * sqh
-        q1 = tl.load(q_rows + offs_d1[None, :], mask=rmask[:, None] & d1mask[None, :], other=0.0)
+        q1 = _scaled(tl.load(q_rows + offs_d1[None, :], mask=rmask[:, None] & d1mask[None, :], other=0.0), scale)
         kp_base, vp_base = kp_ptr + pb * skp + h * skph, vp_ptr + pb * svp + h * svph
         m_i = tl.full([R], float("-inf"), tl.float32)
         s_i = tl.zeros([R], tl.float32)
@@ -270,7 +290,8 @@ if triton is not None:
                          other=0.0)  # fmt: skip
             scores = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
             if D2 > 1:
-                q2 = tl.load(q_rows + offs_d2[None, :], mask=rmask[:, None] & d2mask[None, :], other=0.0)
+                q2 = _scaled(tl.load(q_rows + offs_d2[None, :], mask=rmask[:, None] & d2mask[None, :], other=0.0),
+                             scale)  # fmt: skip
                 k2 = tl.load(kp_base + offs[:, None] * skpl + offs_d2[None, :],
                              mask=lmask[:, None] & d2mask[None, :], other=0.0)  # fmt: skip
                 scores += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
@@ -293,6 +314,40 @@ if triton is not None:
         tl.store(part[:, None] + 2 + offs_d1[None, :], acc1, mask=rmask[:, None] & d1mask[None, :])
         if D2 > 1:
             tl.store(part[:, None] + 2 + offs_d2[None, :], acc2, mask=rmask[:, None] & d2mask[None, :])
+
+    @triton.jit
+    def _rows(base, offs_t, st, offs_d, mask):
+        return tl.load(base + offs_t[:, None] * st + offs_d[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _prefill_kernel(  # noqa: PLR0913 (a Triton kernel's arguments are its launch signature)
+        q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, o_ptr,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+        skpb, skph, skpt, svpb, svph, svpt,
+        rows, dim, scale,
+        BT: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Causal attention of one (sequence, head)'s ``rows`` prompt rows in one tile (``BT`` rows, ``BD``
+        dims, the padding masked): q scaled as torch would (``_scaled``), the products on tensor cores, the
+        probabilities rounded to the values' dtype for their product (as flash attention does); the rows'
+        keys and values stored in the cache."""
+        b, h = tl.program_id(0), tl.program_id(1)
+        offs_t = tl.arange(0, BT)
+        offs_d = tl.arange(0, BD)
+        tmask = offs_t < rows
+        mask = tmask[:, None] & (offs_d < dim)[None, :]
+        q = _scaled(_rows(q_ptr + b * sqb + h * sqh, offs_t, sqt, offs_d, mask), scale)
+        k = _rows(k_ptr + b * skb + h * skh, offs_t, skt, offs_d, mask)
+        v = _rows(v_ptr + b * svb + h * svh, offs_t, svt, offs_d, mask)
+        at = offs_t[:, None]
+        tl.store(kp_ptr + b * skpb + h * skph + at * skpt + offs_d[None, :], k.to(kp_ptr.dtype.element_ty), mask=mask)
+        tl.store(vp_ptr + b * svpb + h * svph + at * svpt + offs_d[None, :], v.to(vp_ptr.dtype.element_ty), mask=mask)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        # causal; a padding row (past ``rows``) sees the real rows, so no row is all -inf
+        scores = tl.where((at >= offs_t[None, :]) & tmask[None, :], scores, float("-inf"))
+        p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / tl.sum(p, axis=1)[:, None]
+        tl.store(o_ptr + b * sob + h * soh + at * sot + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def dim_parts(dim: int, split: bool) -> tuple[int, int]:
@@ -320,10 +375,12 @@ def decode_attention(  # noqa: PLR0913 (the two halves of the cache, their keys 
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     pos: torch.Tensor,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """softmax(q K^T) V for the token at position ``pos`` (a 0-d long tensor, graph-static).
+    """softmax((q * scale) K^T) V for the token at position ``pos`` (a 0-d long tensor, graph-static).
 
-    q, k, v (B, H, 1, D): the new token's query (already scaled), key and value; ``k``/``v``
+    q, k, v (B, H, 1, D): the new token's query, key and value; ``q * scale`` is rounded to q's dtype
+    as torch's product would be (the kernels scale it as they read it: no pass of its own); ``k``/``v``
     are written into slot ``pos - P`` of ``k_new``/``v_new`` (B, H, N, D). ``k_prompt``/
     ``v_prompt`` (B / rep, H, P, D): the prompt's keys and values, row ``i // rep`` serving
     sequence i. Keys are the prompt's P slots, the generated slots before ``pos - P`` and
@@ -332,21 +389,68 @@ def decode_attention(  # noqa: PLR0913 (the two halves of the cache, their keys 
     rep = b // k_prompt.size(0)
     prefix_len = k_prompt.size(2)
     if not available(q.device):
-        return _reference(q, k, v, k_prompt, v_prompt, k_new, v_new, pos, rep)
+        return _reference(q if scale == 1.0 else q * scale, k, v, k_prompt, v_prompt, k_new, v_new, pos, rep)
     out = torch.empty_like(q)
     d1, d2 = dim_parts(d, SPLIT_D)
-    part = _prompt_part(q, k_prompt, v_prompt, rep, d1, d2) if shares_prompt(rep, d1, d2) else None
+    part = _prompt_part(q, k_prompt, v_prompt, rep, d1, d2, scale) if shares_prompt(rep, d1, d2) else None
     strides = [t.stride(i) for t in (q, k, v, out) for i in (0, 1)]
     strides += [t.stride(i) for t in (k_prompt, v_prompt, k_new, v_new) for i in (0, 1, 2)]
-    if part is None and HEADS > 1 and HEADS & (HEADS - 1) == 0 and h % HEADS == 0:  # (Triton: powers of two)
-        args = [q, k, v, k_prompt, v_prompt, k_new, v_new, out, pos]
-        _decode_heads_kernel[(b, h // HEADS)](*args, *strides, rep, prefix_len, d, CHUNK=CHUNK, D1=d1, D2=d2,
-                                              HP=HEADS, num_warps=HEADS_WARPS)  # fmt: skip
-        return out
     args = [q, k, v, k_prompt, v_prompt, k_new, v_new, out, pos, out if part is None else part]
-    _decode_kernel[(b, h)](*args, *strides, rep, prefix_len, d, CHUNK=CHUNK, D1=d1, D2=d2, PART=part is not None,
-                           num_warps=NUM_WARPS)  # fmt: skip
+    if HEADS > 1 and HEADS & (HEADS - 1) == 0 and h % HEADS == 0:  # (Triton: powers of two)
+        _decode_heads_kernel[(b, h // HEADS)](*args, *strides, rep, prefix_len, d, scale, CHUNK=CHUNK, D1=d1, D2=d2,
+                                              HP=HEADS, PART=part is not None, num_warps=HEADS_WARPS)  # fmt: skip
+        return out
+    _decode_kernel[(b, h)](*args, *strides, rep, prefix_len, d, scale, CHUNK=CHUNK, D1=d1, D2=d2,
+                           PART=part is not None, num_warps=NUM_WARPS)  # fmt: skip
     return out
+
+
+def prefill_attention(q, k, v, k_prompt, v_prompt, scale: float = 1.0) -> torch.Tensor:
+    """Attention of the prompt rows (B, H, T, D: causal; or the last row alone, T = 1 in ``q``: it sees
+    every row) with ``q * scale`` rounded as torch's product; the rows' keys and values written into
+    ``k_prompt``/``v_prompt`` (B, H, T, D). One Triton kernel where ``prefills``, else SDPA and two copies."""
+    b, h, t, d = k.shape
+    if prefills(q, k, v, k_prompt, v_prompt):
+        out = torch.empty(b, t, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)  # (B, T, H, D) in memory
+        strides = [x.stride(i) for x in (q, k, v, out, k_prompt, v_prompt) for i in (0, 1, 2)]
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 models: exact fp32 products
+        # the head's dims in one power-of-two width (80 -> 128, masked): split as 64 + 16, the 16-bit products
+        # of the 16-wide part came out wrong on an H200, and the kernel faulted at 2,048 x 32 programs
+        with torch.cuda.device(q.device):
+            _prefill_kernel[(b, h)](q, k, v, k_prompt, v_prompt, out, *strides, t, d, scale,
+                                    BT=max(16, triton.next_power_of_2(t)), BD=triton.next_power_of_2(d),
+                                    PRECISION=precision, num_warps=PREFILL_WARPS)  # fmt: skip
+        return out
+    from captune.ops.packing import sdpa_without_cudnn
+
+    k_prompt.copy_(k)
+    v_prompt.copy_(v)
+    causal = q.size(2) == t and t > 1
+    with sdpa_without_cudnn():  # cuDNN builds a graph per new batch shape, at no gain on 30-odd rows
+        return F.scaled_dot_product_attention(
+            q if scale == 1.0 else q * scale, k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=1.0
+        )
+
+
+def prefills(q, k, v, k_prompt, v_prompt) -> bool:
+    """Whether ``prefill_attention`` runs its kernel: ``PREFILL``, a GPU with Triton, every row's query,
+    at most ``PREFILL_MAX_ROWS`` rows, head dims whose parts the tensor-core products take, unit strides
+    along the dims, and no autograd (the kernel has no backward)."""
+    t, d = k.size(2), k.size(3)
+    return (
+        PREFILL
+        and available(q.device)
+        and not torch.is_grad_enabled()
+        and q.size(2) == t
+        and t <= PREFILL_MAX_ROWS
+        and d >= 16
+        # a tile of at most 32 KB an operand: up to 128 x 128 in 16 bits, 64 x 128 in float32 (what the GPU
+        # tests run; larger tiles would ask for more shared memory than a block gets, and fail to launch)
+        and max(16, triton.next_power_of_2(t)) * triton.next_power_of_2(d) * q.element_size() <= 32768
+        and all(x.stride(3) == 1 for x in (q, k, v, k_prompt, v_prompt))
+        and k_prompt.shape == k.shape
+        and q.dtype == k.dtype == v.dtype
+    )
 
 
 def shares_prompt(rep: int, d1: int, d2: int) -> bool:
@@ -355,14 +459,14 @@ def shares_prompt(rep: int, d1: int, d2: int) -> bool:
     return SHARED and 1 < rep <= SHARED_MAX_ROWS and d1 >= 16 and (d2 == 1 or d2 >= 16)
 
 
-def _prompt_part(q, k_prompt, v_prompt, rep: int, d1: int, d2: int) -> torch.Tensor:
+def _prompt_part(q, k_prompt, v_prompt, rep: int, d1: int, d2: int, scale: float = 1.0) -> torch.Tensor:
     """The prompt part's online-softmax state (sequence, head, 2 + D) from ``_prompt_kernel``."""
     b, h, _, d = q.shape
     part = torch.empty(b, h, 2 + d, device=q.device, dtype=torch.float32)
     strides = [q.stride(0), q.stride(1)] + [t.stride(i) for t in (k_prompt, v_prompt) for i in (0, 1, 2)]
     rows = max(16, 1 << (rep - 1).bit_length())
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 models: exact fp32 products
-    _prompt_kernel[(k_prompt.size(0), h)](q, k_prompt, v_prompt, part, *strides, rep, k_prompt.size(2), d, h,
+    _prompt_kernel[(k_prompt.size(0), h)](q, k_prompt, v_prompt, part, *strides, rep, k_prompt.size(2), d, h, scale,
                                           CHUNK=SHARED_CHUNK, D1=d1, D2=d2, R=rows, PRECISION=precision,
                                           num_warps=SHARED_WARPS)  # fmt: skip
     return part

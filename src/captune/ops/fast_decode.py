@@ -10,6 +10,18 @@ LoRA-wrapped q/k, MLP), so adapters apply unchanged; a test checks the tokens
 equal ``generate``'s on the CPU. ``SamplingOPT`` runs the same step for K samples per
 image (self-critical training): the token choice (temperature, top-k/top-p, a seeded
 generator) happens outside the graph, so one graph per batch shape serves every step.
+
+On a GPU, beside the products (captioning at batch 2,048 on an H200: 1860.5 and 1876.4 images/s before on
+two leases, 2011.1 and 2010.4 after on a third, bench/results/2026-12-02-h200-captioning-prefill-kernel.json):
+
+* the prefill's attention is one Triton kernel that also fills the prompt's cache
+  (``decode_attention.prefill_attention``), and its last layer runs past its keys and values for the
+  last row only (no later layer reads the others; on the CPU its float32 logits then differ from the
+  whole layer's by rounding, about 3e-6 on tiny OPTs, with the same tokens and golden values);
+* a pre-norm layer's residual sums each run with the norm after them in one pass (``FUSED_NORMS``);
+* q's scale is applied by the decode kernels as they read q, rounded as torch's product would be;
+* the cache is not cleared first (the kernels read only the slots written), and the first decode step
+  runs eagerly as the graph capture's warm-up.
 """
 
 from __future__ import annotations
@@ -19,9 +31,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from captune.ops.decode_attention import decode_attention
+from captune.ops import decode_attention as attention
+from captune.ops.decode_attention import decode_attention, prefill_attention
 from captune.ops.mlp import feed_forward
-from captune.ops.packing import sdpa_without_cudnn
+from captune.ops.vision import add_norm
+
+# A pre-norm decoder's residual sums, each with the layer norm after it, in one pass on a GPU
+# (``ops.vision.add_norm``: the sum as torch rounds it, the norm in float32 by another summation order, so
+# its 16-bit output may differ by one step); torch's two ops elsewhere, and with this off.
+FUSED_NORMS = True
 
 
 class GreedyOPT:
@@ -50,10 +68,14 @@ class GreedyOPT:
         layers, rows = len(self.dec.layers), prompt_rows or batch
         prompt_shape = (layers, rows, self.heads, prompt_len, self.head_dim)
         new_shape = (layers, batch, self.heads, max_new, self.head_dim)
-        self.k_prompt = torch.zeros(prompt_shape, device=self.device, dtype=self.dtype)
-        self.v_prompt = torch.zeros(prompt_shape, device=self.device, dtype=self.dtype)
-        self.k_new = torch.zeros(new_shape, device=self.device, dtype=self.dtype)
-        self.v_new = torch.zeros(new_shape, device=self.device, dtype=self.dtype)
+        # the Triton kernels read only the slots written (the prompt's by the prefill, each generated one
+        # before it is read), so on a GPU the cache is not cleared first (tens of GB at batch 2,048); the
+        # reference path masks the whole cache, and a masked slot must still hold a number
+        alloc = torch.empty if attention.available(self.device) else torch.zeros
+        self.k_prompt = alloc(prompt_shape, device=self.device, dtype=self.dtype)
+        self.v_prompt = alloc(prompt_shape, device=self.device, dtype=self.dtype)
+        self.k_new = alloc(new_shape, device=self.device, dtype=self.dtype)
+        self.v_new = alloc(new_shape, device=self.device, dtype=self.dtype)
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         self.graph = None
         self.static_token = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -65,40 +87,61 @@ class GreedyOPT:
         emb = self.dec.embed_positions
         return F.embedding(pos + getattr(emb, "offset", 2), emb.weight)
 
-    def _attend(self, layer_idx: int, attn, h: torch.Tensor, pos: torch.Tensor | None, length: int | None):
+    def _attend(self, layer_idx: int, attn, h: torch.Tensor, pos: torch.Tensor | None, last_only: bool = False):
+        """The attention block's output for rows ``h`` (B, T, H); ``last_only`` (the prefill's last layer):
+        every row's keys and values into the cache, the output for the last row only (B, 1, H)."""
         b, t, _ = h.shape
-        q = (attn.q_proj(h) * attn.scaling).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        rows = h[:, -1:] if last_only else h
+        q = attn.q_proj(rows).view(b, rows.size(1), self.heads, self.head_dim).transpose(1, 2)
         k = attn.k_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         kp, vp = self.k_prompt[layer_idx], self.v_prompt[layer_idx]
-        if pos is None:  # prefill of the prompt rows: positions 0..t-1, causal
-            kp.copy_(k)
-            vp.copy_(v)
-            with sdpa_without_cudnn():  # cuDNN builds a graph per new batch shape, at no gain on 30-odd rows
-                out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=1.0)
-        else:  # one new token at ``pos``, written into its slot; attends to every filled slot
-            out = decode_attention(q, k, v, kp, vp, self.k_new[layer_idx], self.v_new[layer_idx], pos)
-        out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        if pos is None:  # prefill of the prompt rows: positions 0..t-1, causal (the last row sees them all)
+            out = prefill_attention(q, k, v, kp, vp, attn.scaling)
+        else:  # one new token at ``pos``, written into its slot; attends to every filled slot (q scaled there)
+            out = decode_attention(q, k, v, kp, vp, self.k_new[layer_idx], self.v_new[layer_idx], pos, attn.scaling)
+        out = out.transpose(1, 2).reshape(b, rows.size(1), self.heads * self.head_dim)
         return attn.out_proj(out)
 
     def _forward(self, hidden: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        for i, layer in enumerate(self.dec.layers):
-            residual = hidden
-            h = layer.self_attn_layer_norm(hidden) if self.pre_norm else hidden
-            hidden = residual + self._attend(i, layer.self_attn, h, pos, None)
-            if not self.pre_norm:
-                hidden = layer.self_attn_layer_norm(hidden)
-            residual = hidden
-            h = layer.final_layer_norm(hidden) if self.pre_norm else hidden
-            h = feed_forward(layer, h)
-            hidden = residual + h
-            if not self.pre_norm:
-                hidden = layer.final_layer_norm(hidden)
-        if getattr(self.dec, "final_layer_norm", None) is not None:
-            hidden = self.dec.final_layer_norm(hidden)
+        """The next-token logits (B, vocab) of the last row. In the prefill (``pos`` None) the last layer
+        runs past its keys and values for the last row only: no later layer reads the other rows."""
+        hidden = self._pre_norm_layers(hidden, pos) if self.pre_norm else self._post_norm_layers(hidden, pos)
         if getattr(self.dec, "project_out", None) is not None:
             hidden = self.dec.project_out(hidden)
         return self.lm.lm_head(hidden[:, -1])
+
+    def _pre_norm_layers(self, hidden: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """Pre-norm layers (OPT-2.7b and larger): each residual sum with the norm after it, the next
+        layer's first or this layer's second (``FUSED_NORMS``); the decoder's final norm applied."""
+        layers = self.dec.layers
+        final = getattr(self.dec, "final_layer_norm", None)
+        x = layers[0].self_attn_layer_norm(hidden)
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1
+            attended = self._attend(i, layer.self_attn, x, pos, last_only=last and pos is None)
+            if attended.size(1) != hidden.size(1):
+                hidden = hidden[:, -1:].contiguous()
+            hidden, x = _add_norm(attended, hidden, layer.final_layer_norm)
+            out = feed_forward(layer, x)
+            after = final if last else layers[i + 1].self_attn_layer_norm
+            if after is None:
+                return hidden + out
+            hidden, x = _add_norm(out, hidden, after)
+        return x
+
+    def _post_norm_layers(self, hidden: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """Post-norm layers (OPT-350m): each sublayer's norm after its residual sum."""
+        layers = self.dec.layers
+        for i, layer in enumerate(layers):
+            attended = self._attend(i, layer.self_attn, hidden, pos, last_only=i == len(layers) - 1 and pos is None)
+            if attended.size(1) != hidden.size(1):
+                hidden = hidden[:, -1:]
+            hidden = layer.self_attn_layer_norm(hidden + attended)
+            hidden = layer.final_layer_norm(hidden + feed_forward(layer, hidden))
+        if getattr(self.dec, "final_layer_norm", None) is not None:
+            hidden = self.dec.final_layer_norm(hidden)
+        return hidden
 
     def _embed(self, token_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if getattr(self.dec, "project_in", None) is not None:
@@ -133,24 +176,31 @@ class GreedyOPT:
                 break
             self.static_token.copy_(token)
             self.static_pos.fill_(t + n)
-            logits = self._replay()
+            logits = self._replay(clone=False)  # read (argmax) before the next replay
         return out
 
-    def _replay(self) -> torch.Tensor:
+    def _replay(self, clone: bool = True) -> torch.Tensor:
+        """The next step's logits. The first call runs the step eagerly (its lazy initialisation is the
+        capture's warm-up, and its logits are this step's) and then captures it; later calls replay the
+        graph. Without ``clone`` the logits are the graph's own output, overwritten by the next replay."""
         if not self.use_graph:
             return self._step()
         if self.graph is None:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up kernels (and lazy init) off the capture
-                    self._step()
-            torch.cuda.current_stream().wait_stream(stream)
+            logits = self._step()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph):  # recorded, not run: the cache is written once, above
                 self.static_logits = self._step()
+            return logits
         self.graph.replay()
-        return self.static_logits.clone()
+        return self.static_logits.clone() if clone else self.static_logits
+
+
+def _add_norm(a: torch.Tensor, h: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, norm(s))`` for the residual sum ``s = h + a``: fused where ``FUSED_NORMS`` and ``add_norm`` apply."""
+    if FUSED_NORMS:
+        return add_norm(a, h, norm)
+    s = h + a
+    return s, norm(s)
 
 
 class SamplingOPT(GreedyOPT):
