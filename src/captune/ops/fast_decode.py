@@ -112,7 +112,7 @@ class GreedyOPT:
         return self.lm.lm_head(hidden[:, -1])
 
     def _pre_norm_layers(self, hidden: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        """Pre-norm layers (OPT-2.7b and larger): each residual sum with the norm after it, the next
+        """Pre-norm layers (every OPT but OPT-350m): each residual sum with the norm after it, the next
         layer's first or this layer's second (``FUSED_NORMS``); the decoder's final norm applied."""
         layers = self.dec.layers
         final = getattr(self.dec, "final_layer_norm", None)
