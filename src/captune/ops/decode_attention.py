@@ -413,13 +413,12 @@ def prefill_attention(q, k, v, k_prompt, v_prompt, scale: float = 1.0) -> torch.
     if prefills(q, k, v, k_prompt, v_prompt):
         out = torch.empty(b, t, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)  # (B, T, H, D) in memory
         strides = [x.stride(i) for x in (q, k, v, out, k_prompt, v_prompt) for i in (0, 1, 2)]
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 models: exact fp32 products
         # the head's dims in one power-of-two width (80 -> 128, masked): split as 64 + 16, the 16-bit products
         # of the 16-wide part came out wrong on an H200, and the kernel faulted at 2,048 x 32 programs
         with torch.cuda.device(q.device):
             _prefill_kernel[(b, h)](q, k, v, k_prompt, v_prompt, out, *strides, t, d, scale,
                                     BT=max(16, triton.next_power_of_2(t)), BD=triton.next_power_of_2(d),
-                                    PRECISION=precision, num_warps=PREFILL_WARPS)  # fmt: skip
+                                    PRECISION=_precision(q.dtype), num_warps=PREFILL_WARPS)  # fmt: skip
         return out
     from captune.ops.packing import sdpa_without_cudnn
 
@@ -434,8 +433,8 @@ def prefill_attention(q, k, v, k_prompt, v_prompt, scale: float = 1.0) -> torch.
 
 def prefills(q, k, v, k_prompt, v_prompt) -> bool:
     """Whether ``prefill_attention`` runs its kernel: ``PREFILL``, a GPU with Triton, every row's query,
-    at most ``PREFILL_MAX_ROWS`` rows, head dims whose parts the tensor-core products take, unit strides
-    along the dims, and no autograd (the kernel has no backward)."""
+    at most ``PREFILL_MAX_ROWS`` rows, heads of at least 16 dims in a tile that fits (below), unit strides
+    along the dims, one dtype, and no autograd (the kernel has no backward)."""
     t, d = k.size(2), k.size(3)
     return (
         PREFILL
@@ -453,6 +452,11 @@ def prefills(q, k, v, k_prompt, v_prompt) -> bool:
     )
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """The tensor-core products' input precision: exact for float32 models, the inputs' own for 16 bits."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def shares_prompt(rep: int, d1: int, d2: int) -> bool:
     """Whether the prompt part goes through ``_prompt_kernel``: prompt rows shared by 2 to
     ``SHARED_MAX_ROWS`` sequences (SCST's K samples), with dims its tensor-core products take."""
@@ -465,9 +469,8 @@ def _prompt_part(q, k_prompt, v_prompt, rep: int, d1: int, d2: int, scale: float
     part = torch.empty(b, h, 2 + d, device=q.device, dtype=torch.float32)
     strides = [q.stride(0), q.stride(1)] + [t.stride(i) for t in (k_prompt, v_prompt) for i in (0, 1, 2)]
     rows = max(16, 1 << (rep - 1).bit_length())
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 models: exact fp32 products
     _prompt_kernel[(k_prompt.size(0), h)](q, k_prompt, v_prompt, part, *strides, rep, k_prompt.size(2), d, h, scale,
-                                          CHUNK=SHARED_CHUNK, D1=d1, D2=d2, R=rows, PRECISION=precision,
+                                          CHUNK=SHARED_CHUNK, D1=d1, D2=d2, R=rows, PRECISION=_precision(q.dtype),
                                           num_warps=SHARED_WARPS)  # fmt: skip
     return part
 

@@ -119,8 +119,9 @@ class GreedyOPT:
         x = layers[0].self_attn_layer_norm(hidden)
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1
-            attended = self._attend(i, layer.self_attn, x, pos, last_only=last and pos is None)
-            if attended.size(1) != hidden.size(1):
+            trim = last and pos is None
+            attended = self._attend(i, layer.self_attn, x, pos, last_only=trim)
+            if trim:
                 hidden = hidden[:, -1:].contiguous()
             hidden, x = _add_norm(attended, hidden, layer.final_layer_norm)
             out = feed_forward(layer, x)
@@ -134,8 +135,9 @@ class GreedyOPT:
         """Post-norm layers (OPT-350m): each sublayer's norm after its residual sum."""
         layers = self.dec.layers
         for i, layer in enumerate(layers):
-            attended = self._attend(i, layer.self_attn, hidden, pos, last_only=i == len(layers) - 1 and pos is None)
-            if attended.size(1) != hidden.size(1):
+            trim = i == len(layers) - 1 and pos is None
+            attended = self._attend(i, layer.self_attn, hidden, pos, last_only=trim)
+            if trim:
                 hidden = hidden[:, -1:]
             hidden = layer.self_attn_layer_norm(hidden + attended)
             hidden = layer.final_layer_norm(hidden + feed_forward(layer, hidden))
