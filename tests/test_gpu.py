@@ -387,3 +387,21 @@ def test_16bit_lora_products_on_4bit_layers_follow_peft_gradients_on_gpu(tiny_mo
     for name, ref in grads[0].items():
         cos = torch.nn.functional.cosine_similarity(ref.flatten(), grads[1][name].flatten(), dim=0)
         assert cos > 0.999, (name, float(cos))
+
+
+@needs_cuda
+def test_load_model_warms_tritons_install_key():
+    """``load_model`` on a GPU leaves Triton's install key computed (by its background thread), so the
+    first kernel launch after the load does not hash Triton's install on the path."""
+    import threading
+
+    triton_cache = pytest.importorskip("triton.runtime.cache")
+    from captune.config import ModelConfig
+    from captune.model.load import load_model
+
+    triton_cache.triton_key.cache_clear()
+    load_model(ModelConfig(device="cuda", dtype="bf16"))
+    for t in threading.enumerate():
+        if t.name == "captune-triton-key":
+            t.join(timeout=60)
+    assert triton_cache.triton_key.cache_info().currsize == 1

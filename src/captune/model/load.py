@@ -123,12 +123,14 @@ def model_classes(path: str) -> tuple[type, type]:
 def load_model(cfg: ModelConfig, *, device: torch.device | None = None) -> Loaded:
     from captune.model.instruct import set_instruction
     from captune.ops.features import set_qformer_matmul
+    from captune.ops.triton_warmup import warm_triton_key
     from captune.ops.vision import set_vision_kernels
 
     path = resolve_model_path(cfg.name_or_path, cfg.revision)
     model_class, processor_class = model_classes(path)
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    warm_triton_key(device)  # the first kernel's install hash, off the path while the weights load
     processor = processor_class.from_pretrained(path)
     quant = quantization_config(cfg, device, dtype)
     # On a GPU the weights go straight from the safetensors files to the device.
