@@ -3,8 +3,9 @@
 Triton's first compile-or-load of any kernel in a process computes ``triton_key()``: a SHA-256 of
 its own sources and of ``libtriton.so`` (415 MB in Triton 3.6), cached for the process. A py-spy
 profile of the coco5k job found it in 32-41% of the main thread's samples during the first
-captions (about 2 s; ``bench/results/2026-12-01-h200-coco5k-job-py-spy.json``). Reading and
-hashing release the GIL, so a thread started before the weights load takes it off the path.
+captions (``bench/results/2026-12-01-h200-coco5k-job-py-spy.json``, a run slowed by profiling); in a
+fresh unprofiled process on an H200 it took 0.499 s cold (``-bench-whole-prefill-kernel.json``'s note).
+Reading and hashing release the GIL, so a thread started before the weights load takes it off the path.
 """
 
 from __future__ import annotations
